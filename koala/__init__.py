@@ -1,0 +1,46 @@
+"""Koala: virtual actors for Python, on asyncio, uvloop and trio."""
+
+from ._actor import ActorBase as ActorBase
+from ._activation import State as ActivationState
+from ._activation import TimerHandle as TimerHandle
+from ._config import HostConfig as HostConfig
+from ._errors import ActorNotFoundError as ActorNotFoundError
+from ._errors import ArgumentTypeError as ArgumentTypeError
+from ._errors import ConfigError as ConfigError
+from ._errors import HostUnavailableError as HostUnavailableError
+from ._errors import InterfaceError as InterfaceError
+from ._errors import KoalaError as KoalaError
+from ._errors import OverloadedError as OverloadedError
+from ._errors import RemoteError as RemoteError
+from ._errors import RuntimeNotRunningError as RuntimeNotRunningError
+from ._errors import ShuttingDownError as ShuttingDownError
+from ._interface import ActorInterface as ActorInterface
+from ._interface import one_way as one_way
+from ._proxy import get_rpc_proxy as get_rpc_proxy
+from ._runtime import Runtime as Runtime
+from ._runtime import RuntimeStatistics as RuntimeStatistics
+from ._runtime import current_runtime as current_runtime
+
+__all__ = [
+    "ActivationState",
+    "ActorBase",
+    "ActorInterface",
+    "ActorNotFoundError",
+    "ArgumentTypeError",
+    "ConfigError",
+    "HostConfig",
+    "HostUnavailableError",
+    "InterfaceError",
+    "KoalaError",
+    "OverloadedError",
+    "RemoteError",
+    "Runtime",
+    "RuntimeNotRunningError",
+    "RuntimeStatistics",
+    "ShuttingDownError",
+    "TimerHandle",
+    "current_runtime",
+    "get_rpc_proxy",
+    "one_way",
+]
+__version__ = "0.1.0"

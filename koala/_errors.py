@@ -1,0 +1,57 @@
+"""Koala's exceptions. Each says whose fault it is and what to do next."""
+
+from __future__ import annotations
+
+
+class KoalaError(Exception):
+    """Base class of every error Koala raises itself."""
+
+
+class ConfigError(KoalaError, ValueError):
+    """Bad configuration (an environment variable, a flag, a config value)."""
+
+
+class InterfaceError(KoalaError, TypeError):
+    """An actor interface or implementation is not well formed."""
+
+
+class ArgumentTypeError(KoalaError, TypeError):
+    """A value does not fit its annotation; the call was not sent."""
+
+    def __init__(self, message: str, path: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class RuntimeNotRunningError(KoalaError, RuntimeError):
+    """No Koala runtime runs in this process (or context)."""
+
+
+class ActorNotFoundError(KoalaError, LookupError):
+    """No implementation of the interface is registered on this host."""
+
+
+class ShuttingDownError(KoalaError):
+    """The host is draining: it accepts no new calls. Retry against another host."""
+
+
+class OverloadedError(KoalaError):
+    """The host's bound on queued work is reached; the call was refused at once."""
+
+
+class HostUnavailableError(KoalaError):
+    """The host that holds the actor cannot be reached (it died or is unreachable)."""
+
+
+class RemoteError(KoalaError):
+    """An actor raised an exception whose type is not importable here.
+
+    `remote_type` is the dotted name of the original type, `remote_traceback` its
+    traceback text as formatted where it was raised.
+    """
+
+    def __init__(self, remote_type: str, message: str, remote_traceback: str = "") -> None:
+        super().__init__(f"{remote_type}: {message}")
+        self.remote_type = remote_type
+        self.remote_message = message
+        self.remote_traceback = remote_traceback

@@ -1,0 +1,169 @@
+"""The messages a call is made of. The wire carries exactly these fields.
+
+A :class:`Request` names its target by actor type and key, the interface and method,
+and carries the call-chain id (for reentrancy) and the deadline. The local path hands
+the object itself to the callee (arguments already validated and copied); the remote
+path encodes the same fields. An error travels as an :class:`ErrorInfo`, and becomes an
+exception of the original type on the caller when that type is importable there.
+"""
+
+from __future__ import annotations
+
+import builtins
+import enum
+import importlib
+import itertools
+import random
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+from . import _errors
+
+Key = str | int
+
+
+class ErrorCode(enum.IntEnum):
+    """Why a call failed; the rejection kinds are small and fixed."""
+
+    APPLICATION = 0  # the actor raised
+    TIMEOUT = 1  # the deadline passed (running, or while queued: then it never ran)
+    OVERLOADED = 2  # host-wide or mailbox bound reached; not run
+    SHUTTING_DOWN = 3  # the host is draining; not run
+    NOT_FOUND = 4  # no implementation of the interface on the host; not run
+    BAD_REQUEST = 5  # arguments did not decode or fit the annotations; not run
+    WRONG_HOST = 6  # the actor is not placed on this host; not run
+    UNAVAILABLE = 7  # the host cannot be reached; may or may not have run
+    CANCELLED = 8  # the caller cancelled the call
+
+
+# Codes that prove the callee never ran the request, so a retry is safe.
+NOT_RUN = frozenset(
+    {
+        ErrorCode.OVERLOADED,
+        ErrorCode.SHUTTING_DOWN,
+        ErrorCode.NOT_FOUND,
+        ErrorCode.BAD_REQUEST,
+        ErrorCode.WRONG_HOST,
+    }
+)
+
+_chain_ids = itertools.count(random.getrandbits(62))
+_request_ids = itertools.count(1)
+
+
+def new_chain_id() -> int:
+    """A fresh call-chain id: random 62-bit base, counting up, unique in practice."""
+    return next(_chain_ids)
+
+
+def new_request_id() -> int:
+    return next(_request_ids)
+
+
+@dataclass(slots=True)
+class Request:
+    """One call to one actor method."""
+
+    request_id: int
+    chain_id: int
+    deadline: float  # absolute, on this process's anyio clock; the wire carries what is left
+    actor_type: str
+    key: Key
+    interface: str
+    method: str
+    args: tuple[Any, ...]
+    one_way: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    """An error as it crosses a boundary: enough to rebuild it, or to report it."""
+
+    code: ErrorCode
+    type_name: str  # "module:QualName" of the exception raised
+    message: str
+    traceback: str = ""
+    args: tuple[Any, ...] = ()
+
+
+@dataclass(slots=True)
+class Response:
+    """The answer to a request: a result, or an error."""
+
+    request_id: int
+    result: Any = None
+    error: ErrorInfo | None = None
+
+
+_CODE_OF: dict[type[BaseException], ErrorCode] = {
+    _errors.OverloadedError: ErrorCode.OVERLOADED,
+    _errors.ShuttingDownError: ErrorCode.SHUTTING_DOWN,
+    _errors.ActorNotFoundError: ErrorCode.NOT_FOUND,
+    _errors.ArgumentTypeError: ErrorCode.BAD_REQUEST,
+    _errors.HostUnavailableError: ErrorCode.UNAVAILABLE,
+}
+
+_PLAIN = (type(None), bool, int, float, str, bytes)
+
+
+def error_info(exc: BaseException, code: ErrorCode | None = None) -> ErrorInfo:
+    """Describe an exception raised in an actor so it can be rebuilt elsewhere."""
+    if isinstance(exc, _errors.RemoteError):  # keep the original type across hops
+        return ErrorInfo(
+            code or ErrorCode.APPLICATION,
+            exc.remote_type,
+            exc.remote_message,
+            exc.remote_traceback,
+        )
+    cls = type(exc)
+    tb = "".join(traceback.format_exception(exc))
+    if code is None:
+        code = next((c for t, c in _CODE_OF.items() if isinstance(exc, t)), None)
+        if code is None:
+            code = ErrorCode.TIMEOUT if isinstance(exc, TimeoutError) else ErrorCode.APPLICATION
+    args = tuple(exc.args) if all(isinstance(a, _PLAIN) for a in exc.args) else ()
+    return ErrorInfo(code, f"{cls.__module__}:{cls.__qualname__}", str(exc), tb, args)
+
+
+def _resolve_type(type_name: str) -> type[BaseException] | None:
+    module, _, qualname = type_name.partition(":")
+    if not qualname:
+        return None
+    try:
+        obj: Any = builtins if module == "builtins" else importlib.import_module(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError, ValueError):
+        return None
+    if isinstance(obj, type) and issubclass(obj, BaseException):
+        return obj
+    return None
+
+
+def rebuild_error(info: ErrorInfo) -> BaseException:
+    """The exception a caller sees: the original type when importable, else RemoteError.
+
+    Either way it carries ``remote_type`` and ``remote_traceback``, and the remote
+    traceback is attached as a note so it shows when the error is printed.
+    """
+    cls = _resolve_type(info.type_name)
+    exc: BaseException | None = None
+    if cls is not None and not issubclass(cls, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+        for args in (info.args, (info.message,)):
+            try:
+                exc = cls(*args)
+                break
+            except Exception:
+                continue
+    if exc is None:
+        exc = _errors.RemoteError(info.type_name.replace(":", "."), info.message, info.traceback)
+    try:
+        exc.remote_type = info.type_name.replace(":", ".")  # type: ignore[attr-defined]
+        exc.remote_traceback = info.traceback  # type: ignore[attr-defined]
+        exc.error_code = info.code  # type: ignore[attr-defined]
+    except AttributeError:  # a type with __slots__: the note still carries it
+        pass
+    if info.traceback:
+        exc.add_note(f"Remote traceback ({info.type_name}):\n{info.traceback.rstrip()}")
+    return exc

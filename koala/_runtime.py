@@ -1,0 +1,347 @@
+"""The host runtime: the catalog of activations, the call path, collection and shutdown.
+
+A call goes: proxy -> :meth:`Runtime.invoke` (validate and copy arguments, pick the
+chain and deadline) -> the directory says where the actor lives -> local delivery (the
+activation's mailbox, no bytes) or, once a transport is plugged in, a remote delivery.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from contextvars import ContextVar
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Protocol
+
+import anyio
+from anyio.abc import TaskGroup
+
+from ._activation import Activation, Call, State, current_activation, current_chain
+from ._actor import ActorBase, implementations_of
+from ._config import HostConfig
+from ._errors import (
+    ActorNotFoundError,
+    RuntimeNotRunningError,
+    ShuttingDownError,
+)
+from ._interface import ActorInterface, MethodSpec, interfaces_of
+from ._messages import Key, Request, new_chain_id, new_request_id, rebuild_error
+
+log = logging.getLogger("koala.runtime")
+
+_current_runtime: ContextVar[Runtime | None] = ContextVar("koala_runtime", default=None)
+_process_runtime: list[Runtime] = []  # runtimes started in this process, newest last
+
+
+def current_runtime() -> Runtime:
+    """The runtime of this context (or, outside any, the one running in this process)."""
+    rt = _current_runtime.get()
+    if rt is not None and rt._running:
+        return rt
+    for rt in reversed(_process_runtime):
+        if rt._running:
+            return rt
+    raise RuntimeNotRunningError(
+        "no Koala runtime is running in this process: start one with `koala dev APP`, "
+        "or in a test with `async with koala.testing.local_runtime(...)`"
+    )
+
+
+LOCAL = "local"
+
+
+class Directory(Protocol):
+    """Where actors live: the seam the placement driver's client fills.
+
+    ``lookup`` answers from a cache without waiting (None: not known here);
+    ``resolve`` asks the authority and may wait. Hosts are named by opaque strings;
+    :data:`LOCAL` is this host.
+    """
+
+    def lookup(self, actor_type: str, key: Key) -> str | None: ...
+
+    async def resolve(self, actor_type: str, key: Key) -> str: ...
+
+
+class LocalDirectory:
+    """A one-host cluster: every actor lives here."""
+
+    def lookup(self, actor_type: str, key: Key) -> str | None:
+        return LOCAL
+
+    async def resolve(self, actor_type: str, key: Key) -> str:
+        return LOCAL
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeStatistics:
+    activations: int
+    queued: int
+    inflight: int
+    draining: bool
+
+
+class Runtime:
+    """A host: holds activations and runs their turns. Use as ``async with Runtime(...)``.
+
+    ``actors`` limits the implementations this host serves (default: every
+    implementation defined in the process).
+    """
+
+    def __init__(
+        self,
+        config: HostConfig | None = None,
+        actors: Iterable[type[ActorBase]] | None = None,
+        directory: Directory | None = None,
+    ) -> None:
+        self.config = config or HostConfig()
+        self.directory: Directory = directory or LocalDirectory()
+        self._actors = list(actors) if actors is not None else None
+        self._impls: dict[type[ActorInterface], type[ActorBase]] = {}
+        self._catalog: dict[tuple[str, Key], Activation] = {}
+        self._waiting: set[Activation] = set()
+        self._buckets: dict[int, set[Activation]] = {}
+        self._queued = 0
+        self._inflight = 0
+        self._running = False
+        self._draining = False
+        self._stopping = False
+        self._drained = anyio.Event()
+        self._emptied = anyio.Event()
+        self._tg: TaskGroup = _NotStarted()  # type: ignore[assignment]
+        self._token: Any = None
+        if self._actors is not None:
+            for impl in self._actors:
+                if not (isinstance(impl, type) and issubclass(impl, ActorBase)):
+                    raise TypeError(f"{impl!r} is not an ActorBase implementation")
+                for iface in interfaces_of(impl):
+                    self._impls[iface] = impl
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> Runtime:
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        self._running = True
+        self._token = _current_runtime.set(self)
+        _process_runtime.append(self)
+        self._tg.start_soon(self._collector)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        try:
+            if exc is None:
+                await self.shutdown()
+        finally:
+            self._running = False
+            self._tg.cancel_scope.cancel()
+            if self in _process_runtime:
+                _process_runtime.remove(self)
+            try:
+                _current_runtime.reset(self._token)
+            except ValueError:  # exited in another context; nothing to restore there
+                pass
+            result = await self._tg.__aexit__(exc_type, exc, tb)
+        return result
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Drain: refuse new calls, let in-flight turns finish, deactivate everything.
+
+        Calls made by turns already running (the same call chains) still go through.
+        After ``grace`` seconds what remains is cancelled.
+        """
+        if self._stopping:
+            return
+        grace = self.config.shutdown_grace if grace is None else grace
+        deadline = anyio.current_time() + grace
+        self._draining = True
+        if self._inflight:
+            with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
+                await self._drained.wait()
+        self._stopping = True
+        for act in list(self._catalog.values()):
+            act.begin_deactivation()
+        if self._catalog:
+            with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
+                await self._emptied.wait()
+        if self._catalog:
+            log.warning("%d activations did not deactivate within the grace", len(self._catalog))
+
+    def statistics(self) -> RuntimeStatistics:
+        return RuntimeStatistics(
+            activations=len(self._catalog),
+            queued=self._queued,
+            inflight=self._inflight,
+            draining=self._draining,
+        )
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def activation_of(self, impl: type[ActorBase], key: Key) -> Activation | None:
+        """The live activation of (impl, key) on this host, if any (for tests and tools)."""
+        return self._catalog.get((impl.actor_type, key))
+
+    # ------------------------------------------------------------ resolving
+
+    def impl_for(self, interface: type[ActorInterface]) -> type[ActorBase]:
+        try:
+            return self._impls[interface]
+        except KeyError:
+            pass
+        if self._actors is not None:
+            candidates = [a for a in self._actors if issubclass(a, interface)]
+        else:
+            candidates = implementations_of(interface)
+            # the same class defined again (a reloaded module) replaces the old one
+            by_name = {(c.__module__, c.__qualname__): c for c in candidates}
+            candidates = list(by_name.values())
+        if not candidates:
+            raise ActorNotFoundError(
+                f"no implementation of {interface.__name__} is served by this host: define a "
+                f"class that subclasses {interface.__name__} and ActorBase, and import it"
+            )
+        if len(candidates) > 1:
+            names = ", ".join(sorted(c.__qualname__ for c in candidates))
+            raise ActorNotFoundError(
+                f"{interface.__name__} has several implementations ({names}); pass the one "
+                "this host serves in actors=[...]"
+            )
+        self._impls[interface] = candidates[0]
+        return candidates[0]
+
+    # ------------------------------------------------------------ the call path
+
+    async def invoke(
+        self, spec: MethodSpec, interface: type[ActorInterface], key: Key, args: tuple[Any, ...]
+    ) -> Any:
+        """Call ``spec`` on actor (interface, key) with positional ``args``; await the result."""
+        impl = self._impls.get(interface) or self.impl_for(interface)
+        chain = current_chain.get()
+        if chain is None:
+            if self._draining:
+                raise ShuttingDownError(
+                    "this host is shutting down and accepts no new calls; retry on another host"
+                )
+            chain = new_chain_id()
+        args = spec.copy_args(args)
+        deadline = anyio.current_effective_deadline()
+        own_deadline = deadline == math.inf
+        if own_deadline:
+            deadline = anyio.current_time() + self.config.default_timeout
+        req = Request(
+            new_request_id(),
+            new_chain_id() if spec.one_way else chain,
+            deadline,
+            impl.actor_type,
+            key,
+            spec.interface.__name__,
+            spec.name,
+            args,
+            spec.one_way,
+        )
+        call = Call(self, req, spec)
+        self._deliver(call, impl)
+        if spec.one_way:
+            return None
+        done = call.done
+        assert done is not None
+        try:
+            if own_deadline:
+                with anyio.CancelScope(deadline=deadline):
+                    await done.wait()
+                if not call.answered:
+                    call.cancel()
+                    raise TimeoutError(
+                        f"{spec.qualname} on {impl.actor_type}/{key!r} got no answer within "
+                        f"the default timeout of {self.config.default_timeout} s"
+                    )
+            else:
+                await done.wait()
+        except BaseException:
+            if not call.answered:
+                call.cancel()
+            raise
+        if call.error is not None:
+            raise rebuild_error(call.error)
+        return call.result
+
+    def _deliver(self, call: Call, impl: type[ActorBase]) -> None:
+        host = self.directory.lookup(impl.actor_type, call.req.key)
+        if host is not LOCAL and host != LOCAL:
+            raise NotImplementedError(
+                "remote delivery needs the transport; this host only knows local actors"
+            )
+        self._deliver_local(call, impl)
+
+    def _deliver_local(self, call: Call, impl: type[ActorBase]) -> None:
+        req = call.req
+        ident = (req.actor_type, req.key)
+        act = self._catalog.get(ident)
+        if act is None or act.state is State.INVALID:
+            if self._stopping:
+                raise ShuttingDownError("this host is shutting down; retry on another host")
+            act = self._catalog[ident] = Activation(self, impl, req.key)
+        act.accept(call)
+
+    # ------------------------------------------------------------ collection
+
+    def _forget(self, act: Activation) -> None:
+        if self._catalog.get(act.ident) is act:
+            del self._catalog[act.ident]
+        bucket = self._buckets.get(act.bucket)
+        if bucket is not None:
+            bucket.discard(act)
+        if self._stopping and not self._catalog:
+            self._emptied.set()
+
+    def _schedule_collection(self, act: Activation) -> None:
+        quantum = self.config.collection_interval
+        expiry = max(act.last_used + act.idle_timeout, act.keep_until)
+        index = math.ceil(expiry / quantum)
+        old = self._buckets.get(act.bucket)
+        if old is not None:
+            old.discard(act)
+        act.bucket = index
+        self._buckets.setdefault(index, set()).add(act)
+
+    async def _collector(self) -> None:
+        """Deactivate idle activations; let idle pumps go. Work is O(what expired)."""
+        quantum = self.config.collection_interval
+        while True:
+            await anyio.sleep(quantum)
+            now = anyio.current_time()
+            for act in [a for a in self._waiting if now - a.last_used >= quantum]:
+                act.linger_exit = True
+                act._wake()
+            due = [i for i in self._buckets if i * quantum <= now]
+            for index in sorted(due):
+                for act in self._buckets.pop(index):
+                    if act.state is not State.VALID:
+                        continue
+                    expiry = max(act.last_used + act.idle_timeout, act.keep_until)
+                    busy = act.chain is not None or bool(act.mailbox)
+                    if expiry > now or busy:
+                        if busy:
+                            act.last_used = now
+                        self._schedule_collection(act)
+                    else:
+                        act.begin_deactivation()
+
+
+class _NotStarted:
+    def start_soon(self, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeNotRunningError("the runtime is not started: use `async with Runtime()`")
+
+
+def in_actor() -> bool:
+    """True inside a turn of an actor."""
+    return current_activation.get() is not None
