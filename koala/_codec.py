@@ -203,7 +203,9 @@ def _simple(tp: Any) -> tuple[Fn, Fn, Fn, bool] | None:
     return None
 
 
-def _stringly(tp: type, parse: Callable[[str], Any], fmt: Callable[[Any], str]) -> tuple[Fn, ...]:
+def _stringly(
+    tp: type, parse: Callable[[str], Any], fmt: Callable[[Any], str]
+) -> tuple[Fn, Fn, Fn]:
     """Immutable values carried as text on the wire (datetime, UUID, Decimal...)."""
     name = tp.__name__
 
@@ -257,7 +259,7 @@ _STRINGLY: Final[dict[type, tuple[Callable[[str], Any], Callable[[Any], str]]]] 
 # ---------------------------------------------------------------- containers
 
 
-def _seq(item: Codec, kind: type, name: str) -> tuple[Fn, Fn, Fn]:
+def _seq(item: Codec, kind: Any, name: str) -> tuple[Fn, Fn, Fn]:
     def copy(value: Any) -> Any:
         if not isinstance(value, kind):
             _fail(name, value)
@@ -305,9 +307,8 @@ def _list_copy_fast(item: Codec) -> Fn:
     c = item.copy
 
     def copy(value: Any) -> Any:
-        if type(value) is not list:
-            if not isinstance(value, list):
-                _fail(f"list[{_describe(item.tp)}]", value)
+        if type(value) is not list and not isinstance(value, list):
+            _fail(f"list[{_describe(item.tp)}]", value)
         try:
             return [c(v) for v in value]
         except Mismatch as exc:
@@ -475,9 +476,7 @@ def _dataclass(tp: type) -> tuple[Fn, Fn, Fn, bool]:
     required = {
         f.name
         for f in fields
-        if f.init
-        and f.default is dataclasses.MISSING
-        and f.default_factory is dataclasses.MISSING
+        if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     }
     name = tp.__name__
     frozen = bool(tp.__dataclass_params__.frozen)  # type: ignore[attr-defined]

@@ -59,7 +59,7 @@ def _proxy_class(interface: type[ActorInterface]) -> type[Any]:
         for name, spec in interface.__koala_methods__.items():
             ns[name] = _method(spec)
         cls = type(f"{interface.__name__}Proxy", (_ProxyBase, interface), ns)
-        cls.__init__ = _init  # type: ignore[misc]
+        cls.__init__ = _init
         _classes[interface] = cls
     return cls
 

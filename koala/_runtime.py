@@ -7,6 +7,7 @@ activation's mailbox, no bytes) or, once a transport is plugged in, a remote del
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Iterable
@@ -23,11 +24,20 @@ from ._actor import ActorBase, implementations_of
 from ._config import HostConfig
 from ._errors import (
     ActorNotFoundError,
+    HostUnavailableError,
     RuntimeNotRunningError,
     ShuttingDownError,
 )
 from ._interface import ActorInterface, MethodSpec, interfaces_of
-from ._messages import Key, Request, new_chain_id, new_request_id, rebuild_error
+from ._messages import (
+    Key,
+    Request,
+    Response,
+    error_info,
+    new_chain_id,
+    new_request_id,
+    rebuild_error,
+)
 
 log = logging.getLogger("koala.runtime")
 
@@ -65,6 +75,17 @@ class Directory(Protocol):
     async def resolve(self, actor_type: str, key: Key) -> str: ...
 
 
+class RemoteDelivery(Protocol):
+    """The transport's side of the seam: send a request to another host.
+
+    ``req.args`` are already encoded to CBOR data by the caller's method spec; ``call``
+    returns the decoded result or raises the rebuilt remote error (a one-way request
+    returns None once sent). Hosts reach each other's :meth:`Runtime.serve_request`.
+    """
+
+    async def call(self, host: str, req: Request, spec: MethodSpec) -> Any: ...
+
+
 class LocalDirectory:
     """A one-host cluster: every actor lives here."""
 
@@ -95,9 +116,11 @@ class Runtime:
         config: HostConfig | None = None,
         actors: Iterable[type[ActorBase]] | None = None,
         directory: Directory | None = None,
+        remote: RemoteDelivery | None = None,
     ) -> None:
         self.config = config or HostConfig()
         self.directory: Directory = directory or LocalDirectory()
+        self.remote = remote
         self._actors = list(actors) if actors is not None else None
         self._impls: dict[type[ActorInterface], type[ActorBase]] = {}
         self._catalog: dict[tuple[str, Key], Activation] = {}
@@ -144,10 +167,8 @@ class Runtime:
             self._tg.cancel_scope.cancel()
             if self in _process_runtime:
                 _process_runtime.remove(self)
-            try:
+            with contextlib.suppress(ValueError):  # exited in another context
                 _current_runtime.reset(self._token)
-            except ValueError:  # exited in another context; nothing to restore there
-                pass
             result = await self._tg.__aexit__(exc_type, exc, tb)
         return result
 
@@ -197,6 +218,7 @@ class Runtime:
             return self._impls[interface]
         except KeyError:
             pass
+        candidates: list[type[ActorBase]]
         if self._actors is not None:
             candidates = [a for a in self._actors if issubclass(a, interface)]
         else:
@@ -232,7 +254,9 @@ class Runtime:
                     "this host is shutting down and accepts no new calls; retry on another host"
                 )
             chain = new_chain_id()
-        args = spec.copy_args(args)
+        host = self.directory.lookup(impl.actor_type, key)
+        if host is None:
+            host = await self.directory.resolve(impl.actor_type, key)
         deadline = anyio.current_effective_deadline()
         own_deadline = deadline == math.inf
         if own_deadline:
@@ -248,8 +272,20 @@ class Runtime:
             args,
             spec.one_way,
         )
+        if host != LOCAL:
+            if self.remote is None:
+                raise HostUnavailableError(
+                    f"{impl.actor_type}/{key!r} lives on host {host!r}, and this runtime has "
+                    "no transport to reach it"
+                )
+            req.args = tuple(spec.encode_args(args))
+            if own_deadline:
+                with anyio.fail_after(self.config.default_timeout):
+                    return await self.remote.call(host, req, spec)
+            return await self.remote.call(host, req, spec)
+        req.args = spec.copy_args(args)
         call = Call(self, req, spec)
-        self._deliver(call, impl)
+        self._deliver_local(call, impl)
         if spec.one_way:
             return None
         done = call.done
@@ -274,13 +310,62 @@ class Runtime:
             raise rebuild_error(call.error)
         return call.result
 
-    def _deliver(self, call: Call, impl: type[ActorBase]) -> None:
-        host = self.directory.lookup(impl.actor_type, call.req.key)
-        if host is not LOCAL and host != LOCAL:
-            raise NotImplementedError(
-                "remote delivery needs the transport; this host only knows local actors"
-            )
-        self._deliver_local(call, impl)
+    async def serve_request(self, req: Request) -> Response | None:
+        """Run a request that came over the wire; its args and the answer are CBOR data.
+
+        The transport calls this in a task per request and cancels that task when the
+        peer sends a cancel; ``req.deadline`` is already on this process's clock. Returns
+        None for one-way requests.
+        """
+        try:
+            if self._draining and req.chain_id not in self._live_chains():
+                raise ShuttingDownError("this host is shutting down; retry on another host")
+            _interface, impl, spec = self._target_of(req)
+            req.args = spec.decode_args(req.args)
+            call = Call(self, req, spec)
+            self._deliver_local(call, impl)
+        except Exception as exc:
+            return None if req.one_way else Response(req.request_id, None, error_info(exc))
+        if req.one_way:
+            return None
+        assert call.done is not None
+        try:
+            await call.done.wait()
+        except BaseException:
+            call.cancel()
+            raise
+        if call.error is not None:
+            return Response(req.request_id, None, call.error)
+        try:
+            return Response(req.request_id, spec.result.to_wire(call.result))
+        except Exception as exc:
+            return Response(req.request_id, None, error_info(exc))
+
+    def _live_chains(self) -> set[int]:
+        return {a.chain for a in self._catalog.values() if a.chain is not None}
+
+    def _target_of(self, req: Request) -> tuple[type[ActorInterface], type[ActorBase], MethodSpec]:
+        """Interface, implementation and method named by a wire request (only interface
+        methods are callable)."""
+        for iface in self._served_interfaces():
+            if iface.__name__ == req.interface:
+                impl = self.impl_for(iface)
+                if impl.actor_type != req.actor_type:
+                    continue
+                spec = iface.__koala_methods__.get(req.method)
+                if spec is None:
+                    break
+                return iface, impl, spec
+        raise ActorNotFoundError(
+            f"this host serves no {req.interface}.{req.method} for actor type {req.actor_type}"
+        )
+
+    def _served_interfaces(self) -> list[type[ActorInterface]]:
+        if self._actors is not None:
+            return list(self._impls)
+        from ._actor import _implementations
+
+        return list(_implementations)
 
     def _deliver_local(self, call: Call, impl: type[ActorBase]) -> None:
         req = call.req
