@@ -1,0 +1,133 @@
+"""The `koala` command: `koala dev APP` runs host + HTTP in one process."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import signal
+import sys
+from types import ModuleType
+from typing import Any
+
+import anyio
+
+from . import _backend
+from ._config import HostConfig
+from ._errors import ConfigError
+from ._runtime import Runtime
+from .http import parse_hostport, serve_asgi
+
+log = logging.getLogger("koala.cli")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, what: str) -> None:
+    """Listeners bind loopback unless the cluster secret is set."""
+    if not _is_loopback(host) and not os.environ.get("KOALA_CLUSTER_SECRET"):
+        raise ConfigError(
+            f"{what} on {host} is reachable beyond this machine: set KOALA_CLUSTER_SECRET "
+            "(the cluster's shared secret) to allow it, or listen on 127.0.0.1"
+        )
+
+
+async def _watch_signals(shutdown: anyio.Event) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            print(f"koala: {signal.Signals(signum).name} received, stopping", flush=True)
+            shutdown.set()
+            return
+
+
+async def run_dev(
+    module: ModuleType, target: str, host: str, port: int, config: HostConfig
+) -> None:
+    """Run the runtime and the module's `app` (if any) until SIGINT/SIGTERM, then drain."""
+    app: Any = getattr(module, "app", None)
+    shutdown = anyio.Event()
+    backend = _backend.backend_from_env().name
+    async with Runtime(config), anyio.create_task_group() as tg:
+        tg.start_soon(_watch_signals, shutdown)
+        if app is not None:
+            bound = await tg.start(serve_asgi, app, host, port, shutdown)
+            print(
+                f"koala dev: {target} on {backend}; HTTP on http://{bound[0]}:{bound[1]} "
+                "(Ctrl-C to stop)",
+                flush=True,
+            )
+        else:
+            print(f"koala dev: {target} on {backend}; no `app`, actors only", flush=True)
+        await shutdown.wait()  # hypercorn sees it too, and returns once it has drained
+    print("koala dev: stopped", flush=True)
+
+
+def _positive(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"{value!r} must be > 0")
+    return number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="koala",
+        description="Koala virtual actors. KOALA_BACKEND picks the event loop: "
+        + ", ".join(_backend.BACKENDS),
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    dev = sub.add_parser("dev", help="run actors and the app's HTTP API in one process")
+    dev.add_argument("app", help="a file (examples/echo.py) or module (examples.echo)")
+    dev.add_argument("--http", default="127.0.0.1:8000", help="HOST:PORT for HTTP")
+    dev.add_argument("--idle-timeout", type=_positive, help="seconds before idle actors go")
+    dev.add_argument("--default-timeout", type=_positive, help="deadline of calls without one")
+    dev.add_argument("--shutdown-grace", type=_positive, help="seconds to drain on stop")
+    dev.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        backend = _backend.backend_from_env()
+        logging.basicConfig(
+            level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+        if args.command == "dev":
+            host, port = parse_hostport(args.http, "--http")
+            check_bind(host, "--http")
+            overrides = {
+                k: v
+                for k, v in {
+                    "idle_timeout": args.idle_timeout,
+                    "default_timeout": args.default_timeout,
+                    "shutdown_grace": args.shutdown_grace,
+                }.items()
+                if v is not None
+            }
+            config = HostConfig(**overrides)
+            from ._app import load_app
+
+            module = load_app(args.app)
+            _backend.run(lambda: run_dev(module, args.app, host, port, config), backend)
+    except ConfigError as exc:
+        print(f"koala: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
