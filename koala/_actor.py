@@ -63,7 +63,7 @@ class ActorBase:
         """This actor's key (str or int)."""
         return self._koala_activation.key
 
-    def get_proxy(self, interface: type[I], key: Key) -> I:
+    def get_proxy(self, interface: Callable[..., I], key: Key) -> I:
         """A proxy to another actor (or this one), for calls made from inside this actor."""
         from ._proxy import make_proxy
 

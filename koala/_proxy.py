@@ -69,7 +69,7 @@ def _init(self: Any, key: Any, rt: Runtime | None) -> None:
     object.__setattr__(self, "_rt", rt)
 
 
-def make_proxy(interface: type[I], key: Any, rt: Runtime | None = None) -> I:
+def make_proxy(interface: Callable[..., I], key: Any, rt: Runtime | None = None) -> I:
     if not (isinstance(interface, type) and interface.__dict__.get("__koala_interface__")):
         raise InterfaceError(
             f"{interface!r} is not an actor interface: pass a subclass of ActorInterface"
@@ -79,7 +79,7 @@ def make_proxy(interface: type[I], key: Any, rt: Runtime | None = None) -> I:
     return _proxy_class(interface)(key, rt)  # type: ignore[no-any-return]
 
 
-def get_rpc_proxy(interface: type[I], key: str | int) -> I:
+def get_rpc_proxy(interface: Callable[..., I], key: str | int) -> I:
     """A proxy to the actor ``(interface, key)``; works anywhere in a running Koala process.
 
     ``await get_rpc_proxy(IPlayer, "1").echo("hi")``. The proxy is cheap to make and
