@@ -93,7 +93,14 @@ def args_strategy(method: Callable[..., Any]) -> SearchStrategy[tuple[Any, ...]]
     return st.tuples(*(_strategy(hints[n], st) for n in params))
 
 
-def _strategy(tp: Any, st: Any) -> Any:
+def _init_fields(tp: Any) -> set[str]:
+    return {f.name for f in dataclasses.fields(tp) if f.init}
+
+
+_MAX_DEPTH = 3  # containers inside this many records are empty: recursive types end
+
+
+def _strategy(tp: Any, st: Any, depth: int = 0) -> Any:
     leaves: dict[Any, Any] = {
         type(None): st.none(),
         None: st.none(),
@@ -113,32 +120,38 @@ def _strategy(tp: Any, st: Any) -> Any:
     if tp in leaves:
         return leaves[tp]
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if isinstance(tp, typing.NewType):
+        return _strategy(tp.__supertype__, st, depth)
     if origin is typing.Annotated:
-        return _strategy(args[0], st)
+        return _strategy(args[0], st, depth)
     if origin in (typing.Union, types.UnionType):
-        return st.one_of(*(_strategy(a, st) for a in args))
+        return st.one_of(*(_strategy(a, st, depth) for a in args))
     if origin is typing.Literal:
         return st.sampled_from(args)
+    if depth >= _MAX_DEPTH and origin in (list, set, frozenset, dict):
+        return st.builds(origin)
     if origin is list:
-        return st.lists(_strategy(args[0], st), max_size=5)
+        return st.lists(_strategy(args[0], st, depth), max_size=5)
     if origin is set:
-        return st.sets(_strategy(args[0], st), max_size=5)
+        return st.sets(_strategy(args[0], st, depth), max_size=5)
     if origin is frozenset:
-        return st.frozensets(_strategy(args[0], st), max_size=5)
+        return st.frozensets(_strategy(args[0], st, depth), max_size=5)
     if origin is tuple:
         if len(args) == 2 and args[1] is Ellipsis:
-            return st.lists(_strategy(args[0], st), max_size=5).map(tuple)
-        return st.tuples(*(_strategy(a, st) for a in args))
+            return st.lists(_strategy(args[0], st, depth), max_size=5).map(tuple)
+        return st.tuples(*(_strategy(a, st, depth) for a in args))
     if origin is dict:
-        return st.dictionaries(_strategy(args[0], st), _strategy(args[1], st), max_size=5)
+        return st.dictionaries(
+            _strategy(args[0], st, depth), _strategy(args[1], st, depth), max_size=5
+        )
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         return st.sampled_from(list(tp))
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         hints = typing.get_type_hints(tp, include_extras=True)
-        fields = {f.name: _strategy(hints[f.name], st) for f in dataclasses.fields(tp) if f.init}
-        return st.builds(tp, **fields)
+        fields = {f.name: _strategy(hints[f.name], st, depth + 1) for f in dataclasses.fields(tp)}
+        return st.builds(tp, **{n: s for n, s in fields.items() if n in _init_fields(tp)})
     model_fields = getattr(tp, "model_fields", None)
     if isinstance(tp, type) and isinstance(model_fields, dict):  # a pydantic model
         hints = typing.get_type_hints(tp, include_extras=True)
-        return st.builds(tp, **{n: _strategy(hints[n], st) for n in model_fields})
+        return st.builds(tp, **{n: _strategy(hints[n], st, depth + 1) for n in model_fields})
     raise TypeError(f"no strategy for {tp!r}: Koala cannot encode it either")
