@@ -26,9 +26,9 @@ _SCHEMA_LOCK = 0x6B6F616C61  # pg_advisory_xact_lock id: "koala"
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS koala_records (
-        store   TEXT   NOT NULL,
-        key1    TEXT   NOT NULL,
-        key2    TEXT   NOT NULL,
+        store   TEXT   COLLATE "C" NOT NULL,
+        key1    TEXT   COLLATE "C" NOT NULL,
+        key2    TEXT   COLLATE "C" NOT NULL,
         version BIGINT NOT NULL,
         value   BYTEA  NOT NULL,
         PRIMARY KEY (store, key1, key2)

@@ -215,6 +215,10 @@ def _check_key(value: Any, what: str) -> str:
         raise InvalidKeyError(f"{what} is {len(text)} characters; at most {MAX_KEY_LENGTH}")
     if "\x00" in text:
         raise InvalidKeyError(f"{what} must not contain NUL characters")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidKeyError(f"{what} must be valid Unicode text (no lone surrogates)") from None
     return text
 
 
