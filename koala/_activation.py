@@ -20,7 +20,15 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from ._errors import OverloadedError, ShuttingDownError
-from ._messages import ErrorCode, ErrorInfo, Key, Request, error_info, new_chain_id
+from ._messages import (
+    ErrorCode,
+    ErrorInfo,
+    Key,
+    Request,
+    error_info,
+    new_chain_id,
+    rejection,
+)
 
 if TYPE_CHECKING:
     from ._actor import ActorBase
@@ -112,10 +120,6 @@ class Call:
         self.cancelled = True
         if self.scope is not None:
             self.scope.cancel()
-
-
-def _reject(code: ErrorCode, message: str) -> ErrorInfo:
-    return ErrorInfo(code, f"koala:{code.name}", message)
 
 
 class TimerHandle:
@@ -289,11 +293,11 @@ class Activation:
     async def _primary_turn(self, call: Call) -> None:
         req = call.req
         if call.cancelled:
-            call.fail(_reject(ErrorCode.CANCELLED, "the caller cancelled the call"))
+            call.fail(rejection(ErrorCode.CANCELLED, "the caller cancelled the call"))
             return
         if req.deadline <= anyio.current_time():
             call.fail(
-                _reject(
+                rejection(
                     ErrorCode.TIMEOUT,
                     f"the deadline of {req.interface}.{req.method} passed while it waited in "
                     f"the mailbox of {req.actor_type}/{req.key!r}; it was not run",
@@ -333,10 +337,10 @@ class Activation:
                     result = await getattr(self.instance, req.method)(*req.args)
             if scope.cancelled_caught:
                 if call.cancelled:
-                    call.fail(_reject(ErrorCode.CANCELLED, "the caller cancelled the call"))
+                    call.fail(rejection(ErrorCode.CANCELLED, "the caller cancelled the call"))
                 else:
                     call.fail(
-                        _reject(
+                        rejection(
                             ErrorCode.TIMEOUT,
                             f"{req.interface}.{req.method} on {req.actor_type}/{req.key!r} "
                             "did not finish before its deadline",
@@ -353,7 +357,7 @@ class Activation:
             current_chain.reset(t_chain)
             current_activation.reset(t_act)
             if not call.answered:  # cancelled from outside (hard shutdown)
-                call.fail(_reject(ErrorCode.SHUTTING_DOWN, "the host stopped during the call"))
+                call.fail(rejection(ErrorCode.SHUTTING_DOWN, "the host stopped during the call"))
             self.last_used = anyio.current_time()
 
     # ------------------------------------------------------------ lifecycle
@@ -376,7 +380,7 @@ class Activation:
                 self.instance = instance
                 await instance.on_activate()
             if scope.cancelled_caught:
-                failure = _reject(
+                failure = rejection(
                     ErrorCode.TIMEOUT,
                     f"on_activate of {self.ident[0]}/{self.key!r} did not finish before the "
                     "deadline of the call that triggered it",
@@ -434,7 +438,7 @@ class Activation:
         rt._queued -= len(mb)
         for call in mb:
             if rt._stopping:
-                call.fail(_reject(ErrorCode.SHUTTING_DOWN, "the host is shutting down"))
+                call.fail(rejection(ErrorCode.SHUTTING_DOWN, "the host is shutting down"))
                 continue
             try:
                 rt._deliver_local(call, self.impl)

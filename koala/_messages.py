@@ -106,6 +106,22 @@ _CODE_OF: dict[type[BaseException], ErrorCode] = {
 
 _PLAIN = (type(None), bool, int, float, str, bytes)
 
+# The exception a caller sees for each rejection kind (when the type name is unknown).
+_TYPE_OF: dict[ErrorCode, type[BaseException]] = {
+    ErrorCode.TIMEOUT: TimeoutError,
+    ErrorCode.OVERLOADED: _errors.OverloadedError,
+    ErrorCode.SHUTTING_DOWN: _errors.ShuttingDownError,
+    ErrorCode.NOT_FOUND: _errors.ActorNotFoundError,
+    ErrorCode.BAD_REQUEST: _errors.ArgumentTypeError,
+    ErrorCode.UNAVAILABLE: _errors.HostUnavailableError,
+}
+
+
+def rejection(code: ErrorCode, message: str) -> ErrorInfo:
+    """An error made by the runtime itself (not raised by actor code)."""
+    cls = _TYPE_OF.get(code, _errors.KoalaError)
+    return ErrorInfo(code, f"{cls.__module__}:{cls.__qualname__}", message)
+
 
 def error_info(exc: BaseException, code: ErrorCode | None = None) -> ErrorInfo:
     """Describe an exception raised in an actor so it can be rebuilt elsewhere."""
@@ -147,7 +163,7 @@ def rebuild_error(info: ErrorInfo) -> BaseException:
     Either way it carries ``remote_type`` and ``remote_traceback``, and the remote
     traceback is attached as a note so it shows when the error is printed.
     """
-    cls = _resolve_type(info.type_name)
+    cls = _resolve_type(info.type_name) or _TYPE_OF.get(info.code)
     exc: BaseException | None = None
     if cls is not None and not issubclass(cls, (KeyboardInterrupt, SystemExit, GeneratorExit)):
         for args in (info.args, (info.message,)):

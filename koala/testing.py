@@ -31,6 +31,8 @@ from contextlib import asynccontextmanager
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
+import anyio
+
 from ._actor import ActorBase
 from ._config import HostConfig
 from ._runtime import Runtime
@@ -38,7 +40,13 @@ from ._runtime import Runtime
 if TYPE_CHECKING:
     from hypothesis.strategies import SearchStrategy
 
-__all__ = ["args_strategy", "local_runtime", "test_config", "value_strategy"]
+__all__ = [
+    "args_strategy",
+    "local_runtime",
+    "test_config",
+    "value_strategy",
+    "wait_until",
+]
 
 
 def test_config(**overrides: Any) -> HostConfig:
@@ -70,6 +78,16 @@ async def local_runtime(
     cfg = config or test_config(**overrides)
     async with Runtime(cfg, actors=list(actors) if actors else None) as rt:
         yield rt
+
+
+async def wait_until(
+    predicate: Callable[[], bool], *, timeout: float = 5.0, interval: float = 0.005
+) -> None:
+    """Wait until ``predicate()`` is true, checking every ``interval``; TimeoutError after
+    ``timeout``. For tests that wait for an actor to reach a state."""
+    with anyio.fail_after(timeout):
+        while not predicate():
+            await anyio.sleep(interval)
 
 
 def value_strategy(annotation: Any) -> SearchStrategy[Any]:

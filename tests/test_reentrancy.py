@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from koala import ActorBase, ActorInterface, get_rpc_proxy
-from koala.testing import local_runtime
+from koala.testing import local_runtime, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -74,14 +74,14 @@ async def test_a_b_c_a() -> None:
 async def test_unrelated_callers_queue() -> None:
     _log.clear()
     _gates[1] = anyio.Event()
-    async with local_runtime(NodeImpl):
+    async with local_runtime(NodeImpl) as rt:
         with anyio.fail_after(5):
             proxy = get_rpc_proxy(INode, "Q")
             async with anyio.create_task_group() as tg:
                 tg.start_soon(proxy.slow, "first", 1)
-                await anyio.wait_all_tasks_blocked()
+                await wait_until(lambda: _log == ["start first"])
                 tg.start_soon(proxy.slow, "second", 1)
-                await anyio.wait_all_tasks_blocked()
+                await wait_until(lambda: rt.statistics().queued == 1)
                 assert _log == ["start first"]  # the second call waits its turn
                 _gates[1].set()
             assert _log == ["start first", "end first", "start second", "end second"]

@@ -1,0 +1,136 @@
+"""Deadlines: the caller's cancel scope bounds the call and cancels the callee's turn."""
+
+from __future__ import annotations
+
+import logging
+import math
+from abc import abstractmethod
+
+import anyio
+import pytest
+
+from koala import ActorBase, ActorInterface, get_rpc_proxy, one_way
+from koala.testing import local_runtime, wait_until
+
+pytestmark = pytest.mark.anyio
+
+events: list[str] = []
+observed: dict[str, float] = {}
+
+
+class ISlow(ActorInterface):
+    @abstractmethod
+    async def sleep(self, seconds: float, label: str) -> str: ...
+
+    @abstractmethod
+    async def deadline(self) -> float: ...
+
+    @abstractmethod
+    async def nested_deadline(self, other: str) -> list[float]: ...
+
+    @abstractmethod
+    async def record(self, label: str) -> None: ...
+
+    @one_way
+    @abstractmethod
+    async def fire(self, label: str, seconds: float) -> None: ...
+
+    @one_way
+    @abstractmethod
+    async def explode(self) -> None: ...
+
+
+class SlowImpl(ISlow, ActorBase):
+    async def sleep(self, seconds: float, label: str) -> str:
+        events.append(f"start {label}")
+        try:
+            await anyio.sleep(seconds)
+        except anyio.get_cancelled_exc_class():
+            events.append(f"cancelled {label}")
+            raise
+        events.append(f"end {label}")
+        return label
+
+    async def deadline(self) -> float:
+        return anyio.current_effective_deadline()
+
+    async def nested_deadline(self, other: str) -> list[float]:
+        inner = await self.get_proxy(ISlow, other).deadline()
+        return [anyio.current_effective_deadline(), inner]
+
+    async def record(self, label: str) -> None:
+        events.append(label)
+
+    async def fire(self, label: str, seconds: float) -> None:
+        await anyio.sleep(seconds)
+        events.append(f"fired {label}")
+
+    async def explode(self) -> None:
+        raise RuntimeError("one-way failure")
+
+
+async def test_caller_deadline_ends_call_and_cancels_the_callee_turn() -> None:
+    events.clear()
+    async with local_runtime(SlowImpl):
+        with pytest.raises(TimeoutError):
+            with anyio.fail_after(0.2):
+                await get_rpc_proxy(ISlow, "s").sleep(30, "long")
+        with anyio.fail_after(5):  # the turn is over: the actor answers at once
+            await get_rpc_proxy(ISlow, "s").record("after")
+    assert events == ["start long", "cancelled long", "after"]
+
+
+async def test_callee_sees_the_propagated_deadline_and_nested_calls_inherit_it() -> None:
+    async with local_runtime(SlowImpl):
+        with anyio.move_on_after(7) as scope:
+            seen = await get_rpc_proxy(ISlow, "s").deadline()
+            outer, inner = await get_rpc_proxy(ISlow, "a").nested_deadline("b")
+        assert seen == pytest.approx(scope.deadline, abs=1e-6)
+        assert outer == pytest.approx(scope.deadline, abs=1e-6)
+        assert inner == pytest.approx(scope.deadline, abs=1e-6)
+
+
+async def test_calls_without_a_deadline_get_the_default() -> None:
+    events.clear()
+    async with local_runtime(SlowImpl, default_timeout=0.3):
+        start = anyio.current_time()
+        seen = await get_rpc_proxy(ISlow, "s").deadline()
+        assert math.isfinite(seen)
+        assert start + 0.3 <= seen <= anyio.current_time() + 0.3
+        with pytest.raises(TimeoutError):
+            await get_rpc_proxy(ISlow, "s").sleep(30, "forever")
+        await get_rpc_proxy(ISlow, "s").record("after")
+    assert events == ["start forever", "cancelled forever", "after"]
+
+
+async def test_request_expired_in_the_mailbox_is_dropped_not_run() -> None:
+    events.clear()
+    async with local_runtime(SlowImpl):
+        proxy = get_rpc_proxy(ISlow, "q")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(proxy.sleep, 0.5, "blocker")
+            await wait_until(lambda: "start blocker" in events)
+            with pytest.raises(TimeoutError), anyio.fail_after(0.1):
+                await proxy.record("expired")  # waits behind the blocker, then expires
+        await proxy.record("fresh")
+    assert events == ["start blocker", "end blocker", "fresh"]
+
+
+async def test_one_way_returns_before_the_callee_runs() -> None:
+    events.clear()
+    async with local_runtime(SlowImpl) as rt:
+        proxy = get_rpc_proxy(ISlow, "o")
+        with anyio.fail_after(0.5):
+            assert await proxy.fire("x", 0.2) is None
+        assert events == []
+        await wait_until(lambda: rt.statistics().inflight == 0)
+    assert events == ["fired x"]
+
+
+async def test_one_way_errors_are_logged(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.ERROR, logger="koala")
+    async with local_runtime(SlowImpl) as rt:
+        await get_rpc_proxy(ISlow, "o").explode()
+        await wait_until(lambda: rt.statistics().inflight == 0)
+    assert "one-way call ISlow.explode" in caplog.text
+    assert "one-way failure" in caplog.text
