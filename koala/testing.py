@@ -81,12 +81,15 @@ async def local_runtime(
 
 
 async def wait_until(
-    predicate: Callable[[], bool], *, timeout: float = 5.0, interval: float = 0.005
+    predicate: Callable[[], bool],
+    *,
+    timeout: float = 5.0,  # noqa: ASYNC109 - a test helper's own bound
+    interval: float = 0.005,
 ) -> None:
     """Wait until ``predicate()`` is true, checking every ``interval``; TimeoutError after
     ``timeout``. For tests that wait for an actor to reach a state."""
     with anyio.fail_after(timeout):
-        while not predicate():
+        while not predicate():  # noqa: ASYNC110 - polls state owned by others
             await anyio.sleep(interval)
 
 
