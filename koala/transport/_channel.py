@@ -1,0 +1,406 @@
+"""One open connection to a peer node: calls out, calls in, heartbeats, one writer.
+
+A :class:`Channel` runs three tasks over one byte stream: the reader (bytes ->
+protocol events -> dispatch), the writer (drains a bounded queue of frames and writes
+each burst with one ``send``), and the heartbeat (PING every interval; a peer silent for
+``heartbeat_timeout`` is dead). Requests both ways are matched by id. When the
+connection ends for any reason every pending call fails at once: with
+:class:`HostUnavailableError` if its frame may have reached the peer, or with
+:class:`NotSent` (safe to retry elsewhere) if it was still queued here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+from collections.abc import Awaitable, Callable
+
+import anyio
+from anyio.abc import ByteStream, TaskGroup, TaskStatus
+
+from .._errors import HostUnavailableError, KoalaError
+from .._messages import ErrorCode, ErrorInfo, error_info
+from .._messages import Request as CallRequest
+from .._messages import Response as CallResponse
+from ._config import TransportConfig
+from ._events import (
+    GATEWAY_EVENTS,
+    NEED_DATA,
+    Cancel,
+    CloseCode,
+    ConnectionClosed,
+    Event,
+    GoAway,
+    HandshakeComplete,
+    LocalProtocolError,
+    Ping,
+    Pong,
+    ProtocolError,
+    RemoteProtocolError,
+    Request,
+    Response,
+)
+from ._protocol import Connection
+
+log = logging.getLogger("koala.transport")
+
+Handler = Callable[[CallRequest], Awaitable[CallResponse | None]]
+EventHandler = Callable[["Channel", Event], None]
+
+COALESCE_BYTES = 256 * 1024  # a burst larger than this is written in several sends
+
+
+class NotSent(KoalaError):
+    """Internal: the request never left this process, so retrying it is safe."""
+
+
+class _Pending:
+    __slots__ = ("done", "error", "response", "written")
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.response: CallResponse | None = None
+        self.error: BaseException | None = None
+        self.written = False
+
+
+class Channel:
+    """An authenticated connection to ``peer``; use it from many tasks at once."""
+
+    def __init__(
+        self,
+        stream: ByteStream,
+        conn: Connection,
+        peer: HandshakeComplete,
+        config: TransportConfig,
+        *,
+        name: str,
+        handler: Callable[[], Handler | None],
+        on_event: Callable[[], EventHandler | None],
+        on_close: Callable[[Channel], None],
+    ) -> None:
+        self.stream = stream
+        self.conn = conn
+        self.peer = peer
+        self.config = config
+        self.name = name  # the address dialed, or the peer's address, for messages
+        self._handler = handler
+        self._on_event = on_event
+        self._on_close = on_close
+        self._ids = itertools.count(1)
+        self._pending: dict[int, _Pending] = {}
+        self._serving: dict[int, anyio.CancelScope] = {}
+        self._tx, self._rx = anyio.create_memory_object_stream[tuple[bytes, int]](
+            config.write_queue_size
+        )
+        self._tg: TaskGroup | None = None
+        self.closed = False
+        self.close_reason = ""
+        self._close_frame = b""
+        self.last_received = anyio.current_time()
+        self.peer_draining = False
+
+    def __repr__(self) -> str:
+        return f"<Channel {self.name} node={self.peer.peer_node_id} closed={self.closed}>"
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    @property
+    def serving(self) -> int:
+        return len(self._serving)
+
+    # ------------------------------------------------------------ running
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Serve the connection until it closes; never raises (errors close it)."""
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                tg.start_soon(self._writer)
+                tg.start_soon(self._heartbeat)
+                task_status.started()
+                await self._reader()
+                tg.cancel_scope.cancel()
+        except Exception as exc:  # a bug here must not take the node down
+            log.exception("connection %s failed", self.name)
+            self._stop(CloseCode.PROTOCOL_ERROR, f"internal error: {exc!r}")
+        finally:
+            await self._cleanup()
+
+    def close(self, reason: str = "closed by this node", code: int = CloseCode.NORMAL) -> None:
+        """Close the connection (pending calls fail with HostUnavailableError)."""
+        self._stop(code, reason)
+
+    def _stop(self, code: int, reason: str, *, send_close: bool = True) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.close_reason = reason
+        if send_close:
+            try:
+                self._close_frame = self.conn.close_frame(ProtocolError(reason, CloseCode(code)))
+            except (ProtocolError, ValueError):
+                self._close_frame = b""
+        if self._tg is not None:
+            self._tg.cancel_scope.cancel()
+
+    async def _cleanup(self) -> None:
+        if not self.closed:
+            self._stop(CloseCode.NORMAL, "the connection ended")
+        self._on_close(self)
+        for scope in self._serving.values():
+            scope.cancel()
+        pending, self._pending = self._pending, {}
+        for p in pending.values():
+            if p.written:
+                p.error = HostUnavailableError(
+                    f"the connection to {self.name} (node {self.peer.peer_node_id}) was lost "
+                    f"({self.close_reason}) while the call was in flight; it may have run"
+                )
+            else:
+                p.error = NotSent(self.close_reason)
+            p.done.set()
+        self._tx.close()
+        self._rx.close()
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(1.0):
+                if self._close_frame:
+                    with contextlib.suppress(Exception):
+                        await self.stream.send(self._close_frame)
+            await anyio.aclose_forcefully(self.stream)
+
+    # ------------------------------------------------------------ reading
+
+    async def _reader(self) -> None:
+        conn, stream = self.conn, self.stream
+        read_size = self.config.read_size
+        while True:
+            while True:  # the handshake may have left frames in the buffer: drain first
+                try:
+                    ev = conn.next_event()
+                except RemoteProtocolError as exc:
+                    log.warning("closing connection %s: %s", self.name, exc)
+                    self._stop(exc.close_code, str(exc))
+                    return
+                if ev is NEED_DATA:
+                    break
+                if type(ev) is ConnectionClosed:
+                    assert isinstance(ev, ConnectionClosed)
+                    reason = f"the peer closed it: {ev.reason}" if ev.reason else "peer closed"
+                    self._stop(ev.code, reason, send_close=False)
+                    return
+                assert isinstance(ev, Event)
+                self._dispatch(ev)
+            try:
+                data = await stream.receive(read_size)
+            except anyio.EndOfStream:
+                data = b""
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                self._stop(CloseCode.NORMAL, f"the connection broke: {exc!r}", send_close=False)
+                return
+            self.last_received = anyio.current_time()
+            conn.receive_data(data or None)
+
+    def _dispatch(self, ev: Event) -> None:
+        kind = type(ev)
+        if kind is Response:
+            assert isinstance(ev, Response)
+            p = self._pending.pop(ev.request_id, None)
+            if p is not None:  # else: answered after the caller gave up
+                p.response = CallResponse(ev.request_id, ev.result, ev.error)
+                p.done.set()
+        elif kind is Request:
+            assert isinstance(ev, Request)
+            self._accept_request(ev)
+        elif kind is Cancel:
+            assert isinstance(ev, Cancel)
+            scope = self._serving.get(ev.request_id)
+            if scope is not None:
+                scope.cancel()
+        elif kind is Ping:
+            assert isinstance(ev, Ping)
+            self._enqueue_nowait(self.conn.send(Pong(ev.token)))
+        elif kind is Pong:
+            pass
+        elif kind is GoAway:
+            self.peer_draining = True
+        elif kind in GATEWAY_EVENTS:
+            on_event = self._on_event()
+            if on_event is None:
+                log.debug("connection %s: ignoring %s (no gateway handler)", self.name, ev)
+            else:
+                on_event(self, ev)
+
+    # ------------------------------------------------------------ serving requests
+
+    def _accept_request(self, ev: Request) -> None:
+        rid = ev.request_id
+        handler = self._handler()
+        if rid in self._serving:
+            self._reply(rid, ErrorCode.BAD_REQUEST, f"request id {rid} is already in flight")
+        elif handler is None:
+            self._reply(rid, ErrorCode.NOT_FOUND, "this node serves no actors")
+        elif len(self._serving) >= self.config.max_in_flight:
+            self._reply(
+                rid,
+                ErrorCode.OVERLOADED,
+                f"the connection has {len(self._serving)} requests in flight (max_in_flight)",
+            )
+        else:
+            scope = anyio.CancelScope()
+            self._serving[rid] = scope
+            assert self._tg is not None
+            self._tg.start_soon(self._serve, ev, handler, scope)
+
+    def _reply(self, rid: int, code: ErrorCode, message: str) -> None:
+        info = ErrorInfo(code, f"koala:{code.name}", message)
+        self._enqueue_nowait(self.conn.send(Response(rid, None, info)))
+
+    async def _serve(self, ev: Request, handler: Handler, scope: anyio.CancelScope) -> None:
+        rid = ev.request_id
+        resp: CallResponse | None = None
+        try:
+            with scope:
+                req = CallRequest(
+                    rid,
+                    ev.chain_id,
+                    anyio.current_time() + ev.timeout,
+                    ev.actor_type,
+                    ev.key,
+                    ev.interface,
+                    ev.method,
+                    tuple(ev.args),
+                    ev.one_way,
+                )
+                try:
+                    resp = await handler(req)
+                except Exception as exc:
+                    log.exception("serving %s.%s failed", ev.interface, ev.method)
+                    resp = CallResponse(rid, None, error_info(exc))
+        finally:
+            self._serving.pop(rid, None)
+        if resp is None or ev.one_way or scope.cancel_called or self.closed:
+            return
+        try:
+            data = self.conn.send(Response(rid, resp.result, resp.error))
+        except LocalProtocolError as exc:  # too large, or a value CBOR cannot carry
+            info = error_info(exc, ErrorCode.APPLICATION)
+            data = self.conn.send(Response(rid, None, info))
+        await self._enqueue(data)
+
+    # ------------------------------------------------------------ calling
+
+    async def request(self, req: CallRequest) -> CallResponse | None:
+        """Send ``req`` and wait for its response (None for one-way requests).
+
+        Raises NotSent if the connection closed before the frame was written,
+        HostUnavailableError if it closed after. Cancelling the caller sends CANCEL.
+        """
+        if self.closed:
+            raise NotSent(self.close_reason)
+        if len(self._pending) >= self.config.max_in_flight:
+            raise NotSent(
+                f"{len(self._pending)} calls are in flight on the connection to {self.name} "
+                "(max_in_flight)"
+            )
+        rid = next(self._ids)
+        timeout = max(0.0, req.deadline - anyio.current_time())
+        data = self.conn.send(
+            Request(
+                rid,
+                req.chain_id,
+                timeout,
+                req.actor_type,
+                req.key,
+                req.interface,
+                req.method,
+                req.args,
+                req.one_way,
+            )
+        )
+        if req.one_way:
+            await self._enqueue(data)
+            return None
+        p = self._pending[rid] = _Pending()
+        queued = False
+        try:
+            await self._enqueue(data, rid)
+            queued = True
+            await p.done.wait()
+        except BaseException:
+            if self._pending.pop(rid, None) is not None and queued and not self.closed:
+                self._enqueue_nowait(self.conn.send(Cancel(rid)))  # it follows the request
+            raise
+        if p.error is not None:
+            raise p.error
+        return p.response
+
+    async def send_event(self, ev: Event) -> None:
+        """Send a message that needs no answer (the gateway kinds, GOAWAY)."""
+        if self.closed:
+            raise HostUnavailableError(f"the connection to {self.name} is closed")
+        await self._enqueue(self.conn.send(ev))
+
+    # ------------------------------------------------------------ writing
+
+    async def _enqueue(self, data: bytes, rid: int = 0) -> None:
+        try:
+            self._tx.send_nowait((data, rid))
+        except anyio.WouldBlock:
+            await self._tx.send((data, rid))
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            raise NotSent(self.close_reason) from None
+
+    def _enqueue_nowait(self, data: bytes) -> None:
+        """Queue a control frame; if the queue is full the peer is not reading: close."""
+        try:
+            self._tx.send_nowait((data, 0))
+        except anyio.WouldBlock:
+            self._stop(CloseCode.OVERLOADED, "the write queue is full: the peer is not reading")
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            pass
+
+    async def _writer(self) -> None:
+        rx, stream, pending = self._rx, self.stream, self._pending
+        try:
+            async for data, rid in rx:
+                batch = [data]
+                size = len(data)
+                if rid:
+                    p = pending.get(rid)
+                    if p is not None:
+                        p.written = True
+                while size < COALESCE_BYTES:
+                    try:
+                        data, rid = rx.receive_nowait()
+                    except anyio.WouldBlock:
+                        break
+                    batch.append(data)
+                    size += len(data)
+                    if rid:
+                        p = pending.get(rid)
+                        if p is not None:
+                            p.written = True
+                await stream.send(batch[0] if len(batch) == 1 else b"".join(batch))
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            self._stop(CloseCode.NORMAL, f"the connection broke: {exc!r}", send_close=False)
+
+    # ------------------------------------------------------------ liveness
+
+    async def _heartbeat(self) -> None:
+        interval, limit = self.config.heartbeat_interval, self.config.heartbeat_timeout
+        token = 0
+        while True:
+            await anyio.sleep(interval)
+            silent = anyio.current_time() - self.last_received
+            if silent >= limit:
+                self._stop(
+                    CloseCode.HEARTBEAT_TIMEOUT,
+                    f"no frame from the peer in {silent:.1f} s (heartbeat_timeout {limit} s)",
+                )
+                return
+            token += 1
+            self._enqueue_nowait(self.conn.send(Ping(token)))

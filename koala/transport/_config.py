@@ -1,0 +1,116 @@
+"""Transport settings: a frozen record validated on construction."""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+from dataclasses import dataclass, fields
+from typing import Any
+
+from .._errors import ConfigError
+from ._protocol import MIN_FRAME_SIZE, MIN_SECRET_SIZE
+from ._wire import DEFAULT_MAX_FRAME_SIZE, MAX_FRAME_LIMIT
+
+SECRET_ENV = "KOALA_CLUSTER_SECRET"
+CLUSTER_ENV = "KOALA_CLUSTER_ID"
+
+_INTS = (
+    "max_frame_size",
+    "max_in_flight",
+    "write_queue_size",
+    "max_connections",
+    "read_size",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class TransportConfig:
+    """Settings of a node's transport. Bad values fail here, at start.
+
+    - ``cluster_id``: peers of another cluster are refused in the handshake.
+    - ``node_id``: this node's name in handshakes and errors ("" = a random one).
+    - ``secret``: the cluster secret (str or bytes, at least 16 bytes). Without one, a
+      listener accepts loopback peers only and cannot bind a non-loopback address.
+    - ``max_frame_size``: the largest frame sent or accepted (bytes).
+    - ``max_in_flight``: most requests outstanding on one connection, each way.
+    - ``write_queue_size``: most frames queued for writing on one connection.
+    - ``max_connections``: most inbound connections a listener holds.
+    - ``handshake_timeout`` / ``connect_timeout``: seconds.
+    - ``heartbeat_interval``: a PING is sent this often; ``heartbeat_timeout``: a peer
+      silent this long is declared dead and its pending calls fail.
+    - ``reconnect_min`` / ``reconnect_max``: backoff between failed connects to a host.
+    - ``read_size``: bytes asked of the socket per read.
+    """
+
+    cluster_id: str = "koala"
+    node_id: str = ""
+    secret: bytes | None = None
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    max_in_flight: int = 10_000
+    write_queue_size: int = 10_000
+    max_connections: int = 1_024
+    handshake_timeout: float = 5.0
+    connect_timeout: float = 5.0
+    heartbeat_interval: float = 2.0
+    heartbeat_timeout: float = 10.0
+    reconnect_min: float = 0.05
+    reconnect_max: float = 5.0
+    read_size: int = 65_536
+
+    def __post_init__(self) -> None:
+        secret: Any = self.secret
+        if isinstance(secret, str):
+            secret = secret.encode()
+            object.__setattr__(self, "secret", secret)
+        if secret is not None:
+            if not isinstance(secret, bytes):
+                raise ConfigError(f"TransportConfig.secret must be str or bytes, got {secret!r}")
+            if len(secret) < MIN_SECRET_SIZE:
+                raise ConfigError(
+                    f"the cluster secret must be at least {MIN_SECRET_SIZE} bytes; make one "
+                    "with: openssl rand -hex 32"
+                )
+        if not isinstance(self.cluster_id, str):
+            raise ConfigError("TransportConfig.cluster_id must be a string")
+        if not isinstance(self.node_id, str):
+            raise ConfigError("TransportConfig.node_id must be a string")
+        if not self.node_id:
+            object.__setattr__(self, "node_id", f"node-{secrets.token_hex(6)}")
+        for f in fields(self):
+            if f.name in ("cluster_id", "node_id", "secret"):
+                continue
+            value = getattr(self, f.name)
+            integral = f.name in _INTS
+            if isinstance(value, bool) or not isinstance(value, int if integral else (int, float)):
+                kind = "an integer" if integral else "a number"
+                raise ConfigError(f"TransportConfig.{f.name} must be {kind}, got {value!r}")
+            if not math.isfinite(value) or value <= 0:
+                raise ConfigError(
+                    f"TransportConfig.{f.name} must be a positive number, got {value!r}"
+                )
+        if not MIN_FRAME_SIZE <= self.max_frame_size <= MAX_FRAME_LIMIT:
+            raise ConfigError(
+                f"TransportConfig.max_frame_size must be from {MIN_FRAME_SIZE} to "
+                f"{MAX_FRAME_LIMIT} bytes, got {self.max_frame_size}"
+            )
+        if self.heartbeat_interval >= self.heartbeat_timeout:
+            raise ConfigError(
+                "TransportConfig.heartbeat_interval must be shorter than heartbeat_timeout "
+                f"(got {self.heartbeat_interval} and {self.heartbeat_timeout})"
+            )
+        if self.reconnect_min > self.reconnect_max:
+            raise ConfigError("TransportConfig.reconnect_min must not exceed reconnect_max")
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> TransportConfig:
+        """Settings from KOALA_CLUSTER_SECRET and KOALA_CLUSTER_ID, then ``overrides``."""
+        values: dict[str, Any] = {}
+        secret = os.environ.get(SECRET_ENV)
+        if secret:
+            values["secret"] = secret
+        cluster = os.environ.get(CLUSTER_ENV)
+        if cluster:
+            values["cluster_id"] = cluster
+        values.update(overrides)
+        return cls(**values)

@@ -1,0 +1,433 @@
+"""The transport of a node: a pool of channels to other nodes, and a listener.
+
+:class:`Transport` is the runtime's ``RemoteDelivery``: ``call(host, req, spec)`` sends
+a request to the node listening at ``host`` ("ip:port"), waits, and returns the decoded
+result or raises the rebuilt remote error. It keeps one connection per peer: a peer
+that dialed us and advertised its address is called back over that same connection.
+A host that cannot be reached is dialed again on the next call, no sooner than the
+backoff allows. Inbound requests go to ``handler`` (a host's ``Runtime.serve_request``).
+
+Use it as ``async with Transport(config, handler=...) as t: await t.listen(...)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import socket
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from anyio.abc import ByteStream, SocketAttribute, TaskGroup
+
+from .._errors import ConfigError, HostUnavailableError
+from .._messages import Request as CallRequest
+from .._messages import rebuild_error
+from ._channel import Channel, EventHandler, Handler, NotSent
+from ._config import TransportConfig
+from ._events import (
+    NEED_DATA,
+    CloseCode,
+    ConnectionClosed,
+    GoAway,
+    HandshakeComplete,
+    ProtocolError,
+    RemoteProtocolError,
+)
+from ._protocol import Connection, Role
+
+if TYPE_CHECKING:
+    from .._interface import MethodSpec
+
+log = logging.getLogger("koala.transport")
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """ "host:port" or "[v6]:port" -> (host, port); ValueError with the reason."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"{address!r} is not a host:port address")
+    return host.strip("[]"), int(port)
+
+
+def join_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+@dataclass(frozen=True, slots=True)
+class TransportStatistics:
+    connections: int
+    pending_calls: int
+    serving: int
+    connects: int
+    failed_connects: int
+    refused_connections: int
+
+
+@dataclass(slots=True)
+class _Backoff:
+    delay: float
+    next_try: float
+    error: str
+
+
+class _Attempt:
+    __slots__ = ("channel", "done", "error")
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.channel: Channel | None = None
+        self.error: BaseException | None = None
+
+
+class Transport:
+    """A node's connections to other nodes (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: TransportConfig | None = None,
+        *,
+        handler: Handler | None = None,
+        on_event: EventHandler | None = None,
+    ) -> None:
+        self.config = config or TransportConfig.from_env()
+        self.handler = handler
+        self.on_event = on_event
+        self.address = ""  # where this node listens, once listen() ran
+        self._channels: dict[str, Channel] = {}  # by peer address
+        self._all: set[Channel] = set()
+        self._attempts: dict[str, _Attempt] = {}
+        self._backoff: dict[str, _Backoff] = {}
+        self._tg: TaskGroup | None = None
+        self._listeners: list[anyio.abc.Listener[Any]] = []
+        self._inbound = 0
+        self._connects = 0
+        self._failed = 0
+        self._refused = 0
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> Transport:
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        assert self._tg is not None
+        for ch in list(self._all):
+            ch.close("the node is stopping", CloseCode.SHUTDOWN)
+        self._tg.cancel_scope.cancel()
+        tg, self._tg = self._tg, None
+        try:
+            return await tg.__aexit__(exc_type, exc, tb)
+        finally:
+            with anyio.CancelScope(shield=True):
+                for listener in self._listeners:
+                    await listener.aclose()
+
+    def _task_group(self) -> TaskGroup:
+        if self._tg is None:
+            raise HostUnavailableError("the transport is not running: use `async with Transport()`")
+        return self._tg
+
+    def statistics(self) -> TransportStatistics:
+        return TransportStatistics(
+            connections=len(self._all),
+            pending_calls=sum(ch.pending for ch in self._all),
+            serving=sum(ch.serving for ch in self._all),
+            connects=self._connects,
+            failed_connects=self._failed,
+            refused_connections=self._refused,
+        )
+
+    async def go_away(self, reason: str = "the node is draining") -> None:
+        """Tell every peer this node is draining (GOAWAY); calls in flight go on."""
+        for ch in list(self._all):
+            if not ch.closed:
+                with contextlib.suppress(HostUnavailableError, NotSent, ProtocolError):
+                    await ch.send_event(GoAway(reason))
+
+    # ------------------------------------------------------------ listening
+
+    async def listen(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Accept connections on ``host:port``; returns the bound address ("ip:port").
+
+        Without a cluster secret only loopback addresses may be bound (and only
+        loopback peers are accepted).
+        """
+        tg = self._task_group()
+        if self.config.secret is None and not is_loopback(host):
+            raise ConfigError(
+                f"refusing to listen on {host}: without a cluster secret a node accepts "
+                "loopback peers only; set KOALA_CLUSTER_SECRET (openssl rand -hex 32) on "
+                "every node, or listen on 127.0.0.1"
+            )
+        listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
+        self._listeners.append(listener)
+        bound = listener.extra(SocketAttribute.local_address)
+        address = join_address(str(bound[0]), int(bound[1]))
+        if not self.address:
+            self.address = address
+        tg.start_soon(listener.serve, self._accept, tg)
+        return address
+
+    async def _accept(self, stream: ByteStream) -> None:
+        try:
+            await self._serve_inbound(stream)
+        except Exception:  # one connection's failure never stops the listener
+            log.exception("inbound connection failed")
+        finally:
+            await anyio.aclose_forcefully(stream)
+
+    async def _serve_inbound(self, stream: ByteStream) -> None:
+        cfg = self.config
+        conn = Connection(
+            Role.SERVER,
+            cluster_id=cfg.cluster_id,
+            node_id=cfg.node_id,
+            secret=cfg.secret,
+            address=self.address,
+            max_frame_size=cfg.max_frame_size,
+        )
+        _set_nodelay(stream)
+        peer_host = str(stream.extra(SocketAttribute.remote_address, ("?", 0))[0])
+        if cfg.secret is None and not is_loopback(peer_host):
+            self._refused += 1
+            await _send_close(
+                stream,
+                conn,
+                ProtocolError(
+                    f"this node has no cluster secret and accepts loopback peers only, not "
+                    f"{peer_host}",
+                    CloseCode.NOT_ALLOWED,
+                ),
+            )
+            return
+        if self._inbound >= cfg.max_connections:
+            self._refused += 1
+            await _send_close(
+                stream,
+                conn,
+                ProtocolError(
+                    f"this node holds {self._inbound} connections (max_connections)",
+                    CloseCode.OVERLOADED,
+                ),
+            )
+            return
+        self._inbound += 1
+        try:
+            with anyio.move_on_after(cfg.handshake_timeout) as scope:
+                try:
+                    peer = await _handshake(stream, conn)
+                except RemoteProtocolError as exc:
+                    log.warning("refused a connection from %s: %s", peer_host, exc)
+                    self._refused += 1
+                    await _send_close(stream, conn, exc)
+                    return
+                except _Closed:
+                    return
+            if scope.cancelled_caught:
+                self._refused += 1
+                await _send_close(
+                    stream,
+                    conn,
+                    ProtocolError(
+                        f"no handshake within {cfg.handshake_timeout} s",
+                        CloseCode.HANDSHAKE_TIMEOUT,
+                    ),
+                )
+                return
+            name = peer.peer_address or f"{peer_host} (node {peer.peer_node_id})"
+            ch = self._channel_for(stream, conn, peer, name)
+            if peer.peer_address and peer.peer_address not in self._channels:
+                self._channels[peer.peer_address] = ch  # call the peer back on it
+            await ch.run()
+        finally:
+            self._inbound -= 1
+
+    def _channel_for(
+        self, stream: ByteStream, conn: Connection, peer: HandshakeComplete, name: str
+    ) -> Channel:
+        ch = Channel(
+            stream,
+            conn,
+            peer,
+            self.config,
+            name=name,
+            handler=lambda: self.handler,
+            on_event=lambda: self.on_event,
+            on_close=self._forget,
+        )
+        self._all.add(ch)
+        return ch
+
+    def _forget(self, ch: Channel) -> None:
+        self._all.discard(ch)
+        for address, known in list(self._channels.items()):
+            if known is ch:
+                del self._channels[address]
+
+    # ------------------------------------------------------------ dialing
+
+    async def channel(self, address: str) -> Channel:
+        """The open channel to the node at ``address``, dialing it if needed."""
+        while True:
+            ch = self._channels.get(address)
+            if ch is not None and not ch.closed:
+                return ch
+            attempt = self._attempts.get(address)
+            if attempt is None:
+                break
+            await attempt.done.wait()
+            if attempt.channel is not None and not attempt.channel.closed:
+                return attempt.channel
+            if attempt.error is not None:
+                raise attempt.error
+            # the dialing caller was cancelled: try again ourselves
+        backoff = self._backoff.get(address)
+        now = anyio.current_time()
+        if backoff is not None and now < backoff.next_try:
+            raise HostUnavailableError(
+                f"the node at {address} cannot be reached ({backoff.error}); the next attempt "
+                f"is allowed in {backoff.next_try - now:.2f} s"
+            )
+        attempt = self._attempts[address] = _Attempt()
+        try:
+            ch = await self._dial(address)
+        except (OSError, ProtocolError, TimeoutError, _Closed, ValueError) as exc:
+            self._failed += 1
+            delay = self.config.reconnect_min
+            if backoff is not None:
+                delay = min(self.config.reconnect_max, backoff.delay * 2)
+            reason = str(exc) or type(exc).__name__
+            self._backoff[address] = _Backoff(delay, anyio.current_time() + delay, reason)
+            attempt.error = HostUnavailableError(
+                f"the node at {address} cannot be reached: {reason}"
+            )
+            raise attempt.error from None
+        else:
+            self._backoff.pop(address, None)
+            attempt.channel = ch
+            return ch
+        finally:
+            del self._attempts[address]
+            attempt.done.set()
+
+    async def _dial(self, address: str) -> Channel:
+        cfg = self.config
+        host, port = split_address(address)
+        with anyio.fail_after(cfg.connect_timeout):
+            stream: ByteStream = await anyio.connect_tcp(host, port)
+        try:
+            _set_nodelay(stream)
+            conn = Connection(
+                Role.CLIENT,
+                cluster_id=cfg.cluster_id,
+                node_id=cfg.node_id,
+                secret=cfg.secret,
+                address=self.address,
+                max_frame_size=cfg.max_frame_size,
+            )
+            with anyio.fail_after(cfg.handshake_timeout):
+                await stream.send(conn.initiate())
+                try:
+                    peer = await _handshake(stream, conn)
+                except RemoteProtocolError as exc:
+                    await _send_close(stream, conn, exc)
+                    raise
+            ch = self._channel_for(stream, conn, peer, address)
+            self._connects += 1
+            self._channels[address] = ch
+            await self._task_group().start(ch.run)
+            return ch
+        except BaseException:
+            await anyio.aclose_forcefully(stream)
+            raise
+
+    # ------------------------------------------------------------ RemoteDelivery
+
+    async def call(self, host: str, req: CallRequest, spec: MethodSpec) -> Any:
+        """Send ``req`` (args already CBOR data) to the node at ``host``; the result.
+
+        A request that never left this process (the connection died while it was still
+        queued) is sent once more on a fresh connection; one that may have reached the
+        peer fails with HostUnavailableError and is never sent again.
+        """
+        for attempt in range(2):
+            ch = await self.channel(host)
+            try:
+                resp = await ch.request(req)
+            except NotSent as exc:
+                if attempt:
+                    raise HostUnavailableError(
+                        f"the node at {host} cannot be reached: {exc}"
+                    ) from None
+                continue
+            break
+        if resp is None:
+            return None
+        if resp.error is not None:
+            raise rebuild_error(resp.error)
+        return spec.result.from_wire(resp.result, f"the result of {spec.qualname}")
+
+
+class _Closed(Exception):
+    """The peer closed the connection during the handshake."""
+
+
+async def _handshake(stream: ByteStream, conn: Connection) -> HandshakeComplete:
+    """Run the handshake on ``conn`` (after initiate() on a client) to completion."""
+    while True:
+        ev = conn.next_event()
+        out = conn.data_to_send()
+        if out:
+            await stream.send(out)
+        if isinstance(ev, HandshakeComplete):
+            return ev
+        if isinstance(ev, ConnectionClosed):
+            raise _Closed(f"the peer closed the connection: {ev.reason or 'no reason given'}")
+        if ev is NEED_DATA:
+            try:
+                data = await stream.receive()
+            except anyio.EndOfStream:
+                data = b""
+            except (anyio.BrokenResourceError, OSError) as exc:
+                raise _Closed(f"the connection broke during the handshake: {exc!r}") from None
+            conn.receive_data(data or None)
+
+
+async def _send_close(stream: ByteStream, conn: Connection, exc: ProtocolError) -> None:
+    with anyio.move_on_after(1.0, shield=True):
+        try:
+            data = conn.close_frame(exc)
+            if data:
+                await stream.send(data)
+        except Exception:
+            pass
+
+
+def _set_nodelay(stream: ByteStream) -> None:
+    sock = stream.extra(SocketAttribute.raw_socket, None)
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

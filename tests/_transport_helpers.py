@@ -1,0 +1,202 @@
+"""Shared pieces of the transport tests: actors, a static directory, node start-up.
+
+Also runnable as a host process for the cross-process tests::
+
+    python -m tests._transport_helpers --listen 127.0.0.1:PORT --backend trio \\
+        --place Alpha=127.0.0.1:P1 --place Beta=127.0.0.1:P2
+
+It prints ``READY <address>`` once listening and serves until stdin closes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+
+from koala import ActorBase, ActorInterface, HostConfig, Runtime, one_way
+from koala._messages import Key
+from koala._runtime import LOCAL
+from koala.transport import Transport, TransportConfig
+
+SECRET = "test-secret-0123456789abcdef"
+
+
+class StaticDirectory:
+    """Actor type -> node address, fixed up front; unknown types and ``me`` are local."""
+
+    def __init__(self, placements: Mapping[str, str] | None = None, me: str = "") -> None:
+        self.placements = dict(placements or {})
+        self.me = me
+
+    def lookup(self, actor_type: str, key: Key) -> str | None:
+        host = self.placements.get(actor_type)
+        return LOCAL if host is None or host == self.me else host
+
+    async def resolve(self, actor_type: str, key: Key) -> str:
+        host = self.lookup(actor_type, key)
+        assert host is not None
+        return host
+
+
+# ---------------------------------------------------------------- actors
+
+
+class IEcho(ActorInterface):
+    async def echo(self, text: str) -> str: ...
+
+    async def add(self, a: int, b: int) -> int: ...
+
+    async def sleep(self, seconds: float) -> str: ...
+
+    async def fail(self, message: str) -> str: ...
+
+    async def where(self) -> int: ...
+
+    async def cancelled_count(self) -> int: ...
+
+    @one_way
+    async def poke(self, text: str) -> None: ...
+
+    async def pokes(self) -> list[str]: ...
+
+
+class Echo(IEcho, ActorBase):
+    cancelled = 0
+    poked: list[str] = []
+
+    async def echo(self, text: str) -> str:
+        return text
+
+    async def add(self, a: int, b: int) -> int:
+        return a + b
+
+    async def sleep(self, seconds: float) -> str:
+        try:
+            await anyio.sleep(seconds)
+        except anyio.get_cancelled_exc_class():
+            Echo.cancelled += 1
+            raise
+        return "slept"
+
+    async def fail(self, message: str) -> str:
+        raise ValueError(message)
+
+    async def where(self) -> int:
+        return os.getpid()
+
+    async def cancelled_count(self) -> int:
+        return Echo.cancelled
+
+    async def poke(self, text: str) -> None:
+        Echo.poked.append(text)
+
+    async def pokes(self) -> list[str]:
+        return list(Echo.poked)
+
+
+class IAlpha(ActorInterface):
+    async def start(self, depth: int) -> list[int]: ...
+
+    async def back(self) -> int: ...
+
+
+class IBeta(ActorInterface):
+    async def bounce(self, key: str) -> list[int]: ...
+
+
+class Alpha(IAlpha, ActorBase):
+    async def start(self, depth: int) -> list[int]:
+        """Alpha -> Beta (other node) -> Alpha.back (this activation, same chain)."""
+        assert isinstance(self.key, str)
+        return [os.getpid(), *await self.get_proxy(IBeta, "b").bounce(self.key)]
+
+    async def back(self) -> int:
+        return os.getpid()
+
+
+class Beta(IBeta, ActorBase):
+    async def bounce(self, key: str) -> list[int]:
+        return [os.getpid(), await self.get_proxy(IAlpha, key).back()]
+
+
+ACTORS: list[type[ActorBase]] = [Echo, Alpha, Beta]
+
+
+# ---------------------------------------------------------------- nodes
+
+
+def transport_config(**overrides: Any) -> TransportConfig:
+    values: dict[str, Any] = {
+        "heartbeat_interval": 0.5,
+        "heartbeat_timeout": 5.0,
+        "reconnect_min": 0.01,
+        "reconnect_max": 0.1,
+        "handshake_timeout": 2.0,
+        "connect_timeout": 2.0,
+    }
+    values.update(overrides)
+    return TransportConfig(**values)
+
+
+def host_config() -> HostConfig:
+    return HostConfig(default_timeout=10.0, collection_interval=0.05, shutdown_grace=2.0)
+
+
+@asynccontextmanager
+async def node(
+    placements: Mapping[str, str] | None = None,
+    *,
+    actors: list[type[ActorBase]] | None = None,
+    listen: tuple[str, int] | None = ("127.0.0.1", 0),
+    config: TransportConfig | None = None,
+) -> AsyncIterator[tuple[Runtime, Transport, StaticDirectory]]:
+    """A runtime with a transport, listening (by default) on a free loopback port."""
+    directory = StaticDirectory(placements)
+    async with Transport(config or transport_config()) as transport:
+        rt = Runtime(host_config(), actors or ACTORS, directory=directory, remote=transport)
+        async with rt:
+            transport.handler = rt.serve_request
+            if listen is not None:
+                directory.me = await transport.listen(*listen)
+            yield rt, transport, directory
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# ---------------------------------------------------------------- a host process
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    placements = dict(p.split("=", 1) for p in args.place)
+    host, _, port = args.listen.rpartition(":")
+    secret = os.environ.get("KOALA_CLUSTER_SECRET")
+    cfg = transport_config(secret=secret) if secret else transport_config()
+    async with node(placements, listen=(host, int(port)), config=cfg) as (_, transport, _):
+        print("READY", transport.address, flush=True)
+        await anyio.to_thread.run_sync(sys.stdin.read, abandon_on_cancel=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--listen", required=True)
+    parser.add_argument("--backend", default="asyncio")
+    parser.add_argument("--place", action="append", default=[])
+    args = parser.parse_args()
+    backend = "trio" if args.backend == "trio" else "asyncio"
+    options = {"use_uvloop": True} if args.backend == "uvloop" else {}
+    anyio.run(_serve, args, backend=backend, backend_options=options)
+
+
+if __name__ == "__main__":
+    main()
