@@ -1,0 +1,51 @@
+"""The public surface is what was meant: names users copy from the seed, nothing more."""
+
+from __future__ import annotations
+
+import koala
+import koala.testing
+
+
+def test_public_names() -> None:
+    assert set(koala.__all__) == {
+        "ActivationState",
+        "ActorBase",
+        "ActorInterface",
+        "ActorNotFoundError",
+        "ArgumentTypeError",
+        "ConfigError",
+        "HostConfig",
+        "HostUnavailableError",
+        "InterfaceError",
+        "KoalaError",
+        "OverloadedError",
+        "RemoteError",
+        "Runtime",
+        "RuntimeNotRunningError",
+        "RuntimeStatistics",
+        "ShuttingDownError",
+        "TimerHandle",
+        "current_runtime",
+        "get_rpc_proxy",
+        "one_way",
+    }
+    for name in koala.__all__:
+        assert getattr(koala, name).__module__.startswith("koala")
+
+
+def test_testing_kit_names() -> None:
+    assert set(koala.testing.__all__) == {
+        "args_strategy",
+        "local_runtime",
+        "test_config",
+        "value_strategy",
+        "wait_until",
+    }
+
+
+def test_errors_say_whose_fault() -> None:
+    assert issubclass(koala.ArgumentTypeError, TypeError)
+    assert issubclass(koala.InterfaceError, TypeError)
+    assert issubclass(koala.ConfigError, ValueError)
+    for name in ("OverloadedError", "ShuttingDownError", "HostUnavailableError", "RemoteError"):
+        assert issubclass(getattr(koala, name), koala.KoalaError)
