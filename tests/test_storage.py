@@ -590,3 +590,24 @@ def test_public_surface() -> None:
     }
     for name in koala.storage.__all__:
         assert getattr(koala.storage, name) is not None
+
+
+def test_errors_rebuild_intact_across_an_actor_call() -> None:
+    from koala._messages import error_info, rebuild_error
+
+    conflict = VersionConflictError("s", "k", "x", 3, 5)
+    again = rebuild_error(error_info(conflict))
+    assert isinstance(again, VersionConflictError)
+    assert (again.store, again.key1, again.key2, again.expected, again.actual) == (
+        "s",
+        "k",
+        "x",
+        3,
+        5,
+    )
+    assert str(again) == str(conflict)
+    misfit = RecordSchemaError("s", "k", None, "s['k'].a: expected int", ".a")
+    again = rebuild_error(error_info(misfit))
+    assert isinstance(again, RecordSchemaError)
+    assert again.path == (".a",)
+    assert str(again) == str(misfit)

@@ -45,15 +45,22 @@ class VersionConflictError(StorageError):
         expected: int | None,
         actual: int | None,
     ) -> None:
+        # args are the constructor's, so the error rebuilds intact when it crosses
+        # an actor call (the caller sees this type, with these attributes)
+        super().__init__(store, key1, key2, expected, actual)
         self.store = store
         self.key1 = key1
         self.key2 = key2
         self.expected = expected
         self.actual = actual
-        row = describe_key(store, key1, key2)
-        stated = "that the row is new" if expected is None else f"version {expected}"
-        found = "the row does not exist" if actual is None else f"it is at version {actual}"
-        super().__init__(
+
+    def __str__(self) -> str:
+        row = describe_key(self.store, self.key1, self.key2)
+        stated = "that the row is new" if self.expected is None else f"version {self.expected}"
+        found = (
+            "the row does not exist" if self.actual is None else f"it is at version {self.actual}"
+        )
+        return (
             f"version conflict on {row}: the write stated {stated} but {found} "
             "(another writer changed it since you read it); load the row again, "
             "re-apply your change and save with the version you loaded"
@@ -68,15 +75,17 @@ class RecordSchemaError(StorageError):
     migrate the rows.
     """
 
-    def __init__(
-        self, store: str, key1: str, key2: str | None, detail: str, path: tuple[str, ...] = ()
-    ) -> None:
+    def __init__(self, store: str, key1: str, key2: str | None, detail: str, *path: str) -> None:
+        super().__init__(store, key1, key2, detail, *path)
         self.store = store
         self.key1 = key1
         self.key2 = key2
+        self.detail = detail
         self.path = path
-        super().__init__(
-            f"stored row {detail}; the row was written with another shape of the record "
+
+    def __str__(self) -> str:
+        return (
+            f"stored row {self.detail}; the row was written with another shape of the record "
             "type: give new fields a default, keep removed fields until every row is "
             "rewritten, or migrate the row"
         )

@@ -279,7 +279,7 @@ class RecordStore(Generic[T]):
         try:
             value = self._codec.from_wire(plain, where)
         except ArgumentTypeError as exc:
-            raise RecordSchemaError(self.name, key1, k2, str(exc), exc.path) from None
+            raise RecordSchemaError(self.name, key1, k2, str(exc), *exc.path) from None
         return Row(key1, k2, version, value)
 
     # ------------------------------------------------------------ operations
