@@ -14,6 +14,7 @@ import argparse
 import os
 import socket
 import sys
+from abc import abstractmethod
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -49,21 +50,29 @@ class StaticDirectory:
 
 
 class IEcho(ActorInterface):
+    @abstractmethod
     async def echo(self, text: str) -> str: ...
 
+    @abstractmethod
     async def add(self, a: int, b: int) -> int: ...
 
+    @abstractmethod
     async def sleep(self, seconds: float) -> str: ...
 
+    @abstractmethod
     async def fail(self, message: str) -> str: ...
 
+    @abstractmethod
     async def where(self) -> int: ...
 
+    @abstractmethod
     async def cancelled_count(self) -> int: ...
 
+    @abstractmethod
     @one_way
     async def poke(self, text: str) -> None: ...
 
+    @abstractmethod
     async def pokes(self) -> list[str]: ...
 
 
@@ -102,12 +111,15 @@ class Echo(IEcho, ActorBase):
 
 
 class IAlpha(ActorInterface):
+    @abstractmethod
     async def start(self, depth: int) -> list[int]: ...
 
+    @abstractmethod
     async def back(self) -> int: ...
 
 
 class IBeta(ActorInterface):
+    @abstractmethod
     async def bounce(self, key: str) -> list[int]: ...
 
 

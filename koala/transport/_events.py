@@ -85,7 +85,7 @@ def _fail(message: str) -> None:
 
 
 def _check_u64(name: str, value: object) -> None:
-    if type(value) is not int or not 0 <= value < _U64:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < _U64:
         _fail(f"{name} must be an unsigned 64-bit integer, got {value!r}")
 
 
