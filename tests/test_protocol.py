@@ -493,12 +493,12 @@ def test_short_secret_is_refused() -> None:
         lambda: Request(1, 2**64, 1.0, "T", "k", "I", "m"),
         lambda: Request(1, 0, float("nan"), "T", "k", "I", "m"),
         lambda: Request(1, 0, 1.0, "", "k", "I", "m"),
-        lambda: Request(1, 0, 1.0, "T", 1.5, "I", "m"),
-        lambda: Request(1, 0, 1.0, "T", "k", "I", "m", one_way=1),
+        lambda: Request(1, 0, 1.0, "T", 1.5, "I", "m"),  # type: ignore[arg-type]
+        lambda: Request(1, 0, 1.0, "T", "k", "I", "m", one_way=1),  # type: ignore[arg-type]
         lambda: Response(1, "x", ErrorInfo(ErrorCode.APPLICATION, "a:B", "m")),
         lambda: Hello(1, "c", "n", "", b"short"),
-        lambda: ClientOpened(1, "T", "k", {"a": 1}),
-        lambda: ClientMessage(1, "not bytes"),
+        lambda: ClientOpened(1, "T", "k", {"a": 1}),  # type: ignore[dict-item]
+        lambda: ClientMessage(1, "not bytes"),  # type: ignore[arg-type]
         lambda: Ping(-1),
     ],
 )
