@@ -19,8 +19,14 @@ from collections.abc import Awaitable, Callable
 import anyio
 from anyio.abc import ByteStream, TaskGroup, TaskStatus
 
-from .._errors import HostUnavailableError, KoalaError
-from .._messages import ErrorCode, ErrorInfo, error_info
+from .._errors import (
+    ActorNotFoundError,
+    ArgumentTypeError,
+    HostUnavailableError,
+    KoalaError,
+    OverloadedError,
+)
+from .._messages import ErrorCode, error_info
 from .._messages import Request as CallRequest
 from .._messages import Response as CallResponse
 from ._config import TransportConfig
@@ -240,14 +246,16 @@ class Channel:
         rid = ev.request_id
         handler = self._handler()
         if rid in self._serving:
-            self._reply(rid, ErrorCode.BAD_REQUEST, f"request id {rid} is already in flight")
+            self._reply(rid, ArgumentTypeError(f"request id {rid} is already in flight"))
         elif handler is None:
-            self._reply(rid, ErrorCode.NOT_FOUND, "this node serves no actors")
+            self._reply(rid, ActorNotFoundError("this node serves no actors"))
         elif len(self._serving) >= self.config.max_in_flight:
             self._reply(
                 rid,
-                ErrorCode.OVERLOADED,
-                f"the connection has {len(self._serving)} requests in flight (max_in_flight)",
+                OverloadedError(
+                    f"the connection from node {self.peer.peer_node_id} has "
+                    f"{len(self._serving)} requests in flight (max_in_flight); retry later"
+                ),
             )
         else:
             scope = anyio.CancelScope()
@@ -255,9 +263,9 @@ class Channel:
             assert self._tg is not None
             self._tg.start_soon(self._serve, ev, handler, scope)
 
-    def _reply(self, rid: int, code: ErrorCode, message: str) -> None:
-        info = ErrorInfo(code, f"koala:{code.name}", message)
-        self._enqueue_nowait(self.conn.send(Response(rid, None, info)))
+    def _reply(self, rid: int, exc: Exception) -> None:
+        """Refuse a request without running it (the code says it was not run)."""
+        self._enqueue_nowait(self.conn.send(Response(rid, None, error_info(exc))))
 
     async def _serve(self, ev: Request, handler: Handler, scope: anyio.CancelScope) -> None:
         rid = ev.request_id
@@ -302,9 +310,9 @@ class Channel:
         if self.closed:
             raise NotSent(self.close_reason)
         if len(self._pending) >= self.config.max_in_flight:
-            raise NotSent(
+            raise OverloadedError(
                 f"{len(self._pending)} calls are in flight on the connection to {self.name} "
-                "(max_in_flight)"
+                "(max_in_flight); retry later"
             )
         rid = next(self._ids)
         timeout = max(0.0, req.deadline - anyio.current_time())

@@ -1,0 +1,418 @@
+"""The transport over real loopback TCP, on every backend, nodes in one process."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import pytest
+from anyio.abc import ByteStream, SocketStream
+
+from koala import ConfigError, HostUnavailableError, OverloadedError, Runtime
+from koala._proxy import make_proxy
+from koala.transport import (
+    NEED_DATA,
+    ClientMessage,
+    CloseCode,
+    Connection,
+    ConnectionClosed,
+    Event,
+    HandshakeComplete,
+    Request,
+    Role,
+    Transport,
+)
+from koala.transport._remote import is_loopback, split_address
+from koala.transport._wire import encode
+from tests._transport_helpers import (
+    SECRET,
+    Echo,
+    IAlpha,
+    IEcho,
+    free_port,
+    node,
+    transport_config,
+)
+
+pytestmark = pytest.mark.anyio
+
+# A bound for "at once": far below every deadline in these tests, never a speed claim.
+PROMPTLY = 8.0
+
+
+def echo(rt: Runtime, key: str = "e") -> IEcho:
+    return make_proxy(IEcho, key, rt)
+
+
+async def wait_until(check: Callable[[], bool]) -> None:
+    with anyio.fail_after(PROMPTLY):
+        while not check():
+            await anyio.sleep(0.01)
+
+
+@asynccontextmanager
+async def two_nodes(
+    server_cfg: dict[str, Any] | None = None, client_cfg: dict[str, Any] | None = None
+) -> AsyncIterator[tuple[Runtime, Transport, Runtime, Transport]]:
+    """Node 2 hosts Echo and Beta; node 1 hosts Alpha and calls node 2."""
+    async with node(config=transport_config(**(server_cfg or {}))) as (rt2, t2, d2):
+        placements = {"Echo": t2.address, "Beta": t2.address}
+        async with node(placements, config=transport_config(**(client_cfg or {}))) as (
+            rt1,
+            t1,
+            _,
+        ):
+            d2.placements["Alpha"] = t1.address
+            yield rt1, t1, rt2, t2
+
+
+@asynccontextmanager
+async def raw_client(address: str) -> AsyncIterator[tuple[SocketStream, Connection]]:
+    """A bare socket that completes the handshake by hand."""
+    host, port = split_address(address)
+    async with await anyio.connect_tcp(host, port) as stream:
+        conn = Connection(Role.CLIENT, cluster_id="koala", node_id="raw")
+        await stream.send(conn.initiate())
+        while True:
+            ev = conn.next_event()
+            if isinstance(ev, HandshakeComplete):
+                await stream.send(conn.data_to_send())
+                break
+            assert ev is NEED_DATA, ev
+            conn.receive_data(await stream.receive())
+        yield stream, conn
+
+
+async def read_until_closed(stream: ByteStream, conn: Connection) -> ConnectionClosed:
+    """Events until the server closes; the CLOSE it sent, as ConnectionClosed."""
+    with anyio.fail_after(PROMPTLY):
+        while True:
+            ev = conn.next_event()
+            if isinstance(ev, ConnectionClosed):
+                return ev
+            if ev is NEED_DATA:
+                try:
+                    data = await stream.receive()
+                except (anyio.EndOfStream, anyio.BrokenResourceError):
+                    data = b""
+                conn.receive_data(data or None)
+
+
+async def until_dropped(stream: ByteStream) -> None:
+    """Read until the server drops the connection (whatever it sent before)."""
+    with anyio.fail_after(PROMPTLY):
+        try:
+            while True:
+                await stream.receive()
+        except (anyio.EndOfStream, anyio.BrokenResourceError):
+            return
+
+
+@asynccontextmanager
+async def fake_peer(
+    behaviour: Callable[[SocketStream, Connection], Awaitable[None]],
+) -> AsyncIterator[str]:
+    """A listener that completes the handshake, then runs ``behaviour``."""
+
+    async def serve(stream: SocketStream) -> None:
+        conn = Connection(Role.SERVER, cluster_id="koala", node_id="fake")
+        async with stream:
+            while True:
+                ev = conn.next_event()
+                out = conn.data_to_send()
+                if out:
+                    await stream.send(out)
+                if isinstance(ev, HandshakeComplete):
+                    break
+                if ev is NEED_DATA:
+                    conn.receive_data(await stream.receive())
+            await behaviour(stream, conn)
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, serve)
+        bound: Any = listener.extra(anyio.abc.SocketAttribute.local_address)
+        yield f"{bound[0]}:{bound[1]}"
+        tg.cancel_scope.cancel()
+
+
+async def receive_request(stream: SocketStream, conn: Connection) -> Request:
+    while True:
+        ev = conn.next_event()
+        if isinstance(ev, Request):
+            return ev
+        if ev is NEED_DATA:
+            conn.receive_data(await stream.receive())
+
+
+# ---------------------------------------------------------------- calls
+
+
+async def test_remote_call_returns_the_result() -> None:
+    async with two_nodes() as (rt1, _, _, _):
+        assert await echo(rt1).echo("hello") == "hello"
+        assert await echo(rt1).add(2, 3) == 5
+
+
+async def test_remote_error_keeps_type_message_and_traceback() -> None:
+    async with two_nodes() as (rt1, _, _, _):
+        with pytest.raises(ValueError, match="boom") as info:
+            await echo(rt1).fail("boom")
+        assert "raise ValueError(message)" in getattr(info.value, "remote_traceback", "")
+
+
+async def test_many_concurrent_requests_share_one_connection() -> None:
+    async with two_nodes() as (rt1, t1, _, t2):
+        results: dict[int, int] = {}
+
+        async def one(i: int) -> None:
+            results[i] = await echo(rt1, f"k{i % 7}").add(i, i)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(300):
+                tg.start_soon(one, i)
+        assert results == {i: 2 * i for i in range(300)}
+        assert t1.statistics().connects == 1
+        assert t1.statistics().connections == 1
+        assert t2.statistics().connections == 1
+
+
+async def test_reentrancy_across_nodes() -> None:
+    async with two_nodes() as (rt1, _, _, t2):
+        pids = await make_proxy(IAlpha, "a", rt1).start(1)
+        assert len(pids) == 3
+        # node 2 called node 1 back over the connection node 1 opened
+        assert t2.statistics().connects == 0
+
+
+async def test_one_way_call_is_delivered() -> None:
+    Echo.poked.clear()
+    async with two_nodes() as (rt1, _, _, _):
+        await echo(rt1).poke("x")  # returns once sent
+        await wait_until(lambda: Echo.poked == ["x"])
+
+
+async def test_result_decoding_uses_the_annotation() -> None:
+    async with two_nodes() as (rt1, _, _, _):
+        assert await echo(rt1).pokes() == list(Echo.poked)
+
+
+# ---------------------------------------------------------------- deadlines and cancel
+
+
+async def test_cancel_crosses_the_wire_and_cancels_the_remote_turn() -> None:
+    async with two_nodes() as (rt1, _, _, t2):
+        before = Echo.cancelled
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(echo(rt1).sleep, 60.0)
+            await wait_until(lambda: t2.statistics().serving == 1)
+            tg.cancel_scope.cancel()
+        await wait_until(lambda: Echo.cancelled == before + 1)
+        await wait_until(lambda: t2.statistics().serving == 0)
+
+
+async def test_remaining_deadline_travels() -> None:
+    async with two_nodes() as (rt1, _, _, t2):
+        before = Echo.cancelled
+        with pytest.raises(TimeoutError):
+            with anyio.fail_after(0.5):
+                await echo(rt1).sleep(60.0)
+        await wait_until(lambda: Echo.cancelled == before + 1)
+        await wait_until(lambda: t2.statistics().serving == 0)
+
+
+# ---------------------------------------------------------------- failures
+
+
+async def test_peer_dying_fails_pending_calls_at_once() -> None:
+    async def die_mid_call(stream: SocketStream, conn: Connection) -> None:
+        await receive_request(stream, conn)
+        await anyio.aclose_forcefully(stream)
+
+    async with fake_peer(die_mid_call) as address, node({"Echo": address}) as (rt1, _, _):
+        with anyio.fail_after(PROMPTLY):  # the call's own deadline is 60 s
+            with pytest.raises(HostUnavailableError, match="may have run"):
+                await echo(rt1).sleep(60.0)
+
+
+async def test_heartbeat_detects_a_silent_peer() -> None:
+    async def go_silent(stream: SocketStream, conn: Connection) -> None:
+        await anyio.sleep_forever()
+
+    cfg = transport_config(heartbeat_interval=0.1, heartbeat_timeout=0.5)
+    async with fake_peer(go_silent) as address, node({"Echo": address}, config=cfg) as (rt, *_):
+        with anyio.fail_after(PROMPTLY):
+            with pytest.raises(HostUnavailableError, match="heartbeat"):
+                await echo(rt).sleep(60.0)
+
+
+async def test_unreachable_host_fails_fast_then_backs_off() -> None:
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    cfg = transport_config(reconnect_min=5.0, reconnect_max=10.0)
+    async with node({"Echo": address}, config=cfg) as (rt1, t1, _):
+        with pytest.raises(HostUnavailableError, match="cannot be reached"):
+            await echo(rt1).echo("x")
+        with pytest.raises(HostUnavailableError, match="next attempt"):
+            await echo(rt1).echo("x")
+        assert t1.statistics().failed_connects == 1
+
+
+async def test_reconnects_after_the_peer_comes_back() -> None:
+    port = free_port()
+    async with node({"Echo": f"127.0.0.1:{port}"}) as (rt1, t1, _):
+        async with node(listen=("127.0.0.1", port)):
+            assert await echo(rt1).echo("a") == "a"
+        with pytest.raises(HostUnavailableError):
+            await echo(rt1).echo("b")
+        async with node(listen=("127.0.0.1", port)):
+            with anyio.fail_after(PROMPTLY):
+                while True:
+                    try:
+                        assert await echo(rt1).echo("c") == "c"
+                        break
+                    except HostUnavailableError:
+                        await anyio.sleep(0.02)
+        assert t1.statistics().connects == 2
+
+
+async def test_malformed_frame_closes_only_that_connection() -> None:
+    async with two_nodes() as (rt1, _, _, t2):
+        assert await echo(rt1).echo("before") == "before"
+        async with raw_client(t2.address) as (stream, conn):
+            await stream.send(struct.pack(">I", 3) + b"\xff\xff\xff")
+            closed = await read_until_closed(stream, conn)
+        assert closed.code == CloseCode.PROTOCOL_ERROR
+        assert "not valid CBOR" in closed.reason
+        assert await echo(rt1).echo("after") == "after"
+        await wait_until(lambda: t2.statistics().connections == 1)
+
+
+async def test_oversized_frame_is_refused_from_its_prefix() -> None:
+    async with two_nodes(server_cfg={"max_frame_size": 4096}) as (rt1, _, _, t2):
+        async with raw_client(t2.address) as (stream, conn):
+            await stream.send(struct.pack(">I", 1 << 30))  # 1 GiB announced, never sent
+            closed = await read_until_closed(stream, conn)
+        assert closed.code == CloseCode.FRAME_TOO_LARGE
+        assert await echo(rt1).echo("still") == "still"
+        await wait_until(lambda: t2.statistics().connections == 1)
+
+
+async def test_garbage_before_the_handshake_is_dropped() -> None:
+    async with two_nodes() as (rt1, _, _, t2):
+        host, port = split_address(t2.address)
+        async with await anyio.connect_tcp(host, port) as stream:
+            await stream.send(b"\x00\x00\x00\x05garbage and more garbage")
+            await until_dropped(stream)
+        assert await echo(rt1).echo("fine") == "fine"
+        assert t2.statistics().refused_connections == 1
+
+
+async def test_handshake_timeout_closes_a_mute_connection() -> None:
+    async with two_nodes(server_cfg={"handshake_timeout": 0.2}) as (_, _, _, t2):
+        host, port = split_address(t2.address)
+        async with await anyio.connect_tcp(host, port) as stream:
+            conn = Connection(Role.CLIENT, cluster_id="koala", node_id="mute")
+            conn.initiate()  # never sent
+            closed = await read_until_closed(stream, conn)
+        assert closed.code == CloseCode.HANDSHAKE_TIMEOUT
+
+
+async def test_wrong_secret_is_refused() -> None:
+    server = {"secret": SECRET}
+    client = {"secret": "a-different-secret-0123456789"}
+    async with two_nodes(server, client) as (rt1, _, _, t2):
+        with pytest.raises(HostUnavailableError, match="secret"):
+            await echo(rt1).echo("x")
+        assert t2.statistics().connections == 0
+
+
+async def test_failed_authentication_invokes_nothing() -> None:
+    Echo.poked.clear()
+    async with two_nodes(server_cfg={"secret": SECRET}) as (_, _, _, t2):
+        host, port = split_address(t2.address)
+        async with await anyio.connect_tcp(host, port) as stream:
+            conn = Connection(Role.CLIENT, cluster_id="koala", node_id="intruder")
+            hello = conn.initiate()
+            forged_auth = struct.pack(">I", 35) + b"\x82\x02\x58\x20" + b"\0" * 32
+            poke = Request(1, 1, 5.0, "Echo", "e", "IEcho", "poke", ["pwned"], True)
+            body = encode(poke)
+            await stream.send(hello)
+            await stream.send(forged_auth + struct.pack(">I", len(body)) + body)
+            await until_dropped(stream)
+        await anyio.sleep(0.1)
+        assert Echo.poked == []
+        assert t2.statistics().refused_connections == 1
+
+
+async def test_matching_secret_works() -> None:
+    async with two_nodes({"secret": SECRET}, {"secret": SECRET}) as (rt1, _, _, _):
+        assert await echo(rt1).echo("ok") == "ok"
+
+
+async def test_listening_on_a_public_address_needs_a_secret() -> None:
+    async with Transport(transport_config()) as t:
+        with pytest.raises(ConfigError, match="KOALA_CLUSTER_SECRET"):
+            await t.listen("0.0.0.0", 0)
+
+
+async def test_listeners_bind_loopback_by_default() -> None:
+    async with Transport(transport_config()) as t:
+        address = await t.listen()
+        assert split_address(address)[0] == "127.0.0.1"
+
+
+async def test_server_side_in_flight_bound() -> None:
+    async with two_nodes(server_cfg={"max_in_flight": 2}) as (rt1, *_):
+        outcomes: list[str] = []
+
+        async def one(i: int) -> None:
+            try:
+                await echo(rt1, f"s{i}").sleep(0.5)
+                outcomes.append("ok")
+            except OverloadedError:
+                outcomes.append("overloaded")
+
+        async with anyio.create_task_group() as tg:
+            for i in range(4):
+                tg.start_soon(one, i)
+        assert sorted(outcomes) == ["ok", "ok", "overloaded", "overloaded"]
+
+
+async def test_gateway_messages_reach_the_event_handler() -> None:
+    seen: list[Event] = []
+    async with two_nodes() as (_, t1, _, t2):
+        t2.on_event = lambda ch, ev: seen.append(ev)
+        ch = await t1.channel(t2.address)
+        await ch.send_event(ClientMessage(3, b"\x01\x02"))
+        await wait_until(lambda: seen == [ClientMessage(3, b"\x01\x02")])
+
+
+async def test_go_away_marks_the_peer_draining() -> None:
+    async with two_nodes() as (rt1, t1, _, t2):
+        ch = await t1.channel(t2.address)
+        await t2.go_away()
+        await wait_until(lambda: ch.peer_draining)
+        assert await echo(rt1).echo("still served") == "still served"
+
+
+async def test_nothing_leaks_after_many_connections() -> None:
+    async with two_nodes() as (_, _, _, t2):
+        for _ in range(10):
+            async with raw_client(t2.address) as (stream, conn):
+                await stream.send(b"\xff" * 8)
+                await read_until_closed(stream, conn)
+        await wait_until(lambda: t2.statistics().connections == 0)
+        assert t2.statistics().serving == 0
+
+
+def test_is_loopback() -> None:
+    assert is_loopback("127.0.0.1")
+    assert is_loopback("::1")
+    assert is_loopback("::ffff:127.0.0.1")
+    assert is_loopback("localhost")
+    assert not is_loopback("10.0.0.1")
+    assert not is_loopback("0.0.0.0")
+    assert not is_loopback("example.com")
