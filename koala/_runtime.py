@@ -128,6 +128,7 @@ class Runtime:
         self._buckets: dict[int, set[Activation]] = {}
         self._queued = 0
         self._inflight = 0
+        self.now = 0.0  # a coarse clock (updated by the collector) for idle bookkeeping
         self._running = False
         self._draining = False
         self._stopping = False
@@ -148,6 +149,7 @@ class Runtime:
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         self._running = True
+        self.now = anyio.current_time()
         self._token = _current_runtime.set(self)
         _process_runtime.append(self)
         self._tg.start_soon(self._collector)
@@ -257,6 +259,12 @@ class Runtime:
         host = self.directory.lookup(impl.actor_type, key)
         if host is None:
             host = await self.directory.resolve(impl.actor_type, key)
+        if host == LOCAL:
+            args = spec.copy_args(args)
+            if not spec.one_way:
+                act = self._catalog.get((impl.actor_type, key))
+                if act is not None and act.can_run_inline(chain):
+                    return await act.run_inline(spec, chain, args)
         deadline = anyio.current_effective_deadline()
         own_deadline = deadline == math.inf
         if own_deadline:
@@ -273,17 +281,7 @@ class Runtime:
             spec.one_way,
         )
         if host != LOCAL:
-            if self.remote is None:
-                raise HostUnavailableError(
-                    f"{impl.actor_type}/{key!r} lives on host {host!r}, and this runtime has "
-                    "no transport to reach it"
-                )
-            req.args = tuple(spec.encode_args(args))
-            if own_deadline:
-                with anyio.fail_after(self.config.default_timeout):
-                    return await self.remote.call(host, req, spec)
-            return await self.remote.call(host, req, spec)
-        req.args = spec.copy_args(args)
+            return await self._invoke_remote(host, req, spec, own_deadline)
         call = Call(self, req, spec)
         self._deliver_local(call, impl)
         if spec.one_way:
@@ -309,6 +307,20 @@ class Runtime:
         if call.error is not None:
             raise rebuild_error(call.error)
         return call.result
+
+    async def _invoke_remote(
+        self, host: str, req: Request, spec: MethodSpec, own_deadline: bool
+    ) -> Any:
+        if self.remote is None:
+            raise HostUnavailableError(
+                f"{req.actor_type}/{req.key!r} lives on host {host!r}, and this runtime has "
+                "no transport to reach it"
+            )
+        req.args = tuple(spec.encode_args(req.args))
+        if own_deadline:
+            with anyio.fail_after(self.config.default_timeout):
+                return await self.remote.call(host, req, spec)
+        return await self.remote.call(host, req, spec)
 
     async def serve_request(self, req: Request) -> Response | None:
         """Run a request that came over the wire; its args and the answer are CBOR data.
@@ -403,7 +415,7 @@ class Runtime:
         quantum = self.config.collection_interval
         while True:
             await anyio.sleep(quantum)
-            now = anyio.current_time()
+            now = self.now = anyio.current_time()
             for act in [a for a in self._waiting if now - a.last_used >= quantum]:
                 act.linger_exit = True
                 act._wake()

@@ -71,6 +71,14 @@ async def test_a_b_c_a() -> None:
             assert result == ["A", "B", "C", "A", "B"]
 
 
+async def test_deep_chains_do_not_exhaust_the_stack() -> None:
+    # Past MAX_INLINE_DEPTH nested turns, calls go through mailboxes (fresh tasks).
+    async with local_runtime(NodeImpl):
+        with anyio.fail_after(10):
+            result = await get_rpc_proxy(INode, "A").ping_back("B", 150)
+    assert result == ">".join(["A", "B"] * 75 + ["A"])
+
+
 async def test_unrelated_callers_queue() -> None:
     _log.clear()
     _gates[1] = anyio.Event()
