@@ -611,3 +611,22 @@ def test_errors_rebuild_intact_across_an_actor_call() -> None:
     assert isinstance(again, RecordSchemaError)
     assert again.path == (".a",)
     assert str(again) == str(misfit)
+
+
+async def test_first_use_from_many_tasks_opens_once(storage_url: str) -> None:
+    storage = Storage(storage_url, max_connections=3)
+    store = storage.store(fresh(), Small)
+
+    async def create(i: int) -> None:
+        await store.save(str(i), Small(i), version=None)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for i in range(10):
+                tg.start_soon(create, i)
+        assert [r.value for i in range(10) for r in await store.load_all(str(i))] == [
+            Small(i) for i in range(10)
+        ]
+        assert storage.statistics().open_connections <= 3
+    finally:
+        await storage.aclose()

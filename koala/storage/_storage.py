@@ -109,6 +109,7 @@ class Storage:
             busy_timeout=DEFAULT_BUSY_TIMEOUT,
         )
         self._lock = threading.Lock()
+        self._open_lock = threading.Lock()
         self._state = "new"  # new -> open -> closed -> open ...
         self._limiter: tuple[object, anyio.CapacityLimiter] | None = None
 
@@ -169,17 +170,30 @@ class Storage:
     # ------------------------------------------------------------ running engine calls
 
     def _ensure_open(self) -> None:
-        """Runs where the engine runs (a worker thread for blocking engines)."""
-        with self._lock:
-            if self._state == "open":
-                return
-            if self._state == "closed":
+        """Runs where the engine runs (a worker thread for blocking engines).
+
+        Connecting may take seconds, so it happens under ``_open_lock``, which only
+        worker threads wait on; ``_lock`` (also taken on the event loop) is held only
+        for a moment.
+        """
+        if self._state == "open":
+            return
+        with self._open_lock:
+            with self._lock:
+                state = self._state
+            if state == "new":
+                self._engine.open()
+                with self._lock:
+                    if self._state == "new":
+                        self._state = "open"
+                    state = self._state
+                if state == "closed":  # closed while we connected
+                    self._engine.close()
+            if state == "closed":
                 raise StorageClosedError(
                     f"{self!r} was closed; open it again with `async with storage:` "
                     "or `await storage.open()`"
                 )
-            self._engine.open()
-            self._state = "open"
 
     def _call(self, fn: Callable[..., R], *args: Any) -> R:
         self._ensure_open()
