@@ -299,8 +299,9 @@ class Activation:
 
     def can_run_inline(self, chain: int) -> bool:
         """True when a caller may run its turn in its own task right now: the activation
-        is valid and free (no turn, nothing queued), or held by the caller's own chain."""
-        if self.state is not State.VALID:
+        is valid (or just created) and free (no turn, nothing queued), or held by the
+        caller's own chain."""
+        if self.state is not State.VALID and self.state is not State.CREATING:
             return False
         held = self.chain
         if held is None:
@@ -328,7 +329,7 @@ class Activation:
                 with anyio.CancelScope(
                     deadline=anyio.current_time() + rt.config.default_timeout
                 ) as scope:
-                    result = await getattr(self.instance, spec.name)(*args)
+                    result = await self._inline_body(spec, args)
                 if scope.cancelled_caught:
                     raise rebuild_error(
                         rejection(
@@ -345,7 +346,7 @@ class Activation:
                     )
                 )
             else:
-                result = await getattr(self.instance, spec.name)(*args)
+                result = await self._inline_body(spec, args)
         except Exception as exc:
             if getattr(exc, "error_code", None) is None:
                 raise rebuild_error(error_info(exc)) from None
@@ -359,10 +360,39 @@ class Activation:
             if rt._inflight == 0 and rt._draining:
                 rt._drained.set()
             if outer is None:
-                self.last_used = rt.now
-                if self.mailbox or self.deactivate_asap:
-                    self._wake()
+                if self.state is State.INVALID:  # its activation failed
+                    self._requeue_leftovers()
+                else:
+                    self.last_used = rt.now
+                    if self.mailbox or self.deactivate_asap:
+                        self._wake()
         return spec.result.check(result, f"the result of {spec.qualname}")
+
+    def _inline_body(self, spec: MethodSpec, args: tuple[Any, ...]) -> Awaitable[Any]:
+        if self.state is State.CREATING:
+            return self._activate_inline(spec, args)
+        return getattr(self.instance, spec.name)(*args)  # type: ignore[no-any-return]
+
+    async def _activate_inline(self, spec: MethodSpec, args: tuple[Any, ...]) -> Any:
+        """First call to a new activation, in the caller's task: on_activate, then the call."""
+        rt = self.runtime
+        self.state = State.ACTIVATING
+        try:
+            instance = self.impl.__new__(self.impl)
+            instance._koala_activation = self
+            instance.__init__()  # type: ignore[misc]
+            self.instance = instance
+            await instance.on_activate()
+        except BaseException:
+            log.warning("activation of %s/%r failed", self.ident[0], self.key, exc_info=True)
+            self.state = State.INVALID
+            self._stop_timers()
+            rt._forget(self)
+            raise
+        self.state = State.VALID
+        self.last_used = rt.now
+        rt._schedule_collection(self)
+        return await getattr(instance, spec.name)(*args)
 
     async def _primary_turn(self, call: Call) -> None:
         req = call.req

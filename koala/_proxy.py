@@ -42,9 +42,13 @@ class _ProxyBase:
 def _method(spec: MethodSpec) -> Callable[..., Coroutine[Any, Any, Any]]:
     from ._runtime import current_runtime
 
+    nparams = spec.nparams
+
     async def call(self: Any, *args: Any, **kwargs: Any) -> Any:
         rt = self._rt or current_runtime()
-        return await rt.invoke(spec, self._iface, self._key, spec.bind(args, kwargs))
+        if kwargs or len(args) != nparams:
+            args = spec.bind(args, kwargs)
+        return await rt.invoke(spec, self._iface, self._key, args)
 
     call.__name__ = spec.name
     call.__qualname__ = f"{spec.interface.__name__}Proxy.{spec.name}"

@@ -120,6 +120,7 @@ class Runtime:
     ) -> None:
         self.config = config or HostConfig()
         self.directory: Directory = directory or LocalDirectory()
+        self._local_only = isinstance(self.directory, LocalDirectory)
         self.remote = remote
         self._actors = list(actors) if actors is not None else None
         self._impls: dict[type[ActorInterface], type[ActorBase]] = {}
@@ -256,13 +257,19 @@ class Runtime:
                     "this host is shutting down and accepts no new calls; retry on another host"
                 )
             chain = new_chain_id()
-        host = self.directory.lookup(impl.actor_type, key)
-        if host is None:
-            host = await self.directory.resolve(impl.actor_type, key)
+        if self._local_only:
+            host = LOCAL
+        else:
+            host = self.directory.lookup(impl.actor_type, key) or await self.directory.resolve(
+                impl.actor_type, key
+            )
         if host == LOCAL:
             args = spec.copy_args(args)
             if not spec.one_way:
-                act = self._catalog.get((impl.actor_type, key))
+                ident = (impl.actor_type, key)
+                act = self._catalog.get(ident)
+                if act is None and not self._stopping:
+                    act = self._catalog[ident] = Activation(self, impl, key)
                 if act is not None and act.can_run_inline(chain):
                     return await act.run_inline(spec, chain, args)
         deadline = anyio.current_effective_deadline()
