@@ -1,9 +1,10 @@
 """One open connection to a peer node: calls out, calls in, heartbeats, one writer.
 
-A :class:`Channel` runs three tasks over one byte stream: the reader (bytes ->
-protocol events -> dispatch), the writer (drains a bounded queue of frames and writes
-each burst with one ``send``), and the heartbeat (PING every interval; a peer silent for
-``heartbeat_timeout`` is dead). Requests both ways are matched by id. When the
+A :class:`Channel` runs two tasks over one byte stream: the reader (bytes -> protocol
+events -> dispatch) and the heartbeat (PING every interval; a peer silent for
+``heartbeat_timeout`` is dead). Frames go through one bounded queue; the first task
+that finds no writer busy writes the queue, joining the frames queued meanwhile into
+one ``send``. Requests both ways are matched by id. When the
 connection ends for any reason every pending call fails at once: with
 :class:`HostUnavailableError` if its frame may have reached the peer, or with
 :class:`NotSent` (safe to retry elsewhere) if it was still queued here.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable
 
 import anyio
@@ -97,9 +99,9 @@ class Channel:
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
         self._serving: dict[int, anyio.CancelScope] = {}
-        self._tx, self._rx = anyio.create_memory_object_stream[tuple[bytes, int]](
-            config.write_queue_size
-        )
+        self._outbox: deque[tuple[bytes, int]] = deque()  # frames to write, request id
+        self._writing = False  # a task is writing the outbox right now
+        self._space: anyio.Event | None = None  # set when a full outbox drains
         self._tg: TaskGroup | None = None
         self.closed = False
         self.close_reason = ""
@@ -125,7 +127,6 @@ class Channel:
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
-                tg.start_soon(self._writer)
                 tg.start_soon(self._heartbeat)
                 task_status.started()
                 await self._reader()
@@ -169,11 +170,12 @@ class Channel:
             else:
                 p.error = NotSent(self.close_reason)
             p.done.set()
-        self._tx.close()
-        self._rx.close()
+        self._outbox.clear()
+        if self._space is not None:
+            self._space.set()
         with anyio.CancelScope(shield=True):
             with anyio.move_on_after(1.0):
-                if self._close_frame:
+                if self._close_frame and not self._writing:
                     with contextlib.suppress(Exception):
                         await self.stream.send(self._close_frame)
             await anyio.aclose_forcefully(self.stream)
@@ -261,7 +263,7 @@ class Channel:
             scope = anyio.CancelScope()
             self._serving[rid] = scope
             assert self._tg is not None
-            self._tg.start_soon(self._serve, ev, handler, scope)
+            self._tg.start_soon(self._serve, ev, handler, scope, name="koala-serve")
 
     def _reply(self, rid: int, exc: Exception) -> None:
         """Refuse a request without running it (the code says it was not run)."""
@@ -355,46 +357,68 @@ class Channel:
     # ------------------------------------------------------------ writing
 
     async def _enqueue(self, data: bytes, rid: int = 0) -> None:
-        try:
-            self._tx.send_nowait((data, rid))
-        except anyio.WouldBlock:
-            await self._tx.send((data, rid))
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            raise NotSent(self.close_reason) from None
+        """Queue a frame; if no task is writing, write the queue now, in this task.
+
+        Whoever finds the writer idle becomes the writer and also writes what other
+        tasks queue meanwhile, so a lone call costs no task switch and a burst of
+        frames goes out in a few large sends.
+        """
+        outbox = self._outbox
+        while len(outbox) >= self.config.write_queue_size and not self.closed:
+            if self._space is None:
+                self._space = anyio.Event()
+            await self._space.wait()
+        if self.closed:
+            raise NotSent(self.close_reason)
+        outbox.append((data, rid))
+        if not self._writing:
+            self._writing = True
+            try:
+                with anyio.CancelScope(shield=True):  # a frame is never half written
+                    await self._drain()
+            finally:
+                self._writing = False
 
     def _enqueue_nowait(self, data: bytes) -> None:
-        """Queue a control frame; if the queue is full the peer is not reading: close."""
-        try:
-            self._tx.send_nowait((data, 0))
-        except anyio.WouldBlock:
+        """Queue a control frame from synchronous code; a full queue closes the
+        connection (the peer is not reading)."""
+        if self.closed:
+            return
+        if len(self._outbox) >= self.config.write_queue_size:
             self._stop(CloseCode.OVERLOADED, "the write queue is full: the peer is not reading")
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            pass
+            return
+        self._outbox.append((data, 0))
+        if not self._writing and self._tg is not None:
+            self._writing = True
+            self._tg.start_soon(self._drain_task, name="koala-write")
 
-    async def _writer(self) -> None:
-        rx, stream, pending = self._rx, self.stream, self._pending
+    async def _drain_task(self) -> None:
         try:
-            async for data, rid in rx:
-                batch = [data]
-                size = len(data)
+            await self._drain()
+        finally:
+            self._writing = False
+
+    async def _drain(self) -> None:
+        outbox, pending, stream = self._outbox, self._pending, self.stream
+        while outbox and not self.closed:
+            batch: list[bytes] = []
+            size = 0
+            while outbox and size < COALESCE_BYTES:
+                data, rid = outbox.popleft()
+                batch.append(data)
+                size += len(data)
                 if rid:
                     p = pending.get(rid)
                     if p is not None:
-                        p.written = True
-                while size < COALESCE_BYTES:
-                    try:
-                        data, rid = rx.receive_nowait()
-                    except anyio.WouldBlock:
-                        break
-                    batch.append(data)
-                    size += len(data)
-                    if rid:
-                        p = pending.get(rid)
-                        if p is not None:
-                            p.written = True
+                        p.written = True  # from here on it may reach the peer
+            if self._space is not None:
+                self._space.set()
+                self._space = None
+            try:
                 await stream.send(batch[0] if len(batch) == 1 else b"".join(batch))
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-            self._stop(CloseCode.NORMAL, f"the connection broke: {exc!r}", send_close=False)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                self._stop(CloseCode.NORMAL, f"the connection broke: {exc!r}", send_close=False)
+                return
 
     # ------------------------------------------------------------ liveness
 
