@@ -267,6 +267,9 @@ class Activation:
             if self.state is State.CREATING and not await self._activate():
                 return
             while True:
+                if self.chain is None and self.state is State.DEACTIVATING:
+                    await self._deactivate()  # what is queued goes to a fresh activation
+                    return
                 mb = self.mailbox
                 if mb and self.chain is None:
                     call = mb.popleft()
@@ -364,6 +367,8 @@ class Activation:
                     self._requeue_leftovers()
                 else:
                     self.last_used = rt.now
+                    if self.deactivate_asap and self.state is State.VALID:
+                        self.state = State.DEACTIVATING  # the next call gets a fresh one
                     if self.mailbox or self.deactivate_asap:
                         self._wake()
         return spec.result.check(result, f"the result of {spec.qualname}")

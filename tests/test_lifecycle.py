@@ -133,6 +133,15 @@ async def test_deactivate_on_idle_ends_the_activation_after_the_turn() -> None:
         assert rt.statistics().activations == 0
 
 
+async def test_next_call_after_deactivate_on_idle_gets_a_fresh_activation() -> None:
+    async with local_runtime(LifeImpl, idle_timeout=60):
+        proxy = get_rpc_proxy(ILife, "n")
+        assert await proxy.generation() == 1
+        await proxy.go_away()
+        assert await proxy.generation() == 2
+    assert log.index("deactivate-end n") < log.index("activate n", log.index("deactivate-end n"))
+
+
 async def test_delay_deactivation_keeps_an_idle_activation() -> None:
     async with local_runtime(LifeImpl) as rt:
         await get_rpc_proxy(ILife, "k").stay(0.6)
