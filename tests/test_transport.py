@@ -416,3 +416,71 @@ def test_is_loopback() -> None:
     assert not is_loopback("10.0.0.1")
     assert not is_loopback("0.0.0.0")
     assert not is_loopback("example.com")
+
+
+class _GatedStream(anyio.abc.ByteStream):
+    """Wraps a stream: every send hangs until the stream is closed; counts sends."""
+
+    def __init__(self, inner: ByteStream, *, hang: bool) -> None:
+        self.inner = inner
+        self.hang = hang
+        self.sends = 0
+        self.closed = anyio.Event()
+
+    async def send(self, item: bytes) -> None:
+        self.sends += 1
+        if self.hang:
+            await self.closed.wait()
+            raise anyio.ClosedResourceError
+        await self.inner.send(item)
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        return await self.inner.receive(max_bytes)
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        self.closed.set()
+        await self.inner.aclose()
+
+
+async def test_a_burst_of_frames_is_coalesced_into_few_sends() -> None:
+    async with two_nodes() as (rt1, t1, _, t2):
+        assert await echo(rt1).echo("warm") == "warm"
+        ch = await t1.channel(t2.address)
+        counting = _GatedStream(ch.stream, hang=False)
+        ch.stream = counting
+
+        async def one(i: int) -> None:
+            assert await echo(rt1, f"c{i}").add(i, 1) == i + 1
+
+        async with anyio.create_task_group() as tg:
+            for i in range(200):
+                tg.start_soon(one, i)
+        assert counting.sends < 100  # 200 request frames
+
+
+async def test_a_request_that_never_left_is_retried_one_that_may_have_run_is_not() -> None:
+    async with two_nodes() as (rt1, t1, _, t2):
+        assert await echo(rt1).echo("warm") == "warm"
+        ch = await t1.channel(t2.address)
+        ch.stream = _GatedStream(ch.stream, hang=True)
+        outcomes: dict[str, object] = {}
+
+        async def call(name: str) -> None:
+            try:
+                outcomes[name] = await echo(rt1).echo(name)
+            except HostUnavailableError as exc:
+                outcomes[name] = exc
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call, "first")  # its frame is being written: may reach the peer
+            await wait_until(lambda: ch.pending == 1)
+            tg.start_soon(call, "second")  # queued behind it: surely never sent
+            await wait_until(lambda: ch.pending == 2)
+            ch.close("closed by the test")
+        assert isinstance(outcomes["first"], HostUnavailableError)
+        assert "may have run" in str(outcomes["first"])
+        assert outcomes["second"] == "second"  # sent again on a new connection
+        assert t1.statistics().connects == 2
