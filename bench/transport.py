@@ -58,6 +58,9 @@ class _Directory:
     async def resolve(self, actor_type: str, key: Key) -> str:
         return self.address
 
+    def forget(self, actor_type: str, key: Key) -> None:
+        pass
+
 
 def _run(func: Callable[..., Awaitable[Any]], backend: str, *args: Any) -> Any:
     name = "trio" if backend == "trio" else "asyncio"

@@ -45,6 +45,9 @@ class StaticDirectory:
         assert host is not None
         return host
 
+    def forget(self, actor_type: str, key: Key) -> None:
+        """Nothing is cached: placements here never change."""
+
 
 # ---------------------------------------------------------------- actors
 
