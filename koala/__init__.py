@@ -14,6 +14,7 @@ from ._errors import OverloadedError as OverloadedError
 from ._errors import RemoteError as RemoteError
 from ._errors import RuntimeNotRunningError as RuntimeNotRunningError
 from ._errors import ShuttingDownError as ShuttingDownError
+from ._errors import WrongHostError as WrongHostError
 from ._interface import ActorInterface as ActorInterface
 from ._interface import one_way as one_way
 from ._proxy import get_rpc_proxy as get_rpc_proxy
@@ -39,6 +40,7 @@ __all__ = [
     "RuntimeStatistics",
     "ShuttingDownError",
     "TimerHandle",
+    "WrongHostError",
     "current_runtime",
     "get_rpc_proxy",
     "one_way",

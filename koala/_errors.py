@@ -43,6 +43,10 @@ class HostUnavailableError(KoalaError):
     """The host that holds the actor cannot be reached (it died or is unreachable)."""
 
 
+class WrongHostError(KoalaError):
+    """The actor is not placed on the host that was asked; the caller re-resolves it."""
+
+
 class RemoteError(KoalaError):
     """An actor raised an exception whose type is not importable here.
 

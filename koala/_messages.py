@@ -102,6 +102,7 @@ _CODE_OF: dict[type[BaseException], ErrorCode] = {
     _errors.ActorNotFoundError: ErrorCode.NOT_FOUND,
     _errors.ArgumentTypeError: ErrorCode.BAD_REQUEST,
     _errors.HostUnavailableError: ErrorCode.UNAVAILABLE,
+    _errors.WrongHostError: ErrorCode.WRONG_HOST,
 }
 
 _PLAIN = (type(None), bool, int, float, str, bytes)
@@ -114,6 +115,7 @@ _TYPE_OF: dict[ErrorCode, type[BaseException]] = {
     ErrorCode.NOT_FOUND: _errors.ActorNotFoundError,
     ErrorCode.BAD_REQUEST: _errors.ArgumentTypeError,
     ErrorCode.UNAVAILABLE: _errors.HostUnavailableError,
+    ErrorCode.WRONG_HOST: _errors.WrongHostError,
 }
 
 

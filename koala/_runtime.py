@@ -27,6 +27,7 @@ from ._errors import (
     HostUnavailableError,
     RuntimeNotRunningError,
     ShuttingDownError,
+    WrongHostError,
 )
 from ._interface import ActorInterface, MethodSpec, interfaces_of
 from ._messages import (
@@ -60,6 +61,7 @@ def current_runtime() -> Runtime:
 
 
 LOCAL = "local"
+WRONG_HOST_RETRIES = 3
 
 
 class Directory(Protocol):
@@ -73,6 +75,9 @@ class Directory(Protocol):
     def lookup(self, actor_type: str, key: Key) -> str | None: ...
 
     async def resolve(self, actor_type: str, key: Key) -> str: ...
+
+    def forget(self, actor_type: str, key: Key) -> None:
+        """Drop a cached answer that proved wrong (the host said "wrong host")."""
 
 
 class RemoteDelivery(Protocol):
@@ -94,6 +99,9 @@ class LocalDirectory:
 
     async def resolve(self, actor_type: str, key: Key) -> str:
         return LOCAL
+
+    def forget(self, actor_type: str, key: Key) -> None:
+        pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,22 +299,22 @@ class Runtime:
             return await self._invoke_remote(host, req, spec, own_deadline)
         call = Call(self, req, spec)
         self._deliver_local(call, impl)
+        if own_deadline:
+            with anyio.CancelScope(deadline=deadline):
+                return await self._await_call(call, spec)
+            raise TimeoutError(
+                f"{spec.qualname} on {impl.actor_type}/{key!r} got no answer within "
+                f"the default timeout of {self.config.default_timeout} s"
+            )
+        return await self._await_call(call, spec)
+
+    async def _await_call(self, call: Call, spec: MethodSpec) -> Any:
+        """Wait for a delivered call's answer; a caller that gives up cancels it."""
         if spec.one_way:
             return None
-        done = call.done
-        assert done is not None
+        assert call.done is not None
         try:
-            if own_deadline:
-                with anyio.CancelScope(deadline=deadline):
-                    await done.wait()
-                if not call.answered:
-                    call.cancel()
-                    raise TimeoutError(
-                        f"{spec.qualname} on {impl.actor_type}/{key!r} got no answer within "
-                        f"the default timeout of {self.config.default_timeout} s"
-                    )
-            else:
-                await done.wait()
+            await call.done.wait()
         except BaseException:
             if not call.answered:
                 call.cancel()
@@ -326,7 +334,24 @@ class Runtime:
         req.args = tuple(spec.encode_args(req.args))
         if own_deadline:
             with anyio.fail_after(self.config.default_timeout):
+                return await self._send_remote(host, req, spec)
+        return await self._send_remote(host, req, spec)
+
+    async def _send_remote(self, host: str, req: Request, spec: MethodSpec) -> Any:
+        """Send to ``host``; on "wrong host" (a stale placement) re-resolve and retry,
+        a bounded number of times. A wrong-host answer proves the request did not run."""
+        assert self.remote is not None
+        for _ in range(WRONG_HOST_RETRIES):
+            try:
                 return await self.remote.call(host, req, spec)
+            except WrongHostError:
+                self.directory.forget(req.actor_type, req.key)
+                host = await self.directory.resolve(req.actor_type, req.key)
+                if host == LOCAL:
+                    req.args = spec.decode_args(req.args)
+                    call = Call(self, req, spec)
+                    self._deliver_local(call, self.impl_for(spec.interface))
+                    return await self._await_call(call, spec)
         return await self.remote.call(host, req, spec)
 
     async def serve_request(self, req: Request) -> Response | None:
@@ -339,7 +364,16 @@ class Runtime:
         try:
             if self._draining and req.chain_id not in self._live_chains():
                 raise ShuttingDownError("this host is shutting down; retry on another host")
-            _interface, impl, spec = self._target_of(req)
+            _, impl, spec = self._target_of(req)
+            if not self._local_only:
+                owner = self.directory.lookup(req.actor_type, req.key)
+                if owner is None:
+                    owner = await self.directory.resolve(req.actor_type, req.key)
+                if owner != LOCAL:
+                    raise WrongHostError(
+                        f"{req.actor_type}/{req.key!r} is not placed on this host "
+                        f"(it is on {owner}); refresh the placement and retry"
+                    )
             req.args = spec.decode_args(req.args)
             call = Call(self, req, spec)
             self._deliver_local(call, impl)

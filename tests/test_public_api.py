@@ -25,6 +25,7 @@ def test_public_names() -> None:
         "RuntimeStatistics",
         "ShuttingDownError",
         "TimerHandle",
+        "WrongHostError",
         "current_runtime",
         "get_rpc_proxy",
         "one_way",
