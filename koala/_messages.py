@@ -134,6 +134,15 @@ def error_info(exc: BaseException, code: ErrorCode | None = None) -> ErrorInfo:
             exc.remote_message,
             exc.remote_traceback,
         )
+    remote_tb = getattr(exc, "remote_traceback", None)
+    if isinstance(remote_tb, str):  # rebuilt from another turn: keep the original story
+        return ErrorInfo(
+            code or getattr(exc, "error_code", None) or ErrorCode.APPLICATION,
+            f"{type(exc).__module__}:{type(exc).__qualname__}",
+            str(exc),
+            remote_tb,
+            tuple(exc.args) if all(isinstance(a, _PLAIN) for a in exc.args) else (),
+        )
     cls = type(exc)
     tb = "".join(traceback.format_exception(exc))
     if code is None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from types import TracebackType
@@ -132,6 +132,8 @@ class Runtime:
         self.remote = remote
         self._actors = list(actors) if actors is not None else None
         self._impls: dict[type[ActorInterface], type[ActorBase]] = {}
+        self._targets: dict[tuple[str, str, str], tuple[type[ActorBase], MethodSpec]] = {}
+        self.drain_hooks: list[Callable[[], Awaitable[None]]] = []
         self._catalog: dict[tuple[str, Key], Activation] = {}
         self._waiting: set[Activation] = set()
         self._buckets: dict[int, set[Activation]] = {}
@@ -194,6 +196,12 @@ class Runtime:
         grace = self.config.shutdown_grace if grace is None else grace
         deadline = anyio.current_time() + grace
         self._draining = True
+        for hook in self.drain_hooks:  # e.g. the transport tells peers (GOAWAY)
+            try:
+                with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
+                    await hook()
+            except Exception:
+                log.exception("a drain hook failed")
         if self._inflight:
             with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
                 await self._drained.wait()
@@ -357,14 +365,22 @@ class Runtime:
     async def serve_request(self, req: Request) -> Response | None:
         """Run a request that came over the wire; its args and the answer are CBOR data.
 
-        The transport calls this in a task per request and cancels that task when the
-        peer sends a cancel; ``req.deadline`` is already on this process's clock. Returns
-        None for one-way requests.
+        The transport calls this in a task per request, under a cancel scope with the
+        request's deadline (``req.deadline``, on this process's clock), and cancels it when
+        the peer sends a cancel. A free activation runs the turn right here (as local
+        calls do); otherwise the request queues. Returns None for one-way requests.
         """
+        token = _current_runtime.set(self)
+        try:
+            return await self._serve(req)
+        finally:
+            _current_runtime.reset(token)
+
+    async def _serve(self, req: Request) -> Response | None:
         try:
             if self._draining and req.chain_id not in self._live_chains():
                 raise ShuttingDownError("this host is shutting down; retry on another host")
-            _, impl, spec = self._target_of(req)
+            impl, spec = self._target_of(req)
             if not self._local_only:
                 owner = self.directory.lookup(req.actor_type, req.key)
                 if owner is None:
@@ -375,6 +391,14 @@ class Runtime:
                         f"(it is on {owner}); refresh the placement and retry"
                     )
             req.args = spec.decode_args(req.args)
+            if not req.one_way:
+                ident = (req.actor_type, req.key)
+                act = self._catalog.get(ident)
+                if act is None and not self._stopping:
+                    act = self._catalog[ident] = Activation(self, impl, req.key)
+                if act is not None and act.can_run_inline(req.chain_id):
+                    result = await act.run_inline(spec, req.chain_id, req.args)
+                    return Response(req.request_id, spec.result.to_wire(result))
             call = Call(self, req, spec)
             self._deliver_local(call, impl)
         except Exception as exc:
@@ -397,18 +421,22 @@ class Runtime:
     def _live_chains(self) -> set[int]:
         return {a.chain for a in self._catalog.values() if a.chain is not None}
 
-    def _target_of(self, req: Request) -> tuple[type[ActorInterface], type[ActorBase], MethodSpec]:
-        """Interface, implementation and method named by a wire request (only interface
-        methods are callable)."""
+    def _target_of(self, req: Request) -> tuple[type[ActorBase], MethodSpec]:
+        """Implementation and method named by a wire request (only interface methods
+        are callable). Cached per (interface, actor type, method)."""
+        target = (req.interface, req.actor_type, req.method)
+        found = self._targets.get(target)
+        if found is not None:
+            return found
         for iface in self._served_interfaces():
             if iface.__name__ == req.interface:
                 impl = self.impl_for(iface)
-                if impl.actor_type != req.actor_type:
-                    continue
                 spec = iface.__koala_methods__.get(req.method)
-                if spec is None:
-                    break
-                return iface, impl, spec
+                if impl.actor_type != req.actor_type or spec is None:
+                    continue
+                if len(self._targets) < 10_000:
+                    self._targets[target] = (impl, spec)
+                return impl, spec
         raise ActorNotFoundError(
             f"this host serves no {req.interface}.{req.method} for actor type {req.actor_type}"
         )

@@ -260,7 +260,8 @@ class Channel:
                 ),
             )
         else:
-            scope = anyio.CancelScope()
+            # the turn runs under the request's deadline: no second scope is needed
+            scope = anyio.CancelScope(deadline=anyio.current_time() + ev.timeout)
             self._serving[rid] = scope
             assert self._tg is not None
             self._tg.start_soon(self._serve, ev, handler, scope, name="koala-serve")
