@@ -1,0 +1,67 @@
+"""`make bench`: every benchmark, each figure beside the floor measured in the same run.
+
+    python -m bench [--quick] [--loop asyncio|uvloop|trio ...] [--skip storage ...]
+
+Runs, per event-loop backend, the in-process workloads (bench.inprocess), the
+cross-process ones (bench.transport) and the storage ones (bench.storage), each suite
+in its own process so one does not warm or bloat another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+LOOPS = ("asyncio", "uvloop", "trio")
+
+
+def _python(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", *args], capture_output=True, text=True, check=False, timeout=1800
+    )
+
+
+def inprocess(loop: str, quick: bool) -> str:
+    args = ["bench.inprocess", "--loop", loop, "--json"] + (["--quick"] if quick else [])
+    proc = _python(*args)
+    if proc.returncode:
+        return f"  in-process suite failed:\n{proc.stderr}"
+    rows: list[dict[str, Any]] = json.loads(proc.stdout)
+    lines = [f"  {'workload':42} {'koala':>12} {'floor':>12} {'ratio':>6}  unit"]
+    for r in rows:
+        floor = f"{r['floor']:,.0f}" if r["floor"] else "-"
+        ratio = f"{r['ratio']:.2f}" if r["ratio"] else "-"
+        lines.append(
+            f"  {r['workload']:42} {r['koala']:>12,.0f} {floor:>12} {ratio:>6}  {r['unit']}"
+        )
+    return "\n".join(lines)
+
+
+def passthrough(module: str, loop: str, quick: bool, flag: str) -> str:
+    proc = _python(module, flag, loop, *(["--quick"] if quick else []))
+    out = proc.stdout.strip() or proc.stderr.strip()
+    return "\n".join("  " + line for line in out.splitlines())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer iterations: a smoke run")
+    parser.add_argument("--loop", action="append", choices=LOOPS)
+    parser.add_argument("--skip", action="append", default=[], choices=["transport", "storage"])
+    args = parser.parse_args()
+    print(f"Koala benchmarks on {os.cpu_count()} cores; figures beside floors from the same run")
+    for loop in args.loop or LOOPS:
+        print(f"\n=== {loop}")
+        print(inprocess(loop, args.quick), flush=True)
+        if "transport" not in args.skip:
+            print(passthrough("bench.transport", loop, args.quick, "--backend"), flush=True)
+        if "storage" not in args.skip:
+            print(passthrough("bench.storage", loop, args.quick, "--loop"), flush=True)
+
+
+if __name__ == "__main__":
+    main()
