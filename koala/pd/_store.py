@@ -1,0 +1,269 @@
+"""The placement driver's store: a small typed key-value interface with leases.
+
+Two implementations behave the same (one contract test suite runs against both):
+:class:`~koala.pd.EtcdStore` (etcd's v3 JSON gateway, the cluster's consensus store)
+and :class:`MemoryStore` (one process, for ``koala pd --store memory`` and tests).
+
+The operations are exactly what the PD needs: read a key or a prefix, write, create a
+key only if it is absent (returning whoever won), compare-and-swap on a key's
+modification revision, delete, and leases (grant, keep alive, revoke, time to live)
+whose expiry deletes the keys attached to them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+import anyio
+
+from .._errors import ConfigError, KoalaError
+
+MAX_KEY_SIZE = 4096
+MAX_LEASE_TTL = 9_000_000_000  # etcd's own limit (seconds)
+
+
+class StoreError(KoalaError):
+    """The store refused an operation (bad input, or a failure it reported)."""
+
+
+class StoreUnavailableError(StoreError):
+    """The store cannot be reached or did not answer in time; try again later."""
+
+
+class LeaseNotFoundError(StoreError):
+    """The lease does not exist (it expired or was revoked): register again."""
+
+
+@dataclass(frozen=True, slots=True)
+class KeyValue:
+    """One key as stored: its value, revisions (etcd's meaning) and lease (0: none)."""
+
+    key: str
+    value: bytes
+    create_revision: int
+    mod_revision: int
+    version: int
+    lease: int = 0
+
+
+class Store(Protocol):
+    """What the placement driver needs from its consensus store.
+
+    Every call either completes or raises :class:`StoreError` within the store's
+    timeout; :class:`StoreUnavailableError` means the outcome of a write is unknown.
+    """
+
+    async def get(self, key: str) -> KeyValue | None:
+        """The key, or None if absent."""
+        ...
+
+    async def get_prefix(self, prefix: str, *, limit: int = 0) -> list[KeyValue]:
+        """Keys starting with ``prefix`` in key order (at most ``limit``; 0: all)."""
+        ...
+
+    async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
+        """Write the key (bound to ``lease`` if not 0); the store's new revision."""
+        ...
+
+    async def create(self, key: str, value: bytes, *, lease: int = 0) -> tuple[bool, KeyValue]:
+        """Create the key only if absent, atomically; (created, the key as stored now).
+
+        If the key exists it is returned unchanged (the earlier writer won)."""
+        ...
+
+    async def replace(self, key: str, value: bytes, *, mod_revision: int, lease: int = 0) -> bool:
+        """Write the key only if its mod revision is ``mod_revision`` (0: only if absent)."""
+        ...
+
+    async def delete(self, key: str) -> bool:
+        """Delete the key; True if it existed."""
+        ...
+
+    async def grant(self, ttl: int) -> int:
+        """A new lease of ``ttl`` seconds; its id."""
+        ...
+
+    async def keep_alive(self, lease: int) -> int:
+        """Restart the lease's countdown; its TTL. LeaseNotFoundError if it is gone."""
+        ...
+
+    async def time_to_live(self, lease: int) -> int | None:
+        """Seconds left on the lease, or None if it is gone."""
+        ...
+
+    async def revoke(self, lease: int) -> bool:
+        """End the lease now, deleting its keys; False if it was already gone."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections."""
+        ...
+
+
+def check_key(key: str) -> None:
+    if not isinstance(key, str) or not key:
+        raise StoreError(f"a store key must be a non-empty string, got {key!r}")
+    if len(key.encode()) > MAX_KEY_SIZE:
+        raise StoreError(f"a store key must be at most {MAX_KEY_SIZE} bytes")
+
+
+def check_ttl(ttl: int) -> None:
+    if isinstance(ttl, bool) or not isinstance(ttl, int) or not 1 <= ttl <= MAX_LEASE_TTL:
+        raise StoreError(f"a lease TTL must be a whole number of seconds >= 1, got {ttl!r}")
+
+
+def check_timeout(timeout: float) -> None:
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise ConfigError(f"the store timeout must be a number of seconds, got {timeout!r}")
+    if not math.isfinite(timeout) or timeout <= 0:
+        raise ConfigError(f"the store timeout must be positive, got {timeout!r}")
+
+
+@dataclass(slots=True)
+class _Lease:
+    ttl: int
+    expires: float
+    keys: set[str]
+
+
+class MemoryStore:
+    """The store in this process's memory, with etcd's semantics (revisions, leases).
+
+    Leases expire on this process's clock; expiry is applied lazily, before each
+    operation, so an expired lease's keys are never seen. Lease ids start at a fixed
+    base so they look like etcd's (large, non-zero).
+    """
+
+    def __init__(self) -> None:
+        self._data: dict[str, KeyValue] = {}
+        self._leases: dict[int, _Lease] = {}
+        self._revision = 1
+        self._next_lease = 7_000_000_000_000_000_001
+
+    def _expire(self) -> None:
+        now = anyio.current_time()
+        for lease_id, lease in list(self._leases.items()):
+            if lease.expires <= now:
+                self._drop_lease(lease_id)
+
+    def _drop_lease(self, lease_id: int) -> None:
+        lease = self._leases.pop(lease_id)
+        if lease.keys:
+            self._revision += 1
+            for key in lease.keys:
+                self._data.pop(key, None)
+
+    def _write(self, key: str, value: bytes, lease: int) -> int:
+        if lease and lease not in self._leases:
+            raise LeaseNotFoundError(f"lease {lease} not found (it expired or was revoked)")
+        self._revision += 1
+        old = self._data.get(key)
+        if old is not None and old.lease and old.lease in self._leases:
+            self._leases[old.lease].keys.discard(key)
+        if old is None:
+            kv = KeyValue(key, bytes(value), self._revision, self._revision, 1, lease)
+        else:
+            kv = replace(
+                old,
+                value=bytes(value),
+                mod_revision=self._revision,
+                version=old.version + 1,
+                lease=lease,
+            )
+        self._data[key] = kv
+        if lease:
+            self._leases[lease].keys.add(key)
+        return self._revision
+
+    async def get(self, key: str) -> KeyValue | None:
+        check_key(key)
+        await anyio.lowlevel.checkpoint()
+        self._expire()
+        return self._data.get(key)
+
+    async def get_prefix(self, prefix: str, *, limit: int = 0) -> list[KeyValue]:
+        check_key(prefix)
+        await anyio.lowlevel.checkpoint()
+        self._expire()
+        found = sorted(
+            (kv for k, kv in self._data.items() if k.startswith(prefix)), key=lambda kv: kv.key
+        )
+        return found[:limit] if limit > 0 else found
+
+    async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
+        check_key(key)
+        await anyio.lowlevel.checkpoint()
+        self._expire()
+        return self._write(key, value, lease)
+
+    async def create(self, key: str, value: bytes, *, lease: int = 0) -> tuple[bool, KeyValue]:
+        check_key(key)
+        await anyio.lowlevel.checkpoint()
+        self._expire()
+        existing = self._data.get(key)
+        if existing is not None:
+            return False, existing
+        self._write(key, value, lease)
+        return True, self._data[key]
+
+    async def replace(self, key: str, value: bytes, *, mod_revision: int, lease: int = 0) -> bool:
+        check_key(key)
+        await anyio.lowlevel.checkpoint()
+        self._expire()
+        existing = self._data.get(key)
+        current = existing.mod_revision if existing is not None else 0
+        if current != mod_revision:
+            return False
+        self._write(key, value, lease)
+        return True
+
+    async def delete(self, key: str) -> bool:
+        check_key(key)
+        await anyio.lowlevel.checkpoint()
+        self._expire()
+        old = self._data.pop(key, None)
+        if old is None:
+            return False
+        self._revision += 1
+        if old.lease in self._leases:
+            self._leases[old.lease].keys.discard(key)
+        return True
+
+    async def grant(self, ttl: int) -> int:
+        check_ttl(ttl)
+        await anyio.lowlevel.checkpoint()
+        self._expire()
+        lease_id = self._next_lease
+        self._next_lease += 1
+        self._leases[lease_id] = _Lease(ttl, anyio.current_time() + ttl, set())
+        return lease_id
+
+    async def keep_alive(self, lease: int) -> int:
+        await anyio.lowlevel.checkpoint()
+        self._expire()
+        found = self._leases.get(lease)
+        if found is None:
+            raise LeaseNotFoundError(f"lease {lease} not found (it expired or was revoked)")
+        found.expires = anyio.current_time() + found.ttl
+        return found.ttl
+
+    async def time_to_live(self, lease: int) -> int | None:
+        await anyio.lowlevel.checkpoint()
+        self._expire()
+        found = self._leases.get(lease)
+        if found is None:
+            return None
+        return max(0, math.ceil(found.expires - anyio.current_time()))
+
+    async def revoke(self, lease: int) -> bool:
+        await anyio.lowlevel.checkpoint()
+        self._expire()
+        if lease not in self._leases:
+            return False
+        self._drop_lease(lease)
+        return True
+
+    async def aclose(self) -> None:
+        await anyio.lowlevel.checkpoint()

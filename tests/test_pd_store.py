@@ -1,0 +1,277 @@
+"""One contract for the placement driver's store: etcd (real, via its JSON gateway) and
+memory behave the same. Every test here runs against both, on every backend."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import AsyncIterator, Iterator
+
+import anyio
+import pytest
+
+from koala import ConfigError
+from koala.pd import (
+    EtcdStore,
+    LeaseNotFoundError,
+    MemoryStore,
+    Store,
+    StoreError,
+    StoreUnavailableError,
+)
+from tests._etcd import etcd_url, free_port, unique_prefix
+
+__all__ = ["etcd_url"]  # the fixture, imported for pytest
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=["memory", "etcd"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    etcd = EtcdStore(request.getfixturevalue("etcd_url"), timeout=5.0)
+    try:
+        yield etcd
+    finally:
+        await etcd.aclose()
+
+
+@pytest.fixture
+def p() -> str:
+    return unique_prefix("store")
+
+
+async def wait_until_gone(store: Store, key: str, within: float = 6.0) -> None:
+    with anyio.fail_after(within):
+        while await store.get(key) is not None:
+            await anyio.sleep(0.05)
+
+
+async def test_put_then_get(store: Store, p: str) -> None:
+    assert await store.get(p + "a") is None
+    rev = await store.put(p + "a", b"\x00\xffbinary")
+    kv = await store.get(p + "a")
+    assert kv is not None
+    assert (kv.key, kv.value, kv.version, kv.lease) == (p + "a", b"\x00\xffbinary", 1, 0)
+    assert kv.create_revision == kv.mod_revision == rev
+
+
+async def test_overwrite_keeps_create_revision_and_counts_versions(store: Store, p: str) -> None:
+    first = await store.put(p + "k", b"1")
+    second = await store.put(p + "k", b"2")
+    assert second > first
+    kv = await store.get(p + "k")
+    assert kv is not None
+    assert (kv.value, kv.create_revision, kv.mod_revision, kv.version) == (b"2", first, second, 2)
+
+
+async def test_empty_value(store: Store, p: str) -> None:
+    await store.put(p + "e", b"")
+    kv = await store.get(p + "e")
+    assert kv is not None
+    assert kv.value == b""
+
+
+async def test_prefix_in_key_order_with_limit(store: Store, p: str) -> None:
+    for name in ["b", "a", "c/d", "c"]:
+        await store.put(p + name, name.encode())
+    await store.put(p[:-1] + "x", b"outside")  # shares the text but not the prefix
+    keys = [kv.key for kv in await store.get_prefix(p)]
+    assert keys == [p + "a", p + "b", p + "c", p + "c/d"]
+    assert [kv.key for kv in await store.get_prefix(p, limit=2)] == [p + "a", p + "b"]
+    assert await store.get_prefix(p + "zzz") == []
+
+
+async def test_create_only_if_absent_returns_the_winner(store: Store, p: str) -> None:
+    created, kv = await store.create(p + "c", b"first")
+    assert created
+    assert kv.value == b"first"
+    created, kv = await store.create(p + "c", b"second")
+    assert not created
+    assert kv.value == b"first"
+    stored = await store.get(p + "c")
+    assert stored is not None
+    assert stored.value == b"first"
+
+
+async def test_concurrent_creates_have_exactly_one_winner(store: Store, p: str) -> None:
+    results: list[tuple[bool, bytes]] = []
+
+    async def contender(i: int) -> None:
+        created, kv = await store.create(p + "race", str(i).encode())
+        results.append((created, kv.value))
+
+    async with anyio.create_task_group() as tg:
+        for i in range(20):
+            tg.start_soon(contender, i)
+    winners = [value for created, value in results if created]
+    assert len(winners) == 1
+    assert {value for _, value in results} == {winners[0]}
+
+
+async def test_replace_compares_the_mod_revision(store: Store, p: str) -> None:
+    assert await store.replace(p + "r", b"1", mod_revision=0)  # 0: only if absent
+    assert not await store.replace(p + "r", b"x", mod_revision=0)
+    kv = await store.get(p + "r")
+    assert kv is not None
+    assert await store.replace(p + "r", b"2", mod_revision=kv.mod_revision)
+    assert not await store.replace(p + "r", b"3", mod_revision=kv.mod_revision)  # stale
+    now = await store.get(p + "r")
+    assert now is not None
+    assert now.value == b"2"
+
+
+async def test_delete(store: Store, p: str) -> None:
+    await store.put(p + "d", b"1")
+    assert await store.delete(p + "d")
+    assert not await store.delete(p + "d")
+    assert await store.get(p + "d") is None
+    created, _ = await store.create(p + "d", b"again")
+    assert created
+
+
+async def test_lease_binds_keys_and_revoke_deletes_them(store: Store, p: str) -> None:
+    lease = await store.grant(30)
+    assert lease != 0
+    await store.put(p + "l1", b"1", lease=lease)
+    created, kv = await store.create(p + "l2", b"2", lease=lease)
+    assert created
+    assert kv.lease == lease
+    assert await store.keep_alive(lease) == 30
+    left = await store.time_to_live(lease)
+    assert left is not None
+    assert 0 < left <= 30
+    assert await store.revoke(lease)
+    assert await store.get(p + "l1") is None
+    assert await store.get(p + "l2") is None
+    assert not await store.revoke(lease)
+    assert await store.time_to_live(lease) is None
+    with pytest.raises(LeaseNotFoundError):
+        await store.keep_alive(lease)
+
+
+async def test_writes_on_a_dead_lease_fail(store: Store, p: str) -> None:
+    lease = await store.grant(30)
+    await store.revoke(lease)
+    with pytest.raises(LeaseNotFoundError):
+        await store.put(p + "x", b"1", lease=lease)
+    with pytest.raises(LeaseNotFoundError):
+        await store.create(p + "x", b"1", lease=lease)
+    assert await store.get(p + "x") is None
+    # a create that loses to an existing key does not look at its lease
+    await store.put(p + "y", b"there")
+    created, kv = await store.create(p + "y", b"mine", lease=lease)
+    assert not created
+    assert kv.value == b"there"
+
+
+async def test_rebinding_a_key_moves_it_to_the_new_lease(store: Store, p: str) -> None:
+    old, new = await store.grant(30), await store.grant(30)
+    await store.put(p + "m", b"1", lease=old)
+    await store.put(p + "m", b"2", lease=new)
+    await store.revoke(old)
+    kv = await store.get(p + "m")
+    assert kv is not None
+    assert (kv.value, kv.lease) == (b"2", new)
+    await store.revoke(new)
+    assert await store.get(p + "m") is None
+
+
+async def test_an_expired_lease_takes_its_keys(store: Store, p: str) -> None:
+    lease = await store.grant(1)
+    await store.put(p + "e", b"1", lease=lease)
+    await store.put(p + "stays", b"1")
+    await wait_until_gone(store, p + "e")
+    assert await store.time_to_live(lease) is None
+    with pytest.raises(LeaseNotFoundError):
+        await store.keep_alive(lease)
+    assert await store.get(p + "stays") is not None
+
+
+async def test_keep_alive_holds_a_lease(store: Store, p: str) -> None:
+    lease = await store.grant(1)
+    await store.put(p + "h", b"1", lease=lease)
+    for _ in range(6):  # 1.8 s: well past the TTL
+        await anyio.sleep(0.3)
+        await store.keep_alive(lease)
+    assert await store.get(p + "h") is not None
+    await store.revoke(lease)
+
+
+async def test_bad_input_is_a_clear_error(store: Store) -> None:
+    with pytest.raises(StoreError, match="non-empty"):
+        await store.get("")
+    with pytest.raises(StoreError, match="TTL"):
+        await store.grant(0)
+    with pytest.raises(StoreError, match="TTL"):
+        await store.grant(True)
+
+
+# ---------------------------------------------------------------- etcd only
+
+
+async def test_unreachable_etcd_is_a_clear_error() -> None:
+    store = EtcdStore(f"http://127.0.0.1:{free_port()}", timeout=2.0)
+    try:
+        with anyio.fail_after(10), pytest.raises(StoreUnavailableError, match="cannot be reached"):
+            await store.get("/k")
+    finally:
+        await store.aclose()
+
+
+@pytest.fixture
+def silent_server() -> Iterator[int]:
+    """A TCP server that accepts connections and never answers."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        sock.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                held.append(sock.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield int(sock.getsockname()[1])
+    stop.set()
+    thread.join()
+    for conn in held:
+        conn.close()
+    sock.close()
+
+
+async def test_silent_etcd_times_out_instead_of_hanging(silent_server: int) -> None:
+    store = EtcdStore(f"http://127.0.0.1:{silent_server}", timeout=0.5)
+    try:
+        with anyio.fail_after(10), pytest.raises(StoreUnavailableError):
+            await store.keep_alive(1)
+    finally:
+        await store.aclose()
+
+
+async def test_second_endpoint_is_used_when_the_first_is_down(etcd_url: str, p: str) -> None:
+    store = EtcdStore(f"http://127.0.0.1:{free_port()},{etcd_url}", timeout=2.0)
+    try:
+        await store.put(p + "two", b"ok")
+        kv = await store.get(p + "two")
+        assert kv is not None
+        assert kv.value == b"ok"
+    finally:
+        await store.aclose()
+
+
+def test_bad_etcd_urls_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match="http://"):
+        EtcdStore("127.0.0.1:2379")
+    with pytest.raises(ConfigError, match="empty"):
+        EtcdStore(" , ")
+    with pytest.raises(ConfigError, match="timeout"):
+        EtcdStore("http://127.0.0.1:2379", timeout=0)
