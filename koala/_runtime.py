@@ -214,6 +214,29 @@ class Runtime:
         if self._catalog:
             log.warning("%d activations did not deactivate within the grace", len(self._catalog))
 
+    async def evict_all(self, grace: float) -> int:
+        """Deactivate every activation, starting no new one until they are gone (or
+        ``grace`` passes); the number left. Calls queued meanwhile fail as not run.
+
+        A host that lost its placement lease fences itself with this, so none of its
+        actors is live when the cluster places them elsewhere. The host keeps running.
+        """
+        if self._stopping:
+            return len(self._catalog)
+        self._stopping = True
+        self._emptied = anyio.Event()
+        try:
+            for act in list(self._catalog.values()):
+                act.begin_deactivation()
+            if self._catalog:
+                with anyio.move_on_after(grace):
+                    await self._emptied.wait()
+            return len(self._catalog)
+        finally:
+            if not self._draining:
+                self._stopping = False
+                self._emptied = anyio.Event()
+
     def statistics(self) -> RuntimeStatistics:
         return RuntimeStatistics(
             activations=len(self._catalog),
