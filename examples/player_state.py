@@ -22,10 +22,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-import anyio
 from fastapi import FastAPI
 
-from koala import ActorBase, ActorInterface, HostConfig, Runtime, get_rpc_proxy
+from koala import ActorBase, ActorInterface, HostConfig, Runtime, get_rpc_proxy, run
 from koala.storage import PersistentState, Storage
 
 # Opened on first use; nothing to set up for SQLite.
@@ -109,4 +108,5 @@ async def main(player: str, amount: int) -> None:
 if __name__ == "__main__":
     if len(sys.argv) != 3 or not sys.argv[2].lstrip("-").isdigit():
         sys.exit("usage: python examples/player_state.py PLAYER AMOUNT")
-    anyio.run(main, sys.argv[1], int(sys.argv[2]))
+    player, amount = sys.argv[1], int(sys.argv[2])
+    run(lambda: main(player, amount))  # on the loop KOALA_BACKEND picks

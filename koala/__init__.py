@@ -3,6 +3,7 @@
 from ._activation import State as ActivationState
 from ._activation import TimerHandle as TimerHandle
 from ._actor import ActorBase as ActorBase
+from ._backend import run as run
 from ._config import HostConfig as HostConfig
 from ._errors import ActorNotFoundError as ActorNotFoundError
 from ._errors import ArgumentTypeError as ArgumentTypeError
@@ -44,5 +45,6 @@ __all__ = [
     "current_runtime",
     "get_rpc_proxy",
     "one_way",
+    "run",
 ]
 __version__ = "0.1.0"

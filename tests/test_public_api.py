@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+import sniffio
+
 import koala
 import koala.testing
 
@@ -29,6 +32,7 @@ def test_public_names() -> None:
         "current_runtime",
         "get_rpc_proxy",
         "one_way",
+        "run",
     }
     for name in koala.__all__:
         assert getattr(koala, name).__module__.startswith("koala")
@@ -50,3 +54,16 @@ def test_errors_say_whose_fault() -> None:
     assert issubclass(koala.ConfigError, ValueError)
     for name in ("OverloadedError", "ShuttingDownError", "HostUnavailableError", "RemoteError"):
         assert issubclass(getattr(koala, name), koala.KoalaError)
+
+
+def test_run_honours_koala_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def which() -> str:
+        return sniffio.current_async_library()
+
+    monkeypatch.setenv("KOALA_BACKEND", "trio")
+    assert koala.run(which) == "trio"
+    monkeypatch.setenv("KOALA_BACKEND", "asyncio")
+    assert koala.run(which) == "asyncio"
+    monkeypatch.setenv("KOALA_BACKEND", "curio")
+    with pytest.raises(koala.ConfigError, match="not a valid backend"):
+        koala.run(which)
