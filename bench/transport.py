@@ -15,6 +15,7 @@ Each Koala figure is printed beside its floor, measured in the same run, with th
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import struct
@@ -32,6 +33,7 @@ from anyio.abc import SocketStream
 from koala import ActorBase, ActorInterface, HostConfig, Runtime
 from koala._messages import Key
 from koala._proxy import make_proxy
+from koala._runtime import LOCAL
 from koala.transport import Transport, TransportConfig
 
 HEADER = struct.Struct(">I")
@@ -110,10 +112,34 @@ async def _serve_floor() -> None:
             tg.cancel_scope.cancel()
 
 
+class _Callers:
+    """The server's directory: ChainA lives in whichever client dialled us."""
+
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+
+    def lookup(self, actor_type: str, key: Key) -> str | None:
+        if actor_type != "ChainA":
+            return LOCAL
+        peers = self.transport.peers()
+        return peers[0] if peers else None
+
+    async def resolve(self, actor_type: str, key: Key) -> str:
+        found = self.lookup(actor_type, key)
+        if found is None:
+            raise LookupError("no client is connected")
+        return found
+
+    def forget(self, actor_type: str, key: Key) -> None:
+        pass
+
+
 async def _serve_koala() -> None:
     config = TransportConfig(node_id="bench-server")
     async with Transport(config) as transport:
-        rt = Runtime(HostConfig(), [BenchEcho], remote=transport)
+        rt = Runtime(
+            HostConfig(), [BenchEcho, ChainB], directory=_Callers(transport), remote=transport
+        )
         async with rt:
             transport.handler = rt.serve_request
             address = await transport.listen("127.0.0.1", 0)
@@ -133,7 +159,26 @@ def _rates(latencies: list[float], elapsed: float) -> dict[str, float]:
     }
 
 
-async def _floor_client(port: int, n_seq: int, n_conc: int) -> dict[str, dict[str, float]]:
+CONCURRENCY = (1, 10, 100, 1000)
+
+
+async def _floor_window(
+    stream: SocketStream, buf: bytearray, window: int, total: int, request: Callable[[int], bytes]
+) -> float:
+    """calls/s with `window` requests outstanding on one connection."""
+    start = time.perf_counter()
+    await stream.send(b"".join(request(i) for i in range(min(window, total))))
+    sent, received = min(window, total), 0
+    while received < total:
+        cbor2.loads(await _read_frame(stream, buf))
+        received += 1
+        if sent < total:
+            await stream.send(request(sent))
+            sent += 1
+    return total / (time.perf_counter() - start)
+
+
+async def _floor_client(port: int, n_seq: int, n_conc: int) -> dict[str, Any]:
     async with await anyio.connect_tcp("127.0.0.1", port) as stream:
         buf = bytearray()
 
@@ -152,25 +197,62 @@ async def _floor_client(port: int, n_seq: int, n_conc: int) -> dict[str, dict[st
             cbor2.loads(await _read_frame(stream, buf))
             latencies.append(time.perf_counter() - t0)
         seq = _rates(latencies, time.perf_counter() - start)
-        window = 100
-        start = time.perf_counter()
-        await stream.send(b"".join(request(i) for i in range(window)))
-        sent, received = window, 0
-        while received < n_conc:
-            cbor2.loads(await _read_frame(stream, buf))
-            received += 1
-            if sent < n_conc:
-                await stream.send(request(sent))
-                sent += 1
-        conc = {"calls_per_s": n_conc / (time.perf_counter() - start)}
-    return {"sequential": seq, "concurrent": conc}
+        sweep = {c: await _floor_window(stream, buf, c, n_conc, request) for c in CONCURRENCY}
+    return {"sequential": seq, "concurrent": {"calls_per_s": sweep[100]}, "sweep": sweep}
 
 
-async def _koala_client(port: int, n_seq: int, n_conc: int) -> dict[str, dict[str, float]]:
+class IChainA(ActorInterface):
+    @abstractmethod
+    async def start(self, n: int) -> int: ...
+
+    @abstractmethod
+    async def back(self, n: int) -> int: ...
+
+
+class IChainB(ActorInterface):
+    @abstractmethod
+    async def bounce(self, n: int) -> int: ...
+
+
+class ChainA(IChainA, ActorBase):
+    """Lives in the client process: start -> B (server) -> back (here, same chain)."""
+
+    async def start(self, n: int) -> int:
+        return await self.get_proxy(IChainB, self.key).bounce(n)
+
+    async def back(self, n: int) -> int:
+        return n + 1
+
+
+class ChainB(IChainB, ActorBase):
+    async def bounce(self, n: int) -> int:
+        return await self.get_proxy(IChainA, self.key).back(n)
+
+
+class _Split:
+    """Actor types listed in `here` are local; the rest live at `there`."""
+
+    def __init__(self, here: set[str], there: str) -> None:
+        self.here, self.there = here, there
+
+    def lookup(self, actor_type: str, key: Key) -> str | None:
+        return LOCAL if actor_type in self.here else self.there
+
+    async def resolve(self, actor_type: str, key: Key) -> str:
+        return LOCAL if actor_type in self.here else self.there
+
+    def forget(self, actor_type: str, key: Key) -> None:
+        pass
+
+
+async def _koala_client(port: int, n_seq: int, n_conc: int) -> dict[str, Any]:
     address = f"127.0.0.1:{port}"
+    directory = _Split({"ChainA"}, address)
     async with Transport(TransportConfig(node_id="bench-client")) as transport:
-        rt = Runtime(HostConfig(), [BenchEcho], directory=_Directory(address), remote=transport)
+        rt = Runtime(HostConfig(), [BenchEcho, ChainA], directory=directory, remote=transport)
         async with rt:
+            transport.handler = rt.serve_request
+            await transport.listen("127.0.0.1", 0)
             proxy = make_proxy(IBenchEcho, "bench", rt)
             for _ in range(200):
                 await proxy.echo("hello")
@@ -182,16 +264,32 @@ async def _koala_client(port: int, n_seq: int, n_conc: int) -> dict[str, dict[st
                 latencies.append(time.perf_counter() - t0)
             seq = _rates(latencies, time.perf_counter() - start)
 
-            async def worker(count: int) -> None:
+            async def worker(actor: int, count: int) -> None:
+                p = make_proxy(IBenchEcho, actor, rt)
                 for _ in range(count):
-                    await proxy.echo("hello")
+                    await p.echo("hello")
 
+            sweep: dict[int, float] = {}
+            for callers in CONCURRENCY:  # workload 5: callers on as many actors
+                per = max(1, n_conc // callers)
+                start = time.perf_counter()
+                async with anyio.create_task_group() as tg:
+                    for i in range(callers):
+                        tg.start_soon(worker, i, per)
+                sweep[callers] = per * callers / (time.perf_counter() - start)
+
+            chain = make_proxy(IChainA, "chain", rt)  # workload 8: A -> B -> A
+            await chain.start(0)
             start = time.perf_counter()
-            async with anyio.create_task_group() as tg:
-                for _ in range(100):
-                    tg.start_soon(worker, n_conc // 100)
-            conc = {"calls_per_s": (n_conc // 100 * 100) / (time.perf_counter() - start)}
-    return {"sequential": seq, "concurrent": conc}
+            for i in range(n_seq // 2):
+                await chain.start(i)
+            chains = (n_seq // 2) / (time.perf_counter() - start)
+    return {
+        "sequential": seq,
+        "concurrent": {"calls_per_s": sweep[100]},
+        "sweep": sweep,
+        "chain": chains,
+    }
 
 
 def _with_server(mode: str, backend: str, client: Callable[[int], Any]) -> Any:
@@ -229,17 +327,25 @@ def measure(backend: str, quick: bool) -> dict[str, Any]:
 
 def report(backend: str, r: dict[str, Any]) -> str:
     fs, ks = r["floor"]["sequential"], r["koala"]["sequential"]
-    fc, kc = r["floor"]["concurrent"], r["koala"]["concurrent"]
+    fsweep, ksweep = r["floor"]["sweep"], r["koala"]["sweep"]
     lines = [
         f"{backend}:",
-        f"  sequential   koala {ks['calls_per_s']:9.0f}/s  p50 {ks['p50_us']:6.0f} us  "
-        f"p99 {ks['p99_us']:6.0f} us | floor {fs['calls_per_s']:9.0f}/s  "
-        f"p50 {fs['p50_us']:6.0f} us  p99 {fs['p99_us']:6.0f} us | "
+        f"  3 sequential          koala {ks['calls_per_s']:8.0f}/s  p50 {ks['p50_us']:5.0f} us  "
+        f"p99 {ks['p99_us']:5.0f} us | floor {fs['calls_per_s']:8.0f}/s  "
+        f"p50 {fs['p50_us']:5.0f} us  p99 {fs['p99_us']:5.0f} us | "
         f"ratio {ks['calls_per_s'] / fs['calls_per_s']:.2f}",
-        f"  100 in flight koala {kc['calls_per_s']:8.0f}/s"
-        f"{'':36}| floor {fc['calls_per_s']:9.0f}/s{'':28}| "
-        f"ratio {kc['calls_per_s'] / fc['calls_per_s']:.2f}",
     ]
+    for c in CONCURRENCY:
+        label = f"{4 if c == 100 else 5} {c} callers/actors"
+        lines.append(
+            f"  {label:21} koala {ksweep[c]:8.0f}/s{'':31}| floor {fsweep[c]:8.0f}/s "
+            f"({c} in flight){'':>{14 - len(str(c))}}| ratio {ksweep[c] / fsweep[c]:.2f}"
+        )
+    chain_floor = fs["calls_per_s"] / 2  # a chain is two sequential remote hops
+    lines.append(
+        f"  8 A->B->A chains      koala {r['koala']['chain']:8.0f}/s{'':31}| floor "
+        f"{chain_floor:8.0f}/s (2 hops){'':10}| ratio {r['koala']['chain'] / chain_floor:.2f}"
+    )
     return "\n".join(lines)
 
 
@@ -248,14 +354,20 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer calls, for a smoke run")
     parser.add_argument("--backend", choices=BACKENDS, action="append")
     parser.add_argument("--serve", choices=("floor", "koala"), help=argparse.SUPPRESS)
+    parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     if args.serve:
         backend = (args.backend or ["asyncio"])[0]
         _run(_serve_floor if args.serve == "floor" else _serve_koala, backend)
         return
     print(f"cross-process echo over loopback TCP ({os.cpu_count()} cores)")
+    results = {}
     for backend in args.backend or BACKENDS:
-        print(report(backend, measure(backend, args.quick)), flush=True)
+        results[backend] = measure(backend, args.quick)
+        print(report(backend, results[backend]), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -256,21 +256,22 @@ class Runtime:
     # ------------------------------------------------------------ resolving
 
     def impl_for(self, interface: type[ActorInterface]) -> type[ActorBase]:
+        """The implementation (hence the actor type) that calls through ``interface`` reach.
+
+        The implementations this host serves come first; a host may also call actors it
+        does not serve (they live elsewhere), as long as their class is importable here.
+        """
         try:
             return self._impls[interface]
         except KeyError:
             pass
-        candidates: list[type[ActorBase]]
-        if self._actors is not None:
-            candidates = [a for a in self._actors if issubclass(a, interface)]
-        else:
-            candidates = implementations_of(interface)
-            # the same class defined again (a reloaded module) replaces the old one
-            by_name = {(c.__module__, c.__qualname__): c for c in candidates}
-            candidates = list(by_name.values())
+        served = [a for a in self._actors or () if issubclass(a, interface)]
+        candidates = served or implementations_of(interface)
+        # the same class defined again (a reloaded module) replaces the old one
+        candidates = list({(c.__module__, c.__qualname__): c for c in candidates}.values())
         if not candidates:
             raise ActorNotFoundError(
-                f"no implementation of {interface.__name__} is served by this host: define a "
+                f"no implementation of {interface.__name__} is known to this host: define a "
                 f"class that subclasses {interface.__name__} and ActorBase, and import it"
             )
         if len(candidates) > 1:
@@ -281,6 +282,10 @@ class Runtime:
             )
         self._impls[interface] = candidates[0]
         return candidates[0]
+
+    def serves(self, impl: type[ActorBase]) -> bool:
+        """Whether this host may activate ``impl`` (every implementation, by default)."""
+        return self._actors is None or impl in self._actors
 
     # ------------------------------------------------------------ the call path
 
@@ -307,7 +312,7 @@ class Runtime:
             if not spec.one_way:
                 ident = (impl.actor_type, key)
                 act = self._catalog.get(ident)
-                if act is None and not self._stopping:
+                if act is None and not self._stopping and self.serves(impl):
                     act = self._catalog[ident] = Activation(self, impl, key)
                 if act is not None and act.can_run_inline(chain):
                     return await act.run_inline(spec, chain, args)
@@ -417,7 +422,7 @@ class Runtime:
             if not req.one_way:
                 ident = (req.actor_type, req.key)
                 act = self._catalog.get(ident)
-                if act is None and not self._stopping:
+                if act is None and not self._stopping and self.serves(impl):
                     act = self._catalog[ident] = Activation(self, impl, req.key)
                 if act is not None and act.can_run_inline(req.chain_id):
                     result = await act.run_inline(spec, req.chain_id, req.args)
@@ -466,7 +471,7 @@ class Runtime:
 
     def _served_interfaces(self) -> list[type[ActorInterface]]:
         if self._actors is not None:
-            return list(self._impls)
+            return [iface for impl in self._actors for iface in interfaces_of(impl)]
         from ._actor import _implementations
 
         return list(_implementations)
@@ -478,6 +483,10 @@ class Runtime:
         if act is None or act.state is State.INVALID:
             if self._stopping:
                 raise ShuttingDownError("this host is shutting down; retry on another host")
+            if not self.serves(impl):
+                raise ActorNotFoundError(
+                    f"this host does not serve {impl.actor_type} (not in its actors=[...])"
+                )
             act = self._catalog[ident] = Activation(self, impl, req.key)
         act.accept(call)
 

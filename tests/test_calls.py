@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from koala import (
     ActorBase,
     ActorInterface,
+    ActorNotFoundError,
     ArgumentTypeError,
     RemoteError,
     RuntimeNotRunningError,
@@ -226,3 +227,20 @@ async def test_proxy_outside_a_runtime_says_what_to_do() -> None:
 async def test_keep_returns_what_it_got(args: tuple[Bag]) -> None:
     async with local_runtime(PlayerImpl):
         assert await get_rpc_proxy(IPlayer, "h").keep(*args) == args[0]
+
+
+class IUnserved(ActorInterface):
+    @abstractmethod
+    async def ping(self) -> str: ...
+
+
+class UnservedImpl(IUnserved, ActorBase):
+    async def ping(self) -> str:
+        return "pong"
+
+
+async def test_a_host_does_not_activate_types_it_does_not_serve() -> None:
+    async with local_runtime(PlayerImpl) as rt:
+        with pytest.raises(ActorNotFoundError, match="does not serve UnservedImpl"):
+            await get_rpc_proxy(IUnserved, "x").ping()
+        assert rt.statistics().activations == 0

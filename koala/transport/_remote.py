@@ -150,6 +150,10 @@ class Transport:
             raise HostUnavailableError("the transport is not running: use `async with Transport()`")
         return self._tg
 
+    def peers(self) -> list[str]:
+        """Addresses of the nodes this one has an open connection with."""
+        return [a for a, ch in self._channels.items() if not ch.closed]
+
     def statistics(self) -> TransportStatistics:
         return TransportStatistics(
             connections=len(self._all),
