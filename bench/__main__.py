@@ -14,9 +14,11 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 LOOPS = ("asyncio", "uvloop", "trio")
+RESULTS = Path("bench/results")
 
 
 def _python(*args: str) -> subprocess.CompletedProcess[str]:
@@ -41,8 +43,8 @@ def inprocess(loop: str, quick: bool) -> str:
     return "\n".join(lines)
 
 
-def passthrough(module: str, loop: str, quick: bool, flag: str) -> str:
-    proc = _python(module, flag, loop, *(["--quick"] if quick else []))
+def passthrough(module: str, loop: str, quick: bool, flag: str, *extra: str) -> str:
+    proc = _python(module, flag, loop, *(["--quick"] if quick else []), *extra)
     out = proc.stdout.strip() or proc.stderr.strip()
     return "\n".join("  " + line for line in out.splitlines())
 
@@ -54,13 +56,23 @@ def main() -> None:
     parser.add_argument("--skip", action="append", default=[], choices=["transport", "storage"])
     args = parser.parse_args()
     print(f"Koala benchmarks on {os.cpu_count()} cores; figures beside floors from the same run")
+    RESULTS.mkdir(exist_ok=True)
+    sweeps = []
     for loop in args.loop or LOOPS:
         print(f"\n=== {loop}")
         print(inprocess(loop, args.quick), flush=True)
         if "transport" not in args.skip:
-            print(passthrough("bench.transport", loop, args.quick, "--backend"), flush=True)
+            sweep = RESULTS / f"transport-{loop}.json"
+            out = passthrough(
+                "bench.transport", loop, args.quick, "--backend", "--json", str(sweep)
+            )
+            print(out, flush=True)
+            sweeps.append(str(sweep))
         if "storage" not in args.skip:
             print(passthrough("bench.storage", loop, args.quick, "--loop"), flush=True)
+    if sweeps:
+        proc = _python("bench.chart", *sweeps, "-o", "docs/throughput.png")
+        print(proc.stdout.strip() or f"chart not drawn (pip install 'koala[bench]'): {proc.stderr}")
 
 
 if __name__ == "__main__":
