@@ -15,7 +15,7 @@ import anyio
 
 from . import _backend
 from ._config import HostConfig
-from ._errors import ConfigError
+from ._errors import ConfigError, KoalaError
 from ._runtime import Runtime
 from .http import parse_hostport, serve_asgi
 
@@ -94,7 +94,119 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--default-timeout", type=_positive, help="deadline of calls without one")
     dev.add_argument("--shutdown-grace", type=_positive, help="seconds to drain on stop")
     dev.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    _add_cluster_commands(sub)
     return parser
+
+
+def _add_cluster_commands(sub: Any) -> None:
+    pd = sub.add_parser("pd", help="run a placement driver (membership, placement, ids)")
+    pd.add_argument("--etcd", help="etcd client URL(s), comma-separated (http://127.0.0.1:2379)")
+    pd.add_argument("--store", default=None, help="'etcd' (default with --etcd) or 'memory'")
+    pd.add_argument("--listen", default="127.0.0.1:9000", help="HOST:PORT of the HTTP API")
+    pd.add_argument("--prefix", default="/koala/", help="key prefix in etcd (default /koala/)")
+    pd.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    host = sub.add_parser("host", help="join a cluster as a host of the app's actors")
+    host.add_argument("app", help="a file (examples/echo.py) or module (examples.echo)")
+    host.add_argument("--pd", required=True, help="URL of a placement driver")
+    host.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT for other hosts")
+    host.add_argument("--http", help="HOST:PORT to serve the app's HTTP API on (if it has one)")
+    host.add_argument("--ttl", type=int, default=15, help="membership lease TTL, seconds")
+    host.add_argument("--idle-timeout", type=_positive, help="seconds before idle actors go")
+    host.add_argument("--default-timeout", type=_positive, help="deadline of calls without one")
+    host.add_argument("--shutdown-grace", type=_positive, help="seconds to drain on stop")
+    host.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    status = sub.add_parser("status", help="print the cluster's hosts as a table")
+    status.add_argument("--pd", required=True, help="URL of a placement driver")
+    status.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
+
+
+async def _until_signal(serve: Any, *args: Any, **kwargs: Any) -> None:
+    shutdown = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_watch_signals, shutdown)
+        await serve(*args, shutdown, **kwargs)
+        tg.cancel_scope.cancel()
+
+
+def _host_config(args: argparse.Namespace) -> HostConfig:
+    overrides = {
+        k: v
+        for k, v in {
+            "idle_timeout": args.idle_timeout,
+            "default_timeout": args.default_timeout,
+            "shutdown_grace": args.shutdown_grace,
+        }.items()
+        if v is not None
+    }
+    return HostConfig(**overrides)
+
+
+def _run_cluster_command(args: argparse.Namespace, backend: _backend.Backend) -> int:
+    from .pd import _run
+
+    if args.command == "pd":
+        host, port = parse_hostport(args.listen, "--listen")
+        check_bind(host, "--listen")
+        store = _run.open_store(args.store or ("etcd" if args.etcd else ""), args.etcd)
+
+        def started(bound: tuple[str, int]) -> None:
+            kind = "memory" if args.store == "memory" else f"etcd {args.etcd}"
+            print(f"koala pd: http://{bound[0]}:{bound[1]} on {kind}", flush=True)
+
+        async def pd_main(shutdown: anyio.Event) -> None:
+            async with anyio.create_task_group() as tg:
+                started(await tg.start(_serve_pd, store, host, port, shutdown, args.prefix))
+
+        _backend.run(lambda: _until_signal(pd_main), backend)
+        print("koala pd: stopped", flush=True)
+        return 0
+    if args.command == "host":
+        from ._app import load_app
+        from .pd import MemberConfig
+
+        listen = parse_hostport(args.listen, "--listen")
+        check_bind(listen[0], "--listen")
+        http = parse_hostport(args.http, "--http") if args.http else None
+        if http is not None:
+            check_bind(http[0], "--http")
+        config = _host_config(args)
+        member = MemberConfig(ttl=args.ttl)
+        module = load_app(args.app)
+
+        def announce(text: str) -> None:
+            print(text, flush=True)
+
+        _backend.run(
+            lambda: _until_signal(
+                _run.serve_host,
+                module,
+                args.pd,
+                listen,
+                http=http,
+                config=config,
+                member=member,
+                announce=announce,
+            ),
+            backend,
+        )
+        print("koala host: stopped", flush=True)
+        return 0
+    print(_backend.run(lambda: _run.fetch_status(args.pd), backend), flush=True)
+    return 0
+
+
+async def _serve_pd(
+    store: Any,
+    host: str,
+    port: int,
+    shutdown: anyio.Event,
+    prefix: str,
+    *,
+    task_status: Any = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    from .pd import _run
+
+    await _run.serve_pd(store, host, port, shutdown, prefix=prefix, task_status=task_status)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,9 +233,14 @@ def main(argv: list[str] | None = None) -> int:
 
             module = load_app(args.app)
             _backend.run(lambda: run_dev(module, args.app, host, port, config), backend)
+        else:
+            return _run_cluster_command(args, backend)
     except ConfigError as exc:
         print(f"koala: error: {exc}", file=sys.stderr)
         return 2
+    except KoalaError as exc:  # e.g. the PD cannot be reached
+        print(f"koala: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return 0

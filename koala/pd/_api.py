@@ -1,0 +1,201 @@
+"""The placement driver's HTTP/JSON API (FastAPI), with the original Koala PD's paths.
+
+Every answer is JSON. Failures have a non-200 status and the body
+``{"error": CODE, "message": TEXT}`` (see docs/pd.md for every path and code).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from .._errors import KoalaError
+from ._service import DEFAULT_HOST_TTL, HostInfo, PDError, PlacementDriver
+from ._store import StoreError, StoreUnavailableError
+
+API_VERSION = "koala-pd/1"
+
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+Name = Annotated[str, Field(max_length=256)]
+Labels = Annotated[dict[Name, Annotated[str, Field(max_length=4096)]], Field(max_length=1024)]
+
+
+class NewIdResponse(BaseModel):
+    id: int
+
+
+class RegisterRequest(BaseModel):
+    server_id: Int64
+    load: Int64 = 0
+    start_time: Int64 = 0
+    ttl: Int64 = DEFAULT_HOST_TTL
+    address: Name
+    services: Labels = {}
+    desc: Annotated[str, Field(max_length=4096)] = ""
+    labels: Labels = {}
+
+
+class RegisterResponse(BaseModel):
+    lease_id: int
+    server_id: int
+    ttl: int
+
+
+class KeepAliveRequest(BaseModel):
+    server_id: Int64
+    lease_id: Int64
+    load: Int64 = 0
+    activations: Int64 | None = None
+
+
+class HostModel(BaseModel):
+    server_id: int
+    load: int
+    start_time: int
+    ttl: int
+    address: str
+    services: dict[str, str]
+    desc: str
+    labels: dict[str, str]
+    lease_id: int
+    activations: int
+    renew_time: int
+
+
+class EventModel(BaseModel):
+    time: int
+    add: list[int]
+    remove: list[int]
+
+
+class MembershipResponse(BaseModel):
+    hosts: dict[str, HostModel]
+    events: list[EventModel]
+    now: int
+
+
+class DeleteRequest(BaseModel):
+    server_id: Int64
+    address: str = ""
+
+
+class DeleteResponse(BaseModel):
+    server_id: int
+    deleted: bool
+
+
+class FindPositionRequest(BaseModel):
+    actor_type: Name
+    actor_id: Name
+    ttl: Int64 = 0
+
+
+class FindPositionResponse(BaseModel):
+    actor_type: str
+    actor_id: str
+    ttl: int
+    create_time: int
+    server_id: int
+    server_address: str
+    lease_id: int
+    created: bool
+
+
+class VersionResponse(BaseModel):
+    version: str
+
+
+def _error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": code, "message": message}, status_code=status)
+
+
+def create_app(pd: PlacementDriver) -> FastAPI:
+    """The PD's FastAPI application over ``pd``."""
+    app = FastAPI(title="Koala placement driver", version=API_VERSION)
+
+    @app.exception_handler(PDError)
+    async def pd_error(request: Request, exc: PDError) -> JSONResponse:
+        return _error(exc.status, exc.code, exc.message)
+
+    @app.exception_handler(StoreUnavailableError)
+    async def store_down(request: Request, exc: StoreUnavailableError) -> JSONResponse:
+        return _error(503, "store_unavailable", f"the PD cannot reach its store: {exc}")
+
+    @app.exception_handler(StoreError)
+    async def store_error(request: Request, exc: StoreError) -> JSONResponse:
+        return _error(500, "store_error", f"the PD's store failed: {exc}")
+
+    @app.exception_handler(KoalaError)
+    async def koala_error(request: Request, exc: KoalaError) -> JSONResponse:
+        return _error(500, "internal", str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in exc.errors()[:5]:
+            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+            parts.append(f"{where or 'body'}: {err.get('msg', 'invalid')}")
+        message = "; ".join(parts) or "the request is malformed"
+        if "json" not in request.headers.get("content-type", ""):
+            message += " (send the body as JSON with Content-Type: application/json)"
+        return _error(400, "bad_request", message)
+
+    def membership(hosts: dict[int, HostInfo]) -> MembershipResponse:
+        from ._service import now_ms
+
+        return MembershipResponse(
+            hosts={str(s): HostModel(**h.to_json()) for s, h in hosts.items()},
+            events=[
+                EventModel(time=e.time, add=e.add, remove=e.remove) for e in pd.recent_events()
+            ],
+            now=now_ms(),
+        )
+
+    @app.get("/pd/api/v1/version")
+    async def version() -> VersionResponse:
+        return VersionResponse(version=API_VERSION)
+
+    @app.post("/pd/api/v1/id/new_server_id")
+    async def new_server_id() -> NewIdResponse:
+        return NewIdResponse(id=await pd.new_server_id())
+
+    @app.post("/pd/api/v1/id/new_sequence/{key}/{step}")
+    async def new_sequence(key: str, step: int) -> NewIdResponse:
+        return NewIdResponse(id=await pd.new_sequence(key, step))
+
+    @app.post("/pd/api/v1/membership/register")
+    async def register(body: RegisterRequest) -> RegisterResponse:
+        info = HostInfo(**body.model_dump())
+        lease = await pd.register(info)
+        return RegisterResponse(lease_id=lease, server_id=info.server_id, ttl=info.ttl)
+
+    @app.post("/pd/api/v1/membership/keep_alive")
+    async def keep_alive(body: KeepAliveRequest) -> MembershipResponse:
+        await pd.keep_alive(body.server_id, body.lease_id, body.load, body.activations)
+        return membership(await pd.hosts())
+
+    @app.post("/pd/api/v1/membership/fetch_all")
+    async def fetch_all() -> MembershipResponse:
+        return membership(await pd.hosts())
+
+    @app.post("/pd/api/v1/membership/delete")
+    async def delete(body: DeleteRequest) -> DeleteResponse:
+        deleted = await pd.delete(body.server_id)
+        if not deleted:
+            raise PDError(404, "not_registered", f"server {body.server_id} is not registered")
+        return DeleteResponse(server_id=body.server_id, deleted=True)
+
+    @app.post("/pd/api/v1/placement/find_position")
+    async def find_position(body: FindPositionRequest) -> FindPositionResponse:
+        pos = await pd.find_position(body.actor_type, body.actor_id, body.ttl)
+        return FindPositionResponse(**_fields(pos))
+
+    return app
+
+
+def _fields(obj: Any) -> dict[str, Any]:
+    return {name: getattr(obj, name) for name in obj.__dataclass_fields__}

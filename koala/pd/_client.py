@@ -1,0 +1,567 @@
+"""The host's side of the placement driver: the HTTP client, membership and the directory.
+
+:class:`PDClient` speaks the PD's HTTP/JSON API. :class:`ClusterDirectory` is what a
+host plugs into its :class:`~koala.Runtime`: it registers the host (a fresh node id
+from the PD, a lease with a TTL), renews the lease every TTL/3 reporting the host's
+load, keeps the membership view, and answers "where does this actor live" from a
+bounded LRU cache with a TTL, asking the PD on a miss.
+
+Self-fencing: a host whose lease it could not renew for ``TTL - fence_margin`` seconds
+stops serving on its own: it forgets every position, deactivates its activations and
+refuses requests, before the lease can expire in the store (the store counts the TTL
+from when it received the last renewal, which is after the host sent it). Only then
+can the PD place the host's actors elsewhere. The host then registers again, as a
+new node with a new id.
+
+This module never imports the PD server.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import httpx
+from anyio.abc import TaskStatus
+
+from .._errors import (
+    ConfigError,
+    HostUnavailableError,
+    KoalaError,
+    ShuttingDownError,
+    WrongHostError,
+)
+from .._messages import Key, Request
+from .._runtime import LOCAL
+
+if TYPE_CHECKING:
+    from .._interface import MethodSpec
+    from .._runtime import Runtime
+    from ..transport import Transport
+
+log = logging.getLogger("koala.pd.client")
+
+DEFAULT_PD_TIMEOUT = 5.0
+MAX_DEPARTED = 10_000  # ids of hosts seen leaving, remembered to drop their positions
+
+
+class PDRequestError(KoalaError):
+    """The PD refused a request; ``status`` and ``code`` say why (see docs/pd.md)."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"the PD answered {status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class PDUnavailableError(HostUnavailableError):
+    """The PD cannot be reached, did not answer in time, or cannot reach its store."""
+
+
+class LeaseExpiredError(PDRequestError):
+    """This host's lease is gone: it must stop serving and register again."""
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """A host as the PD reports it."""
+
+    server_id: int
+    address: str
+    load: int = 0
+    activations: int = 0
+    services: dict[str, str] = field(default_factory=dict)
+    start_time: int = 0
+    renew_time: int = 0
+    ttl: int = 0
+    lease_id: int = 0
+    desc: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Member:
+        names = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass(frozen=True, slots=True)
+class Membership:
+    """The hosts of the cluster, and the adds and removes the PD saw recently."""
+
+    hosts: dict[int, Member]
+    events: list[dict[str, Any]]
+    now: int  # the PD's clock, ms since the epoch
+
+
+@dataclass(frozen=True, slots=True)
+class ActorPosition:
+    actor_type: str
+    actor_id: str
+    server_id: int
+    server_address: str
+    create_time: int
+    created: bool = False
+
+
+class PDClient:
+    """The PD's HTTP API. Every request has a deadline (``timeout``)."""
+
+    def __init__(self, url: str, *, timeout: float = DEFAULT_PD_TIMEOUT) -> None:
+        urls = [u.strip().rstrip("/") for u in url.split(",") if u.strip()]
+        if not urls:
+            raise ConfigError("the PD URL is empty; pass e.g. --pd http://127.0.0.1:9000")
+        for one in urls:
+            if not one.startswith(("http://", "https://")):
+                raise ConfigError(
+                    "a PD URL must start with http:// or https:// (e.g. http://127.0.0.1:9000), "
+                    f"got {one!r}"
+                )
+        if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
+            raise ConfigError(f"the PD timeout must be a positive number, got {timeout!r}")
+        self.urls = urls
+        self.url = urls[0]
+        self.timeout = float(timeout)
+        self._current = 0
+        self._http = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout),
+            limits=httpx.Limits(max_connections=32, max_keepalive_connections=8),
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _post(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        """POST to the current PD; on a connection failure, to the next one (each once)."""
+        failures: list[str] = []
+        for _ in range(len(self.urls)):
+            url = self.urls[self._current]
+            try:
+                with anyio.fail_after(self.timeout):
+                    resp = await self._http.post(url + path, json=body or {})
+            except (httpx.TransportError, TimeoutError) as exc:
+                failures.append(f"{url}: {type(exc).__name__} {exc}".rstrip())
+                self._current = (self._current + 1) % len(self.urls)
+                continue
+            return self._answer(url, path, resp)
+        raise PDUnavailableError(
+            f"no PD can be reached ({'; '.join(failures)}); is `koala pd` running there?"
+        )
+
+    def _answer(self, url: str, path: str, resp: httpx.Response) -> dict[str, Any]:
+        try:
+            data = resp.json()
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            raise PDUnavailableError(
+                f"the PD at {url} answered {path} with HTTP {resp.status_code} and no JSON "
+                "object; is that URL a Koala PD?"
+            )
+        if resp.status_code != 200:
+            code = str(data.get("error", "unknown"))
+            message = str(data.get("message", data))
+            if code in ("lease_expired", "not_registered"):
+                raise LeaseExpiredError(resp.status_code, code, message)
+            if resp.status_code in (502, 503, 504) and code != "no_host":
+                raise PDUnavailableError(f"the PD at {url} is unavailable: {message}")
+            raise PDRequestError(resp.status_code, code, message)
+        return data
+
+    async def new_server_id(self) -> int:
+        return int((await self._post("/pd/api/v1/id/new_server_id"))["id"])
+
+    async def new_sequence(self, key: str, step: int) -> int:
+        return int((await self._post(f"/pd/api/v1/id/new_sequence/{key}/{step}"))["id"])
+
+    async def register(
+        self,
+        server_id: int,
+        address: str,
+        services: dict[str, str],
+        *,
+        ttl: int,
+        load: int = 0,
+        desc: str = "",
+        labels: dict[str, str] | None = None,
+    ) -> int:
+        body = {
+            "server_id": server_id,
+            "address": address,
+            "services": services,
+            "ttl": ttl,
+            "load": load,
+            "desc": desc,
+            "labels": labels or {},
+        }
+        return int((await self._post("/pd/api/v1/membership/register", body))["lease_id"])
+
+    async def keep_alive(
+        self, server_id: int, lease_id: int, load: int, activations: int | None = None
+    ) -> Membership:
+        body: dict[str, Any] = {"server_id": server_id, "lease_id": lease_id, "load": load}
+        if activations is not None:
+            body["activations"] = activations
+        return _membership(await self._post("/pd/api/v1/membership/keep_alive", body))
+
+    async def fetch_all(self) -> Membership:
+        return _membership(await self._post("/pd/api/v1/membership/fetch_all"))
+
+    async def delete(self, server_id: int) -> None:
+        await self._post("/pd/api/v1/membership/delete", {"server_id": server_id})
+
+    async def find_position(self, actor_type: str, actor_id: str, ttl: int = 0) -> ActorPosition:
+        data = await self._post(
+            "/pd/api/v1/placement/find_position",
+            {"actor_type": actor_type, "actor_id": actor_id, "ttl": ttl},
+        )
+        return ActorPosition(
+            actor_type=actor_type,
+            actor_id=actor_id,
+            server_id=int(data["server_id"]),
+            server_address=str(data["server_address"]),
+            create_time=int(data.get("create_time", 0)),
+            created=bool(data.get("created", False)),
+        )
+
+
+def _membership(data: dict[str, Any]) -> Membership:
+    hosts = {int(k): Member.from_json(v) for k, v in (data.get("hosts") or {}).items()}
+    return Membership(hosts, list(data.get("events") or []), int(data.get("now", 0)))
+
+
+# ---------------------------------------------------------------- the directory
+
+
+@dataclass(frozen=True, slots=True)
+class MemberConfig:
+    """Settings of a host's membership and position cache. Validated on construction.
+
+    - ``ttl``: the lease, in whole seconds; renewed every ``ttl / 3``.
+    - ``fence_margin``: a host that has not renewed for ``ttl - fence_margin`` seconds
+      fences itself (default ``ttl / 4``); deactivation must fit in the margin.
+    - ``cache_size`` / ``cache_ttl``: positions of actors remembered, and for how long.
+    - ``rejoin_wait``: how long a call on a fenced host waits for it to rejoin.
+    """
+
+    ttl: int = 15
+    fence_margin: float = 0.0
+    cache_size: int = 100_000
+    cache_ttl: float = 60.0
+    rejoin_wait: float = 5.0
+    desc: str = ""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ttl, bool) or not isinstance(self.ttl, int) or self.ttl < 1:
+            raise ConfigError(
+                f"MemberConfig.ttl must be a whole number of seconds >= 1, got {self.ttl!r}"
+            )
+        if not self.fence_margin:
+            object.__setattr__(self, "fence_margin", self.ttl / 4)
+        if not 0 < self.fence_margin < self.ttl * 2 / 3:
+            raise ConfigError(
+                "MemberConfig.fence_margin must be positive and below 2/3 of the TTL (a host "
+                f"renews every TTL/3), got {self.fence_margin!r}"
+            )
+        if isinstance(self.cache_size, bool) or not isinstance(self.cache_size, int):
+            raise ConfigError("MemberConfig.cache_size must be an integer")
+        for name in ("cache_size", "cache_ttl", "rejoin_wait"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ConfigError(f"MemberConfig.{name} must be a positive number, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class DirectoryStatistics:
+    server_id: int
+    serving: bool
+    cached: int
+    members: int
+    registrations: int
+    fences: int
+    renewals: int
+    failed_renewals: int
+    resolves: int
+
+
+class _Pending:
+    __slots__ = ("done", "error", "result")
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.result: tuple[int, str] | None = None
+        self.error: BaseException | None = None
+
+
+class ClusterDirectory:
+    """A host's membership in the cluster and its :class:`~koala._runtime.Directory`.
+
+    Give it to ``Runtime(directory=...)``, then ``attach(runtime)`` and run
+    ``await task_group.start(directory.run)``: it returns once the host is registered.
+    ``address`` is where this host's transport listens; ``services`` maps each actor
+    type it serves to its implementation's name.
+    """
+
+    def __init__(
+        self,
+        pd: PDClient,
+        address: str,
+        services: dict[str, str],
+        config: MemberConfig | None = None,
+        *,
+        labels: dict[str, str] | None = None,
+    ) -> None:
+        self.pd = pd
+        self.address = address
+        self.services = dict(services)
+        self.config = config or MemberConfig()
+        self.labels = dict(labels or {})
+        self.runtime: Runtime | None = None
+        self.server_id = 0
+        self.lease_id = 0
+        self.serving = False
+        self.members: dict[int, Member] = {}
+        self._cache: OrderedDict[tuple[str, Key], tuple[int, str, float]] = OrderedDict()
+        self._departed: OrderedDict[int, None] = OrderedDict()
+        self._pending: dict[tuple[str, Key], _Pending] = {}
+        self._rejoined = anyio.Event()
+        self._registrations = 0
+        self._fences = 0
+        self._renewals = 0
+        self._failed_renewals = 0
+        self._resolves = 0
+
+    def attach(self, runtime: Runtime) -> None:
+        """The runtime whose load is reported and whose activations a fence evicts."""
+        self.runtime = runtime
+
+    def statistics(self) -> DirectoryStatistics:
+        return DirectoryStatistics(
+            server_id=self.server_id,
+            serving=self.serving,
+            cached=len(self._cache),
+            members=len(self.members),
+            registrations=self._registrations,
+            fences=self._fences,
+            renewals=self._renewals,
+            failed_renewals=self._failed_renewals,
+            resolves=self._resolves,
+        )
+
+    # ------------------------------------------------------------ Directory
+
+    def lookup(self, actor_type: str, key: Key) -> str | None:
+        if not self.serving:
+            return None
+        ident = (actor_type, key)
+        entry = self._cache.get(ident)
+        if entry is None:
+            return None
+        server_id, address, expires = entry
+        if expires <= anyio.current_time() or server_id in self._departed:
+            del self._cache[ident]
+            return None
+        self._cache.move_to_end(ident)
+        return LOCAL if server_id == self.server_id else address
+
+    async def resolve(self, actor_type: str, key: Key) -> str:
+        if not self.serving:
+            with anyio.move_on_after(self.config.rejoin_wait):
+                await self._rejoined.wait()
+            if not self.serving:
+                raise WrongHostError(
+                    "this host lost its lease with the placement driver and has not rejoined "
+                    "the cluster yet; retry shortly"
+                )
+        ident = (actor_type, key)
+        pending = self._pending.get(ident)
+        if pending is None:
+            pending = self._pending[ident] = _Pending()
+            try:
+                self._resolves += 1
+                pos = await self.pd.find_position(actor_type, str(key))
+                pending.result = (pos.server_id, pos.server_address)
+            except BaseException as exc:
+                pending.error = exc
+                raise
+            finally:
+                del self._pending[ident]
+                pending.done.set()
+        else:
+            await pending.done.wait()
+            if pending.error is not None:
+                raise PDUnavailableError(f"finding {actor_type}/{key!r} failed: {pending.error}")
+        assert pending.result is not None
+        server_id, address = pending.result
+        if not self.serving:
+            raise WrongHostError("this host was fenced while the placement was looked up; retry")
+        self._remember(ident, server_id, address)
+        return LOCAL if server_id == self.server_id else address
+
+    def forget(self, actor_type: str, key: Key) -> None:
+        self._cache.pop((actor_type, key), None)
+
+    def _remember(self, ident: tuple[str, Key], server_id: int, address: str) -> None:
+        self._cache[ident] = (server_id, address, anyio.current_time() + self.config.cache_ttl)
+        self._cache.move_to_end(ident)
+        while len(self._cache) > self.config.cache_size:
+            self._cache.popitem(last=False)
+
+    # ------------------------------------------------------------ membership
+
+    def _load(self) -> tuple[int, int]:
+        if self.runtime is None:
+            return 0, 0
+        stats = self.runtime.statistics()
+        return stats.activations + stats.inflight, stats.activations
+
+    def _update_view(self, view: Membership) -> None:
+        for server_id in self.members:
+            if server_id not in view.hosts:
+                self._departed[server_id] = None
+        for event in view.events:
+            for server_id in event.get("remove") or []:
+                self._departed[int(server_id)] = None
+        while len(self._departed) > MAX_DEPARTED:
+            self._departed.popitem(last=False)
+        self.members = view.hosts
+
+    async def _register(self) -> float:
+        """Register as a new node, retrying until the PD answers; when the lease began."""
+        delay = 0.1
+        while True:
+            try:
+                server_id = await self.pd.new_server_id()
+                load, _ = self._load()
+                sent = anyio.current_time()
+                lease = await self.pd.register(
+                    server_id,
+                    self.address,
+                    self.services,
+                    ttl=self.config.ttl,
+                    load=load,
+                    desc=self.config.desc,
+                    labels=self.labels,
+                )
+            except (PDUnavailableError, PDRequestError) as exc:
+                log.warning("cannot register with the PD (%s); retrying in %.1f s", exc, delay)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            self.server_id, self.lease_id = server_id, lease
+            self._registrations += 1
+            log.info(
+                "registered as server %d (lease %d, TTL %d s)", server_id, lease, self.config.ttl
+            )
+            return sent
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Register, renew, fence and register again, until cancelled."""
+        started = False
+        while True:
+            last_ok = await self._register()
+            self.serving = True
+            self._rejoined.set()
+            if not started:
+                started = True
+                task_status.started()
+            await self._renew_until_lost(last_ok)
+            await self._fence()
+
+    async def _renew_until_lost(self, last_ok: float) -> None:
+        cfg = self.config
+        interval = cfg.ttl / 3
+        fence_after = cfg.ttl - cfg.fence_margin
+        next_renewal = last_ok + interval
+        while True:
+            now = anyio.current_time()
+            fence_at = last_ok + fence_after
+            await anyio.sleep(max(0.0, min(next_renewal, fence_at) - now))
+            now = anyio.current_time()
+            if now >= fence_at:
+                log.error(
+                    "server %d could not renew its lease for %.1f s: fencing itself",
+                    self.server_id,
+                    now - last_ok,
+                )
+                return
+            load, activations = self._load()
+            sent = now
+            with anyio.move_on_after(fence_at - now):
+                try:
+                    view = await self.pd.keep_alive(
+                        self.server_id, self.lease_id, load, activations
+                    )
+                except LeaseExpiredError as exc:
+                    log.error("server %d: %s; fencing itself", self.server_id, exc.message)
+                    return
+                except (PDUnavailableError, PDRequestError) as exc:
+                    self._failed_renewals += 1
+                    log.warning("server %d: lease renewal failed: %s", self.server_id, exc)
+                    next_renewal = anyio.current_time() + max(0.05, interval / 4)
+                    continue
+                self._renewals += 1
+                last_ok = sent
+                next_renewal = sent + interval
+                self._update_view(view)
+
+    async def _fence(self) -> None:
+        """Stop serving: no position is LOCAL any more, and no activation stays live."""
+        self.serving = False
+        self._rejoined = anyio.Event()
+        self._cache.clear()
+        self._fences += 1
+        if self.server_id:
+            self._departed[self.server_id] = None
+        if self.runtime is not None:
+            left = await self.runtime.evict_all(grace=self.config.fence_margin * 0.8)
+            if left:
+                log.error("%d activations were still running when the fence closed", left)
+
+    async def leave(self) -> None:
+        """Deregister (after the runtime drained): the PD may place our actors at once."""
+        self.serving = False
+        self._cache.clear()
+        if self.server_id:
+            try:
+                await self.pd.delete(self.server_id)
+            except (PDUnavailableError, PDRequestError) as exc:
+                log.warning("could not deregister from the PD (%s); the lease will expire", exc)
+
+
+class PlacementRemote:
+    """The runtime's ``RemoteDelivery``: the transport, with the directory kept honest.
+
+    A host that cannot be reached before anything is sent (the connection cannot be
+    opened) proves the request did not run there; its cached position is dropped and
+    the PD asked again. If the actor now lives elsewhere (the host left, or its lease
+    expired and the actor was placed again), the call is refused as "wrong host", which
+    makes the runtime retry against the new position; if the PD still names the
+    unreachable host (its lease is alive), the call fails with HostUnavailableError.
+    Any failure that may mean a stale position drops the cached entry.
+    """
+
+    def __init__(self, transport: Transport, directory: ClusterDirectory) -> None:
+        self.transport = transport
+        self.directory = directory
+
+    async def call(self, host: str, req: Request, spec: MethodSpec) -> Any:
+        try:
+            await self.transport.channel(host)
+        except HostUnavailableError:
+            self.directory.forget(req.actor_type, req.key)
+            now = await self.directory.resolve(req.actor_type, req.key)
+            if now == host:
+                raise
+            raise WrongHostError(
+                f"{req.actor_type}/{req.key!r} moved from {host}, which cannot be reached"
+            ) from None
+        try:
+            return await self.transport.call(host, req, spec)
+        except (HostUnavailableError, ShuttingDownError, WrongHostError):
+            self.directory.forget(req.actor_type, req.key)
+            raise

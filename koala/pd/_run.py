@@ -1,0 +1,173 @@
+"""The processes of a cluster: ``koala pd``, ``koala host`` and ``koala status``.
+
+Each ``serve_*`` runs until its ``shutdown`` event is set, then stops in order. The
+CLI (koala/cli.py) parses flags and sets the event on SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+import anyio
+from anyio.abc import TaskStatus
+
+from .._actor import _implementations
+from .._config import HostConfig
+from .._errors import ConfigError
+from .._runtime import Runtime
+from ..http import serve_asgi
+from ..transport import Transport, TransportConfig
+from ._client import ClusterDirectory, MemberConfig, Membership, PDClient, PlacementRemote
+
+log = logging.getLogger("koala.pd")
+
+
+def open_store(store: str, etcd: str | None, *, timeout: float = 5.0) -> Any:
+    """The store ``koala pd`` was asked for: ``memory``, or etcd at ``etcd``."""
+    from ._etcd import EtcdStore
+    from ._store import MemoryStore
+
+    if store == "memory":
+        if etcd:
+            raise ConfigError("--store memory and --etcd exclude each other")
+        return MemoryStore()
+    if store != "etcd":
+        raise ConfigError(f"--store must be 'etcd' or 'memory', got {store!r}")
+    if not etcd:
+        raise ConfigError(
+            "koala pd needs --etcd URL (e.g. http://127.0.0.1:2379), or --store memory for a "
+            "single PD without etcd"
+        )
+    return EtcdStore(etcd, timeout=timeout)
+
+
+async def serve_pd(
+    store: Any,
+    host: str,
+    port: int,
+    shutdown: anyio.Event,
+    *,
+    prefix: str = "/koala/",
+    task_status: TaskStatus[tuple[str, int]] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the PD's HTTP API over ``store`` until ``shutdown`` is set."""
+    from ._api import create_app
+    from ._service import PlacementDriver
+
+    app = create_app(PlacementDriver(store, prefix=prefix))
+    try:
+        await serve_asgi(app, host, port, shutdown, task_status=task_status)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await store.aclose()
+
+
+def served_types() -> dict[str, str]:
+    """Actor type -> implementation, for every implementation defined in this process."""
+    found: dict[str, str] = {}
+    for impls in _implementations.values():
+        for impl in impls:
+            if not inspect.isabstract(impl):
+                found[impl.actor_type] = f"{impl.__module__}.{impl.__qualname__}"
+    return found
+
+
+async def serve_host(
+    module: ModuleType,
+    pd_url: str,
+    listen: tuple[str, int],
+    shutdown: anyio.Event,
+    *,
+    http: tuple[str, int] | None = None,
+    config: HostConfig | None = None,
+    member: MemberConfig | None = None,
+    announce: Callable[[str], None] = print,
+) -> None:
+    """A host of the cluster: runtime, transport and PD membership, and the module's
+    ``app`` over HTTP if it has one; until ``shutdown``, then drain and leave."""
+    services = served_types()
+    if not services:
+        raise ConfigError("the app defines no actor implementation: a host would serve nothing")
+    app: Any = getattr(module, "app", None)
+    pd = PDClient(pd_url)
+    try:
+        async with Transport(TransportConfig.from_env()) as transport:
+            directory = ClusterDirectory(pd, "", services, member)
+            remote = PlacementRemote(transport, directory)
+            rt = Runtime(config or HostConfig(), directory=directory, remote=remote)
+            rt.drain_hooks.append(transport.go_away)
+            async with rt:
+                transport.handler = rt.serve_request
+                directory.address = await transport.listen(*listen)
+                directory.attach(rt)
+                async with anyio.create_task_group() as member_tg:
+                    await member_tg.start(directory.run)
+                    async with anyio.create_task_group() as http_tg:
+                        where = ""
+                        if app is not None and http is not None:
+                            bound = await http_tg.start(serve_asgi, app, http[0], http[1], shutdown)
+                            where = f"; HTTP on http://{bound[0]}:{bound[1]}"
+                        announce(
+                            f"koala host: server {directory.server_id} on {directory.address}"
+                            f"{where}; serving {', '.join(sorted(services))}"
+                        )
+                        await shutdown.wait()
+                    await rt.shutdown()
+                    with anyio.move_on_after(5, shield=True):
+                        await directory.leave()
+                    member_tg.cancel_scope.cancel()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await pd.aclose()
+
+
+def _age(now_ms: int, then_ms: int) -> str:
+    if not then_ms:
+        return "-"
+    seconds = max(0.0, (now_ms - then_ms) / 1000)
+    if seconds < 120:
+        return f"{seconds:.1f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def status_table(view: Membership) -> str:
+    """The cluster as a text table: one host per line."""
+    now = view.now or int(time.time() * 1000)
+    header = ("SERVER", "ADDRESS", "LOAD", "ACTIVATIONS", "LEASE AGE", "RENEWED", "TTL", "SERVES")
+    rows = [header]
+    for server_id in sorted(view.hosts):
+        h = view.hosts[server_id]
+        rows.append(
+            (
+                str(server_id),
+                h.address,
+                str(h.load),
+                str(h.activations),
+                _age(now, h.start_time),
+                f"{_age(now, h.renew_time)} ago",
+                f"{h.ttl}s",
+                ",".join(sorted(h.services)),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
+    lines.append(f"{len(view.hosts)} host(s)")
+    return "\n".join(lines)
+
+
+async def fetch_status(pd_url: str) -> str:
+    pd = PDClient(pd_url)
+    try:
+        return status_table(await pd.fetch_all())
+    finally:
+        await pd.aclose()

@@ -1,0 +1,369 @@
+"""The placement driver's logic over a :class:`Store`: ids, membership, placement.
+
+Everything that must be agreed on lives in the store; what a PD process keeps in
+memory is a cache any PD can rebuild (the membership view, recent membership events,
+unspent blocks of sequence ids, placements it made since a host last reported its
+load). So any number of PD processes may serve one etcd at once.
+
+Layout under ``prefix`` (default ``/koala/``)::
+
+    ids/server_id             counter of node ids (decimal text)
+    ids/seq/{key}             counter of a named sequence
+    hosts/{server_id}         a host's record (JSON), bound to the host's lease
+    placement/{type}/{id}     an actor's position (JSON), bound to the host's lease
+
+A position is created in one transaction that writes it only if absent, bound to the
+chosen host's lease, and returns whichever position is stored (first writer wins). It
+lives as long as the host's lease: when a host dies, its positions go with it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import time
+from collections import OrderedDict, deque
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import anyio
+
+from .._errors import KoalaError
+from ._store import LeaseNotFoundError, Store
+
+log = logging.getLogger("koala.pd")
+
+DEFAULT_PREFIX = "/koala/"
+DEFAULT_HOST_TTL = 15
+MAX_HOST_TTL = 3600
+MAX_SEQUENCE_STEP = 1_000_000
+MAX_SEQUENCES = 10_000  # named sequences whose unspent block a PD remembers
+EVENT_LIFETIME = 60.0  # seconds a membership event is reported
+MAX_EVENTS = 256
+VIEW_MAX_AGE = 0.2  # seconds a membership view is reused before the store is read again
+CAS_RETRIES = 64
+PLACEMENT_ATTEMPTS = 4
+MAX_NAME = 256
+_SEQUENCE_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+
+
+class PDError(KoalaError):
+    """A request the PD cannot serve; ``status`` is the HTTP status, ``code`` a short name."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(slots=True)
+class HostInfo:
+    """A host as registered (the original PD's fields, then Koala's additions)."""
+
+    server_id: int
+    load: int = 0
+    start_time: int = 0  # when the PD registered it, ms since the epoch
+    ttl: int = DEFAULT_HOST_TTL
+    address: str = ""
+    services: dict[str, str] = field(default_factory=dict)  # actor type -> implementation
+    desc: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    lease_id: int = 0
+    activations: int = 0
+    renew_time: int = 0  # the last keep-alive, ms since the epoch
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> HostInfo:
+        names = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    actor_type: str
+    actor_id: str
+    server_id: int
+    server_address: str
+    create_time: int
+    lease_id: int
+    ttl: int = 0
+    created: bool = False  # True when this request made the placement
+
+
+@dataclass(frozen=True, slots=True)
+class MembershipEvent:
+    time: int  # ms since the epoch
+    add: list[int]
+    remove: list[int]
+
+
+class PlacementDriver:
+    """The PD over a store (see the module docstring)."""
+
+    def __init__(self, store: Store, *, prefix: str = DEFAULT_PREFIX) -> None:
+        if not prefix.startswith("/") or not prefix.endswith("/"):
+            raise KoalaError(f"the PD key prefix must start and end with '/', got {prefix!r}")
+        self.store = store
+        self.prefix = prefix
+        self._hosts: dict[int, HostInfo] = {}
+        self._view_time = -1e18
+        self._view_lock = anyio.Lock()
+        self._events: deque[tuple[float, MembershipEvent]] = deque(maxlen=MAX_EVENTS)
+        self._blocks: OrderedDict[str, tuple[int, int]] = OrderedDict()  # key -> [next, end)
+        self._placed: dict[int, tuple[int, int]] = {}  # server -> (renew_time seen, count)
+        self._random = random.Random()
+
+    # ------------------------------------------------------------ keys
+
+    def _host_key(self, server_id: int) -> str:
+        return f"{self.prefix}hosts/{server_id}"
+
+    def _position_key(self, actor_type: str, actor_id: str) -> str:
+        return f"{self.prefix}placement/{actor_type}/{actor_id}"
+
+    # ------------------------------------------------------------ ids
+
+    async def _advance(self, key: str, step: int) -> int:
+        """Add ``step`` to the counter at ``key`` atomically; the new value."""
+        for _ in range(CAS_RETRIES):
+            kv = await self.store.get(key)
+            current = int(kv.value) if kv is not None else 0
+            revision = kv.mod_revision if kv is not None else 0
+            new = current + step
+            if await self.store.replace(key, str(new).encode(), mod_revision=revision):
+                return new
+        raise PDError(503, "contention", f"the counter {key} is too contended; retry")
+
+    async def new_server_id(self) -> int:
+        """A node id never handed out before (by any PD of this store)."""
+        return await self._advance(f"{self.prefix}ids/server_id", 1)
+
+    async def new_sequence(self, key: str, step: int) -> int:
+        """The next id of sequence ``key``; the PD reserves ``step`` ids at a time.
+
+        Ids are unique across PDs and restarts; they increase per PD, and a PD that
+        stops leaves the rest of its block unused."""
+        if not _SEQUENCE_KEY.match(key):
+            raise PDError(
+                400, "bad_request", "a sequence key is 1-128 characters of A-Z a-z 0-9 _ . : -"
+            )
+        if not 1 <= step <= MAX_SEQUENCE_STEP:
+            raise PDError(400, "bad_request", f"step must be from 1 to {MAX_SEQUENCE_STEP}")
+        block = self._blocks.get(key)
+        if block is None or block[0] >= block[1]:
+            end = await self._advance(f"{self.prefix}ids/seq/{key}", step)
+            block = (end - step + 1, end + 1)
+        self._blocks[key] = (block[0] + 1, block[1])
+        self._blocks.move_to_end(key)
+        while len(self._blocks) > MAX_SEQUENCES:
+            self._blocks.popitem(last=False)
+        return block[0]
+
+    # ------------------------------------------------------------ membership
+
+    async def register(self, info: HostInfo) -> int:
+        """Record a host under a new lease of ``info.ttl`` seconds; the lease id."""
+        if info.server_id <= 0:
+            raise PDError(400, "bad_request", "server_id must be a positive id from new_server_id")
+        if not 1 <= info.ttl <= MAX_HOST_TTL:
+            raise PDError(400, "bad_request", f"ttl must be from 1 to {MAX_HOST_TTL} seconds")
+        if not info.address:
+            raise PDError(400, "bad_request", "address (host:port of the host) is required")
+        lease = await self.store.grant(info.ttl)
+        info.start_time = info.renew_time = now_ms()
+        info.lease_id = lease
+        try:
+            created, _ = await self.store.create(
+                self._host_key(info.server_id), json.dumps(info.to_json()).encode(), lease=lease
+            )
+        except BaseException:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                await self.store.revoke(lease)
+            raise
+        if not created:
+            await self.store.revoke(lease)
+            raise PDError(
+                409,
+                "already_registered",
+                f"server_id {info.server_id} is already registered; ask new_server_id for a "
+                "fresh id",
+            )
+        self._view_time = -1e18  # the next view reads the store
+        log.info("host %d registered at %s (lease %d)", info.server_id, info.address, lease)
+        return lease
+
+    async def keep_alive(
+        self, server_id: int, lease_id: int, load: int, activations: int | None = None
+    ) -> None:
+        """Renew a host's lease and record its load."""
+        if server_id <= 0 or lease_id == 0:
+            raise PDError(400, "bad_request", "server_id and lease_id are required")
+        try:
+            await self.store.keep_alive(lease_id)
+        except LeaseNotFoundError:
+            raise PDError(
+                404,
+                "lease_expired",
+                f"the lease {lease_id} of server {server_id} expired: the host must stop "
+                "serving and register again with a new server_id",
+            ) from None
+        key = self._host_key(server_id)
+        kv = await self.store.get(key)
+        if kv is None or kv.lease != lease_id:
+            raise PDError(
+                404,
+                "not_registered",
+                f"server {server_id} is not registered under lease {lease_id}; register again",
+            )
+        info = HostInfo.from_json(json.loads(kv.value))
+        info.load = load
+        if activations is not None:
+            info.activations = activations
+        info.renew_time = now_ms()
+        ok = await self.store.replace(
+            key, json.dumps(info.to_json()).encode(), mod_revision=kv.mod_revision, lease=lease_id
+        )
+        if ok:
+            self._hosts[server_id] = info
+            self._placed.pop(server_id, None)
+
+    async def delete(self, server_id: int) -> bool:
+        """Remove a host now: its lease is revoked, which drops its positions too."""
+        kv = await self.store.get(self._host_key(server_id))
+        if kv is None:
+            return False
+        if kv.lease:
+            await self.store.revoke(kv.lease)
+        else:
+            await self.store.delete(kv.key)
+        self._view_time = -1e18
+        return True
+
+    async def hosts(self, max_age: float = VIEW_MAX_AGE) -> dict[int, HostInfo]:
+        """The registered hosts, read from the store at most ``max_age`` seconds ago."""
+        if anyio.current_time() - self._view_time <= max_age:
+            return self._hosts
+        async with self._view_lock:
+            if anyio.current_time() - self._view_time <= max_age:
+                return self._hosts
+            started = anyio.current_time()
+            found: dict[int, HostInfo] = {}
+            for kv in await self.store.get_prefix(f"{self.prefix}hosts/"):
+                try:
+                    info = HostInfo.from_json(json.loads(kv.value))
+                except (ValueError, TypeError):
+                    log.warning("ignoring a malformed host record at %s", kv.key)
+                    continue
+                info.lease_id = kv.lease
+                found[info.server_id] = info
+            self._note_changes(found)
+            self._hosts = found
+            self._view_time = started
+        return found
+
+    def _note_changes(self, new: dict[int, HostInfo]) -> None:
+        add = sorted(set(new) - set(self._hosts))
+        remove = sorted(set(self._hosts) - set(new))
+        if self._view_time > -1e17 and (add or remove):
+            self._events.append((anyio.current_time(), MembershipEvent(now_ms(), add, remove)))
+        for server_id in remove:
+            self._placed.pop(server_id, None)
+
+    def recent_events(self) -> list[MembershipEvent]:
+        """Hosts added and removed in the last minute, as this PD saw them."""
+        horizon = anyio.current_time() - EVENT_LIFETIME
+        while self._events and self._events[0][0] < horizon:
+            self._events.popleft()
+        return [event for _, event in self._events]
+
+    # ------------------------------------------------------------ placement
+
+    def _effective_load(self, info: HostInfo) -> int:
+        seen = self._placed.get(info.server_id)
+        if seen is None or seen[0] != info.renew_time:
+            return info.load
+        return info.load + seen[1]
+
+    def _count_placement(self, info: HostInfo) -> None:
+        seen = self._placed.get(info.server_id)
+        count = seen[1] if seen is not None and seen[0] == info.renew_time else 0
+        self._placed[info.server_id] = (info.renew_time, count + 1)
+
+    def choose(self, candidates: list[HostInfo]) -> HostInfo:
+        """Power of two choices: two hosts at random, the less loaded one wins.
+
+        The load is what the host last reported plus what this PD placed on it since,
+        so a burst of placements spreads before the next report arrives."""
+        if len(candidates) == 1:
+            return candidates[0]
+        a, b = self._random.sample(candidates, 2)
+        return a if self._effective_load(a) <= self._effective_load(b) else b
+
+    async def find_position(self, actor_type: str, actor_id: str, ttl: int = 0) -> Position:
+        """Where the actor lives, placing it first if it lives nowhere."""
+        for name, value in (("actor_type", actor_type), ("actor_id", actor_id)):
+            if not value or len(value) > MAX_NAME:
+                raise PDError(400, "bad_request", f"{name} must be 1-{MAX_NAME} characters")
+        if "/" in actor_type:
+            raise PDError(400, "bad_request", "actor_type must not contain '/'")
+        key = self._position_key(actor_type, actor_id)
+        dead: set[int] = set()
+        for attempt in range(PLACEMENT_ATTEMPTS):
+            hosts = await self.hosts(max_age=0.0 if attempt else VIEW_MAX_AGE)
+            candidates = [h for s, h in hosts.items() if actor_type in h.services and s not in dead]
+            if not candidates:
+                existing = await self.store.get(key)
+                if existing is not None:
+                    return self._position(
+                        actor_type, actor_id, ttl, existing.value, False, existing.lease
+                    )
+                if attempt == 0:
+                    continue  # read the store again: a host may have just registered
+                raise PDError(
+                    503,
+                    "no_host",
+                    f"no live host serves actor type {actor_type!r}; start a host whose app "
+                    "defines it",
+                )
+            host = self.choose(candidates)
+            record = {
+                "server_id": host.server_id,
+                "server_address": host.address,
+                "create_time": now_ms(),
+            }
+            try:
+                created, kv = await self.store.create(
+                    key, json.dumps(record).encode(), lease=host.lease_id
+                )
+            except LeaseNotFoundError:
+                dead.add(host.server_id)  # it died since the view was read
+                continue
+            if created:
+                self._count_placement(host)
+            return self._position(actor_type, actor_id, ttl, kv.value, created, kv.lease)
+        raise PDError(503, "no_host", f"could not place {actor_type}/{actor_id}: hosts keep dying")
+
+    def _position(
+        self, actor_type: str, actor_id: str, ttl: int, raw: bytes, created: bool, lease: int = 0
+    ) -> Position:
+        record = json.loads(raw)
+        return Position(
+            actor_type=actor_type,
+            actor_id=actor_id,
+            server_id=int(record["server_id"]),
+            server_address=str(record["server_address"]),
+            create_time=int(record["create_time"]),
+            lease_id=lease,
+            ttl=ttl,
+            created=created,
+        )
