@@ -253,6 +253,10 @@ class Activation:
             self.runtime._tg.start_soon(self._run_pump)
 
     def begin_deactivation(self) -> None:
+        if self.state is State.CREATING and self.chain is None and not self.mailbox:
+            self.state = State.INVALID  # never activated: nothing to run on_deactivate on
+            self.runtime._forget(self)
+            return
         if self.state in (State.VALID, State.CREATING, State.ACTIVATING):
             self.deactivate_asap = True
             if self.state is State.VALID and self.chain is None:
@@ -350,10 +354,8 @@ class Activation:
                 )
             else:
                 result = await self._inline_body(spec, args)
-        except Exception as exc:
-            if getattr(exc, "error_code", None) is None:
-                raise rebuild_error(error_info(exc)) from None
-            raise
+        except Exception as exc:  # the caller sees what a mailbox turn would report
+            raise rebuild_error(error_info(exc)) from None
         finally:
             current_chain.reset(t_chain)
             current_activation.reset(t_act)
@@ -363,7 +365,9 @@ class Activation:
             if rt._inflight == 0 and rt._draining:
                 rt._drained.set()
             if outer is None:
-                if self.state is State.INVALID:  # its activation failed
+                if self.state is State.INVALID or self.state is State.CREATING:
+                    self.state = State.INVALID  # its activation failed, or never started
+                    rt._forget(self)
                     self._requeue_leftovers()
                 else:
                     self.last_used = rt.now

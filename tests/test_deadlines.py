@@ -134,3 +134,12 @@ async def test_one_way_errors_are_logged(caplog: pytest.LogCaptureFixture) -> No
         await wait_until(lambda: rt.statistics().inflight == 0)
     assert "one-way call ISlow.explode" in caplog.text
     assert "one-way failure" in caplog.text
+
+
+async def test_first_call_with_a_passed_deadline_leaves_no_half_made_activation() -> None:
+    async with local_runtime(SlowImpl) as rt:
+        with pytest.raises(TimeoutError), anyio.CancelScope(deadline=anyio.current_time() - 1):
+            await get_rpc_proxy(ISlow, "late").record("never")
+        assert rt.statistics().activations == 0
+        await get_rpc_proxy(ISlow, "late").record("fine")
+    assert "never" not in events
