@@ -73,6 +73,20 @@ class _Pending:
         self.written = False
 
 
+class _Worker:
+    """A parked serving task, woken with its next request (cheaper than a new task)."""
+
+    __slots__ = ("job", "wake")
+
+    def __init__(self) -> None:
+        self.job: tuple[Request, Handler, anyio.CancelScope] | None = None
+        self.wake = anyio.Event()
+
+
+# Serving tasks kept parked per connection after a burst; more simply end.
+MAX_IDLE_WORKERS = 256
+
+
 class Channel:
     """An authenticated connection to ``peer``; use it from many tasks at once."""
 
@@ -99,6 +113,7 @@ class Channel:
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
         self._serving: dict[int, anyio.CancelScope] = {}
+        self._idle: list[_Worker] = []
         self._outbox: deque[tuple[bytes, int]] = deque()  # frames to write, request id
         self._writing = False  # a task is writing the outbox right now
         self._space: anyio.Event | None = None  # set when a full outbox drains
@@ -263,8 +278,26 @@ class Channel:
             # the turn runs under the request's deadline: no second scope is needed
             scope = anyio.CancelScope(deadline=anyio.current_time() + ev.timeout)
             self._serving[rid] = scope
-            assert self._tg is not None
-            self._tg.start_soon(self._serve, ev, handler, scope, name="koala-serve")
+            if self._idle:
+                worker = self._idle.pop()
+                worker.job = (ev, handler, scope)
+                worker.wake.set()
+            else:
+                assert self._tg is not None
+                self._tg.start_soon(self._work, (ev, handler, scope), name="koala-serve")
+
+    async def _work(self, job: tuple[Request, Handler, anyio.CancelScope]) -> None:
+        """Serve requests one after another, parking in between (a task per concurrent
+        request, reused: a request never waits for another to finish)."""
+        next_job: tuple[Request, Handler, anyio.CancelScope] | None = job
+        while next_job is not None:
+            await self._serve(*next_job)
+            if self.closed or len(self._idle) >= MAX_IDLE_WORKERS:
+                return
+            worker = _Worker()
+            self._idle.append(worker)
+            await worker.wake.wait()
+            next_job = worker.job
 
     def _reply(self, rid: int, exc: Exception) -> None:
         """Refuse a request without running it (the code says it was not run)."""
