@@ -214,6 +214,19 @@ async def test_cancel_crosses_the_wire_and_cancels_the_remote_turn() -> None:
         await wait_until(lambda: t2.statistics().serving == 0)
 
 
+async def test_cancel_reaches_a_turn_served_by_a_reused_task() -> None:
+    async with two_nodes() as (rt1, _, _, t2):
+        for i in range(20):  # park serving tasks on node 2
+            assert await echo(rt1, f"w{i}").add(i, 1) == i + 1
+        before = Echo.cancelled
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(echo(rt1, "w3").sleep, 60.0)
+            await wait_until(lambda: t2.statistics().serving == 1)
+            tg.cancel_scope.cancel()
+        await wait_until(lambda: Echo.cancelled == before + 1)
+        assert await echo(rt1, "w3").add(1, 1) == 2  # the reused task serves on
+
+
 async def test_remaining_deadline_travels() -> None:
     async with two_nodes() as (rt1, _, _, t2):
         before = Echo.cancelled
