@@ -203,16 +203,21 @@ class Transport:
         finally:
             await anyio.aclose_forcefully(stream)
 
-    async def _serve_inbound(self, stream: ByteStream) -> None:
+    def _connection(self, role: Role) -> Connection:
+        """A protocol state machine for one connection of this node."""
         cfg = self.config
-        conn = Connection(
-            Role.SERVER,
+        return Connection(
+            role,
             cluster_id=cfg.cluster_id,
             node_id=cfg.node_id,
             secret=cfg.secret,
             address=self.address,
             max_frame_size=cfg.max_frame_size,
         )
+
+    async def _serve_inbound(self, stream: ByteStream) -> None:
+        cfg = self.config
+        conn = self._connection(Role.SERVER)
         _set_nodelay(stream)
         peer_host = str(stream.extra(SocketAttribute.remote_address, ("?", 0))[0])
         if cfg.secret is None and not is_loopback(peer_host):
@@ -344,14 +349,7 @@ class Transport:
             stream: ByteStream = await anyio.connect_tcp(host, port)
         try:
             _set_nodelay(stream)
-            conn = Connection(
-                Role.CLIENT,
-                cluster_id=cfg.cluster_id,
-                node_id=cfg.node_id,
-                secret=cfg.secret,
-                address=self.address,
-                max_frame_size=cfg.max_frame_size,
-            )
+            conn = self._connection(Role.CLIENT)
             with anyio.fail_after(cfg.handshake_timeout):
                 await stream.send(conn.initiate())
                 try:
