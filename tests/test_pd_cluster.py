@@ -4,6 +4,7 @@ line to a shared file), never by our own bookkeeping."""
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -157,3 +158,32 @@ async def test_host_stops_cleanly_and_leaves(cluster: Cluster) -> None:
         assert counts[k] == (2 if placed[k] == b.pid else 1)
     deactivations = [ln for ln in cluster.event_lines() if ln.startswith("deactivate")]
     assert len(deactivations) == sum(1 for k in keys if placed[k] == b.pid)
+
+
+async def test_status_prints_the_cluster_as_a_table(cluster: Cluster) -> None:
+    pd = cluster.pd(store="memory")
+    host = cluster.host(url(pd), "uvloop")
+    async with httpx.AsyncClient(timeout=30) as client:
+        for i in range(3):
+            await hit(client, host, f"status-{i}")
+    me = stats(host)
+    cmd = [sys.executable, "-m", "koala.cli", "status", "--pd", url(pd)]
+    with anyio.fail_after(30):
+        while True:  # the activations reach the PD with the next renewal (TTL/3)
+            done = await anyio.run_process(cmd, check=False, env=cluster.env())
+            assert done.returncode == 0, done.stderr
+            lines = done.stdout.decode().splitlines()
+            row = next(ln for ln in lines if ln.startswith(str(me["server_id"])))
+            if row.split()[3] == "3":
+                break
+            await anyio.sleep(0.2)
+    assert lines[0].split()[:4] == ["SERVER", "ADDRESS", "LOAD", "ACTIVATIONS"]
+    assert "Counter" in row
+    assert lines[-1] == "1 host(s)"
+    down = await anyio.run_process(
+        [sys.executable, "-m", "koala.cli", "status", "--pd", "http://127.0.0.1:1"],
+        check=False,
+        env=cluster.env(),
+    )
+    assert down.returncode == 1
+    assert "no PD can be reached" in down.stderr.decode()

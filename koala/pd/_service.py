@@ -118,6 +118,7 @@ class PlacementDriver:
         self._hosts: dict[int, HostInfo] = {}
         self._view_time = -1e18
         self._view_lock = anyio.Lock()
+        self._has_view = False
         self._events: deque[tuple[float, MembershipEvent]] = deque(maxlen=MAX_EVENTS)
         self._blocks: OrderedDict[str, tuple[int, int]] = OrderedDict()  # key -> [next, end)
         self._placed: dict[int, tuple[int, int]] = {}  # server -> (renew_time seen, count)
@@ -269,12 +270,13 @@ class PlacementDriver:
             self._note_changes(found)
             self._hosts = found
             self._view_time = started
+            self._has_view = True
         return found
 
     def _note_changes(self, new: dict[int, HostInfo]) -> None:
         add = sorted(set(new) - set(self._hosts))
         remove = sorted(set(self._hosts) - set(new))
-        if self._view_time > -1e17 and (add or remove):
+        if self._has_view and (add or remove):
             self._events.append((anyio.current_time(), MembershipEvent(now_ms(), add, remove)))
         for server_id in remove:
             self._placed.pop(server_id, None)

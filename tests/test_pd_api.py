@@ -1,0 +1,236 @@
+"""The PD's HTTP API over both stores (memory, real etcd), on every backend: paths,
+fields and errors as docs/pd.md describes them."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from koala.pd import EtcdStore, MemoryStore, Store
+from koala.pd.server import PlacementDriver, create_app
+from tests._etcd import etcd_url, unique_prefix
+
+__all__ = ["etcd_url"]
+
+pytestmark = pytest.mark.anyio
+
+API = "/pd/api/v1"
+
+
+@pytest.fixture(params=["memory", "etcd"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    etcd = EtcdStore(request.getfixturevalue("etcd_url"))
+    try:
+        yield etcd
+    finally:
+        await etcd.aclose()
+
+
+def client_for(pd: PlacementDriver) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=create_app(pd))
+    return httpx.AsyncClient(transport=transport, base_url="http://pd")
+
+
+@pytest.fixture
+async def pd(store: Store) -> AsyncIterator[httpx.AsyncClient]:
+    async with client_for(PlacementDriver(store, prefix=unique_prefix("api"))) as client:
+        yield client
+
+
+async def post(client: httpx.AsyncClient, path: str, body: Any = None, status: int = 200) -> Any:
+    resp = await client.post(API + path, json=body if body is not None else {})
+    assert resp.status_code == status, resp.text
+    return resp.json()
+
+
+async def register(
+    client: httpx.AsyncClient, services: list[str], load: int = 0
+) -> tuple[int, int]:
+    server_id = (await post(client, "/id/new_server_id"))["id"]
+    body = {
+        "server_id": server_id,
+        "address": f"127.0.0.1:{7000 + server_id}",
+        "services": {s: f"app.{s}" for s in services},
+        "ttl": 30,
+        "load": load,
+        "desc": "test host",
+        "labels": {"zone": "a"},
+    }
+    answer = await post(client, "/membership/register", body)
+    assert answer["server_id"] == server_id
+    assert answer["ttl"] == 30
+    return server_id, answer["lease_id"]
+
+
+async def test_version(pd: httpx.AsyncClient) -> None:
+    resp = await pd.get(API + "/version")
+    assert resp.json() == {"version": "koala-pd/1"}
+
+
+async def test_server_ids_are_unique_and_increasing(pd: httpx.AsyncClient) -> None:
+    ids = [(await post(pd, "/id/new_server_id"))["id"] for _ in range(5)]
+    assert ids == sorted(set(ids))
+    assert ids[0] >= 1
+
+
+async def test_sequences_hand_out_unique_ids_across_pds(store: Store) -> None:
+    prefix = unique_prefix("seq")
+    got: list[int] = []
+    async with (
+        client_for(PlacementDriver(store, prefix=prefix)) as one,
+        client_for(PlacementDriver(store, prefix=prefix)) as two,
+    ):
+        for _ in range(7):
+            for client in (one, two):
+                got.append((await post(client, "/id/new_sequence/orders/3"))["id"])
+        other = (await post(one, "/id/new_sequence/other/100"))["id"]
+    assert len(set(got)) == len(got)
+    assert other == 1  # sequences are independent
+
+
+async def test_bad_sequence_requests(pd: httpx.AsyncClient) -> None:
+    body = await post(pd, "/id/new_sequence/orders/0", status=400)
+    assert body["error"] == "bad_request"
+    assert "step" in body["message"]
+    body = await post(pd, "/id/new_sequence/has space/5", status=400)
+    assert body["error"] == "bad_request"
+    body = await post(pd, "/id/new_sequence/orders/many", status=400)
+    assert body["error"] == "bad_request"
+
+
+async def test_register_keep_alive_and_membership(pd: httpx.AsyncClient) -> None:
+    a, lease_a = await register(pd, ["Player"])
+    b, _ = await register(pd, ["Player", "Room"])
+    view = await post(
+        pd, "/membership/keep_alive", {"server_id": a, "lease_id": lease_a, "load": 7}
+    )
+    assert set(view["hosts"]) == {str(a), str(b)}
+    host = view["hosts"][str(a)]
+    assert host["load"] == 7
+    assert host["services"] == {"Player": "app.Player"}
+    assert (host["desc"], host["labels"], host["ttl"]) == ("test host", {"zone": "a"}, 30)
+    assert host["lease_id"] == lease_a
+    assert host["start_time"] <= host["renew_time"] <= view["now"]
+    assert isinstance(view["events"], list)
+    everything = await post(pd, "/membership/fetch_all")
+    assert set(everything["hosts"]) == {str(a), str(b)}
+
+
+async def test_membership_events_report_adds_and_removes(pd: httpx.AsyncClient) -> None:
+    a, lease_a = await register(pd, ["Player"])
+    await post(pd, "/membership/fetch_all")  # the PD's first view: a
+    b, _ = await register(pd, ["Player"])
+    await post(pd, "/membership/fetch_all")  # b added
+    await post(pd, "/membership/delete", {"server_id": b})
+    view = await post(pd, "/membership/keep_alive", {"server_id": a, "lease_id": lease_a})
+    assert set(view["hosts"]) == {str(a)}
+    assert [(e["add"], e["remove"]) for e in view["events"]] == [([b], []), ([], [b])]
+    assert all(e["time"] <= view["now"] for e in view["events"])
+
+
+async def test_register_twice_is_refused(pd: httpx.AsyncClient) -> None:
+    a, _ = await register(pd, ["Player"])
+    body = {"server_id": a, "address": "127.0.0.1:1", "services": {}, "ttl": 30}
+    answer = await post(pd, "/membership/register", body, status=409)
+    assert answer["error"] == "already_registered"
+
+
+async def test_register_validates_its_input(pd: httpx.AsyncClient) -> None:
+    answer = await post(pd, "/membership/register", {"server_id": "x"}, status=400)
+    assert answer["error"] == "bad_request"
+    assert "server_id" in answer["message"]
+    assert "address" in answer["message"]
+    body = {"server_id": 5, "address": "127.0.0.1:1", "ttl": 0}
+    answer = await post(pd, "/membership/register", body, status=400)
+    assert "ttl" in answer["message"]
+    resp = await pd.post(API + "/membership/register", content=b"garbage")
+    assert resp.status_code == 400
+    assert "Content-Type: application/json" in resp.json()["message"]
+
+
+async def test_keep_alive_on_a_dead_lease_says_register_again(pd: httpx.AsyncClient) -> None:
+    a, lease = await register(pd, ["Player"])
+    await post(pd, "/membership/delete", {"server_id": a})
+    body = {"server_id": a, "lease_id": lease, "load": 1}
+    answer = await post(pd, "/membership/keep_alive", body, status=404)
+    assert answer["error"] == "lease_expired"
+    answer = await post(pd, "/membership/delete", {"server_id": a}, status=404)
+    assert answer["error"] == "not_registered"
+
+
+async def test_find_position_places_once_and_answers_the_same(pd: httpx.AsyncClient) -> None:
+    a, lease = await register(pd, ["Player"])
+    await register(pd, ["Room"])  # does not serve Player: never chosen for it
+    body = {"actor_type": "Player", "actor_id": "p1", "ttl": 60}
+    first = await post(pd, "/placement/find_position", body)
+    assert first["server_id"] == a
+    assert first["server_address"] == f"127.0.0.1:{7000 + a}"
+    assert (first["actor_type"], first["actor_id"], first["ttl"]) == ("Player", "p1", 60)
+    assert first["created"] is True
+    assert first["lease_id"] == lease
+    again = await post(pd, "/placement/find_position", body)
+    assert again["created"] is False
+    assert again["create_time"] == first["create_time"]
+
+
+async def test_find_position_errors(pd: httpx.AsyncClient) -> None:
+    body = {"actor_type": "Nobody", "actor_id": "1"}
+    answer = await post(pd, "/placement/find_position", body, status=503)
+    assert answer["error"] == "no_host"
+    assert "Nobody" in answer["message"]
+    answer = await post(pd, "/placement/find_position", {"actor_type": "", "actor_id": "1"}, 400)
+    assert answer["error"] == "bad_request"
+    answer = await post(pd, "/placement/find_position", {"actor_type": "A/B", "actor_id": "1"}, 400)
+    assert answer["error"] == "bad_request"
+
+
+async def test_positions_die_with_the_host(pd: httpx.AsyncClient) -> None:
+    a, _ = await register(pd, ["Player"])
+    body = {"actor_type": "Player", "actor_id": "p1"}
+    assert (await post(pd, "/placement/find_position", body))["server_id"] == a
+    await post(pd, "/membership/delete", {"server_id": a})
+    b, _ = await register(pd, ["Player"])
+    again = await post(pd, "/placement/find_position", body)
+    assert (again["server_id"], again["created"]) == (b, True)
+
+
+async def test_placement_prefers_less_loaded_hosts(pd: httpx.AsyncClient) -> None:
+    busy, _ = await register(pd, ["Player"], load=1000)
+    idle = [(await register(pd, ["Player"], load=0))[0] for _ in range(2)]
+    placed = Counter[int]()
+    for i in range(60):
+        body = {"actor_type": "Player", "actor_id": f"p{i}"}
+        placed[(await post(pd, "/placement/find_position", body))["server_id"]] += 1
+    assert placed[busy] == 0  # two choices: the busy host always loses
+    assert all(placed[s] > 10 for s in idle)  # and the idle ones share the burst
+
+
+async def test_two_pds_racing_agree_on_every_position(store: Store) -> None:
+    prefix = unique_prefix("race")
+    answers: dict[str, set[int]] = {}
+    async with (
+        client_for(PlacementDriver(store, prefix=prefix)) as one,
+        client_for(PlacementDriver(store, prefix=prefix)) as two,
+    ):
+        for _ in range(3):
+            await register(one, ["Player"])
+
+        async def find(client: httpx.AsyncClient, key: str) -> None:
+            body = {"actor_type": "Player", "actor_id": key}
+            answer = await post(client, "/placement/find_position", body)
+            answers.setdefault(key, set()).add(answer["server_id"])
+
+        async with anyio.create_task_group() as tg:
+            for i in range(60):
+                key = f"k{i % 15}"
+                tg.start_soon(find, one if i % 2 else two, key)
+    assert len(answers) == 15
+    assert all(len(servers) == 1 for servers in answers.values()), answers

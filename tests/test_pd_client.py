@@ -1,0 +1,203 @@
+"""The host side of the PD in one process, on every backend: a real PD over HTTP (memory
+store), a runtime with the ClusterDirectory, the position cache, and self-fencing."""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import pytest
+
+from koala import ActorBase, ActorInterface, ConfigError, HostConfig, Runtime, WrongHostError
+from koala._proxy import make_proxy
+from koala._runtime import LOCAL
+from koala.pd import (
+    ClusterDirectory,
+    MemberConfig,
+    MemoryStore,
+    PDClient,
+    PDUnavailableError,
+)
+from koala.pd.server import serve_pd
+from tests._etcd import free_port
+
+pytestmark = pytest.mark.anyio
+
+events: list[str] = []
+
+
+class IThing(ActorInterface):
+    @abstractmethod
+    async def touch(self) -> int: ...
+
+
+class Thing(IThing, ActorBase):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    async def on_deactivate(self) -> None:
+        events.append(f"deactivate {self.key}")
+
+    async def touch(self) -> int:
+        self.count += 1
+        return self.count
+
+
+class PD:
+    """A PD served on a fixed port; it can be stopped and started again."""
+
+    def __init__(self, tg: Any) -> None:
+        self.tg = tg
+        self.store = MemoryStore()  # survives restarts, like etcd would
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.shutdown = anyio.Event()
+
+    async def start(self) -> None:
+        self.shutdown = anyio.Event()
+        await self.tg.start(serve_pd, self.store, "127.0.0.1", self.port, self.shutdown)
+
+    def stop(self) -> None:
+        self.shutdown.set()
+
+
+@asynccontextmanager
+async def cluster(
+    config: MemberConfig | None = None,
+) -> AsyncIterator[tuple[PD, Runtime, ClusterDirectory]]:
+    events.clear()
+    async with anyio.create_task_group() as tg:
+        pd = PD(tg)
+        await pd.start()
+        client = PDClient(pd.url, timeout=1.0)
+        directory = ClusterDirectory(client, "127.0.0.1:1", {"Thing": "tests.Thing"}, config)
+        rt = Runtime(HostConfig(default_timeout=5, shutdown_grace=1), [Thing], directory=directory)
+        async with rt:
+            directory.attach(rt)
+            async with anyio.create_task_group() as member:
+                await member.start(directory.run)
+                yield pd, rt, directory
+                member.cancel_scope.cancel()
+        await client.aclose()
+        pd.stop()
+
+
+async def test_registers_and_owns_its_positions() -> None:
+    async with cluster(MemberConfig(ttl=5)) as (_, rt, directory):
+        assert directory.serving
+        assert directory.server_id > 0
+        assert directory.lookup("Thing", "a") is None
+        assert await make_proxy(IThing, "a", rt).touch() == 1
+        assert directory.lookup("Thing", "a") == LOCAL
+        assert await make_proxy(IThing, "a", rt).touch() == 2
+        directory.forget("Thing", "a")
+        assert directory.lookup("Thing", "a") is None
+        assert await directory.resolve("Thing", "a") == LOCAL
+        assert directory.statistics().resolves == 2
+
+
+async def test_position_cache_is_bounded_lru_with_a_ttl() -> None:
+    async with cluster(MemberConfig(ttl=5, cache_size=3, cache_ttl=0.3)) as (_, _, directory):
+        for key in "abcd":
+            await directory.resolve("Thing", key)
+        assert directory.statistics().cached == 3
+        assert directory.lookup("Thing", "a") is None  # the least recently used went
+        assert directory.lookup("Thing", "d") == LOCAL
+        await anyio.sleep(0.4)
+        assert directory.lookup("Thing", "d") is None  # expired
+
+
+async def test_concurrent_resolves_of_one_key_ask_the_pd_once() -> None:
+    async with cluster(MemberConfig(ttl=5)) as (_, _, directory):
+        answers: list[str] = []
+
+        async def resolve() -> None:
+            answers.append(await directory.resolve("Thing", "same"))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(10):
+                tg.start_soon(resolve)
+        assert answers == [LOCAL] * 10
+        assert directory.statistics().resolves == 1
+
+
+async def test_renewals_report_load_to_the_pd() -> None:
+    async with cluster(MemberConfig(ttl=1)) as (pd, rt, directory):
+        for key in "abc":
+            await make_proxy(IThing, key, rt).touch()
+        await anyio.sleep(0.8)  # two renewals at TTL/3
+        other = PDClient(pd.url)
+        try:
+            view = await other.fetch_all()
+        finally:
+            await other.aclose()
+        me = view.hosts[directory.server_id]
+        assert (me.activations, me.load) == (3, 3)
+        assert directory.statistics().renewals >= 2
+        assert set(directory.members) == {directory.server_id}
+
+
+async def test_losing_the_pd_fences_the_host_then_it_rejoins_as_a_new_node() -> None:
+    config = MemberConfig(ttl=1, rejoin_wait=0.2)
+    async with cluster(config) as (pd, rt, directory):
+        for key in "abc":
+            await make_proxy(IThing, key, rt).touch()
+        first = directory.server_id
+        pd.stop()
+        with anyio.fail_after(5):
+            while directory.serving:
+                await anyio.sleep(0.02)
+        # fenced before the TTL ran out: nothing is live, nothing is local any more
+        with anyio.fail_after(1):
+            while rt.statistics().activations:
+                await anyio.sleep(0.02)
+        assert sorted(events) == ["deactivate a", "deactivate b", "deactivate c"]
+        assert directory.lookup("Thing", "a") is None
+        with pytest.raises(WrongHostError, match="lost its lease"):
+            await directory.resolve("Thing", "a")
+        with pytest.raises(WrongHostError):
+            await make_proxy(IThing, "a", rt).touch()
+        assert rt.statistics().activations == 0
+        await pd.start()
+        with anyio.fail_after(5):
+            while not directory.serving:
+                await anyio.sleep(0.02)
+        assert directory.server_id != first
+        stats = directory.statistics()
+        assert (stats.registrations, stats.fences) == (2, 1)
+        assert await make_proxy(IThing, "a", rt).touch() == 1  # a fresh activation
+
+
+async def test_evict_all_keeps_the_runtime_serving() -> None:
+    events.clear()
+    async with Runtime(HostConfig(shutdown_grace=1), [Thing]) as rt:
+        for key in "xy":
+            await make_proxy(IThing, key, rt).touch()
+        assert await rt.evict_all(grace=1.0) == 0
+        assert sorted(events) == ["deactivate x", "deactivate y"]
+        assert rt.statistics().activations == 0
+        assert await make_proxy(IThing, "x", rt).touch() == 1
+
+
+async def test_unreachable_pd_is_a_clear_error() -> None:
+    client = PDClient(f"http://127.0.0.1:{free_port()}", timeout=1.0)
+    try:
+        with anyio.fail_after(5), pytest.raises(PDUnavailableError, match="no PD can be reached"):
+            await client.new_server_id()
+    finally:
+        await client.aclose()
+
+
+def test_bad_settings_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match="http://"):
+        PDClient("127.0.0.1:9000")
+    with pytest.raises(ConfigError, match="ttl"):
+        MemberConfig(ttl=0)
+    with pytest.raises(ConfigError, match="fence_margin"):
+        MemberConfig(ttl=3, fence_margin=2.5)
+    with pytest.raises(ConfigError, match="cache_size"):
+        MemberConfig(cache_size=0)
