@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,20 +58,16 @@ class WSClient:
             raise ConnectionError(f"closed: {self.closed}")
         await self.stream.send(self.ws.send(Message(data=data)))
 
+    async def send_many(self, frames: list[str | bytes]) -> None:
+        """Several frames in one write (so a close in between cannot break the write)."""
+        await self.stream.send(b"".join(self.ws.send(Message(data=f)) for f in frames))
+
     async def send_json(self, obj: Any) -> None:
         await self.send(json.dumps(obj))
 
     async def receive(self) -> str | bytes | Closed:
         """The next message, or Closed(code, reason) once the server closed."""
-        while not self._inbox:
-            if self.closed is not None:
-                return self.closed
-            try:
-                data = await self.stream.receive()
-            except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
-                self.closed = self.closed or Closed(1006, "connection lost")
-                continue
-            self.ws.receive_data(data)
+        while True:
             for ev in self.ws.events():
                 if isinstance(ev, (TextMessage, BytesMessage)):
                     self._parts.append(ev.data)
@@ -83,17 +79,25 @@ class WSClient:
                         self._parts = []
                 elif isinstance(ev, CloseConnection):
                     self.closed = Closed(ev.code, ev.reason)
-                    try:
+                    with suppress(Exception):
                         await self.stream.send(self.ws.send(ev.response()))
-                    except Exception:
-                        pass
                 elif isinstance(ev, Ping):
-                    await self.stream.send(self.ws.send(ev.response()))
-        return self._inbox.pop(0)
+                    with suppress(Exception):
+                        await self.stream.send(self.ws.send(ev.response()))
+            if self._inbox:
+                return self._inbox.pop(0)
+            if self.closed is not None:
+                return self.closed
+            try:
+                data = await self.stream.receive()
+            except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                self.closed = Closed(1006, "connection lost")
+                continue
+            self.ws.receive_data(data)
 
-    async def expect_close(self, timeout: float = 5.0) -> Closed:
+    async def expect_close(self, within: float = 5.0) -> Closed:
         """Read until the server closes; the close code and reason."""
-        with anyio.fail_after(timeout):
+        with anyio.fail_after(within):
             while True:
                 item = await self.receive()
                 if isinstance(item, Closed):
@@ -101,10 +105,8 @@ class WSClient:
 
     async def close(self, code: int = 1000) -> None:
         if self.closed is None:
-            try:
+            with suppress(Exception):
                 await self.stream.send(self.ws.send(CloseConnection(code=code)))
-            except Exception:
-                pass
         await self.stream.aclose()
 
 

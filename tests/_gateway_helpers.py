@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+from anyio.abc import TaskStatus
 
 from koala import ActorBase, ActorInterface, HostConfig, Runtime
 from koala.gateway import (
@@ -89,11 +90,21 @@ async def local_gateway(
 ) -> AsyncIterator[tuple[tuple[str, int], Gateway, Runtime]]:
     """A runtime with an in-process gateway on a free loopback port."""
     shutdown = anyio.Event()
+    stopped = anyio.Event()
     cfg = host_config or HostConfig(default_timeout=10.0, shutdown_grace=2.0)
     async with Runtime(cfg, ACTORS) as rt, anyio.create_task_group() as tg:
         gateway = Gateway(config or gateway_config(), LocalLink(rt))
-        address = await tg.start(gateway.serve, "127.0.0.1", 0, shutdown)
+
+        async def serve(*, task_status: TaskStatus[tuple[str, int]]) -> None:
+            try:
+                await gateway.serve("127.0.0.1", 0, shutdown, task_status=task_status)
+            finally:
+                stopped.set()
+
+        address = await tg.start(serve)
         try:
             yield address, gateway, rt
-        finally:
+        finally:  # stop hypercorn through its trigger even when the test failed
             shutdown.set()
+            with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                await stopped.wait()

@@ -306,10 +306,10 @@ class Gateway:
             conn.close(ClientCloseCode.NORMAL, "client left")
 
     async def _receive(
-        self, conn: ClientConnection, receive: Receive, timeout: float, code: int, why: str
+        self, conn: ClientConnection, receive: Receive, limit: float, code: int, why: str
     ) -> Data | None:
         """The next frame, or None once the connection is over (closed here if timed out)."""
-        with anyio.move_on_after(timeout):
+        with anyio.move_on_after(limit):
             msg = await receive()
             if msg["type"] == "websocket.receive":
                 data: Data | None = msg.get("text")

@@ -264,7 +264,12 @@ class ClientHub:
         impl = self._impls[sess.actor_type]
 
         async def received(instance: ClientHandler, act: Activation) -> None:
-            await instance.on_client_message(sess, data)
+            try:
+                await instance.on_client_message(sess, data)
+            except SessionClosedError:
+                if not sess._closed:
+                    raise
+                log.debug("session %d closed while its actor answered a frame", session_id)
 
         return self._turn(sess, impl, "on_client_message", received, reopen=True)
 
