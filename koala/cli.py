@@ -49,14 +49,24 @@ async def _watch_signals(shutdown: anyio.Event) -> None:
 
 
 async def run_dev(
-    module: ModuleType, target: str, host: str, port: int, config: HostConfig
+    module: ModuleType,
+    target: str,
+    host: str,
+    port: int,
+    config: HostConfig,
+    gateway: tuple[str, int] | None = None,
 ) -> None:
     """Run the runtime and the module's `app` (if any) until SIGINT/SIGTERM, then drain."""
     app: Any = getattr(module, "app", None)
     shutdown = anyio.Event()
     backend = _backend.backend_from_env().name
-    async with Runtime(config), anyio.create_task_group() as tg:
+    async with Runtime(config) as runtime, anyio.create_task_group() as tg:
         tg.start_soon(_watch_signals, shutdown)
+        if gateway is not None:
+            from .gateway._serve import serve_dev_gateway
+
+            ws = await tg.start(serve_dev_gateway, runtime, *gateway, shutdown)
+            print(f"koala dev: gateway on ws://{ws[0]}:{ws[1]}", flush=True)
         if app is not None:
             bound = await tg.start(serve_asgi, app, host, port, shutdown)
             print(
@@ -94,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--default-timeout", type=_positive, help="deadline of calls without one")
     dev.add_argument("--shutdown-grace", type=_positive, help="seconds to drain on stop")
     dev.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    dev.add_argument("--gateway", help="HOST:PORT for the WebSocket gateway (docs/gateway.md)")
     _add_cluster_commands(sub)
     return parser
 
@@ -231,8 +242,11 @@ def main(argv: list[str] | None = None) -> int:
             config = HostConfig(**overrides)
             from ._app import load_app
 
+            gateway = parse_hostport(args.gateway, "--gateway") if args.gateway else None
+            if gateway is not None:
+                check_bind(gateway[0], "--gateway")
             module = load_app(args.app)
-            _backend.run(lambda: run_dev(module, args.app, host, port, config), backend)
+            _backend.run(lambda: run_dev(module, args.app, host, port, config, gateway), backend)
         else:
             return _run_cluster_command(args, backend)
     except ConfigError as exc:

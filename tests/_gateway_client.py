@@ -56,11 +56,11 @@ class WSClient:
     async def send(self, data: str | bytes) -> None:
         if self.closed is not None:
             raise ConnectionError(f"closed: {self.closed}")
-        await self.stream.send(self.ws.send(Message(data=data)))
+        await self.stream.send(self.ws.send(_message(data)))
 
     async def send_many(self, frames: list[str | bytes]) -> None:
         """Several frames in one write (so a close in between cannot break the write)."""
-        await self.stream.send(b"".join(self.ws.send(Message(data=f)) for f in frames))
+        await self.stream.send(b"".join(self.ws.send(_message(f)) for f in frames))
 
     async def send_json(self, obj: Any) -> None:
         await self.send(json.dumps(obj))
@@ -78,7 +78,7 @@ class WSClient:
                             self._inbox.append(b"".join(self._parts))
                         self._parts = []
                 elif isinstance(ev, CloseConnection):
-                    self.closed = Closed(ev.code, ev.reason)
+                    self.closed = Closed(ev.code, ev.reason or "")
                     with suppress(Exception):
                         await self.stream.send(self.ws.send(ev.response()))
                 elif isinstance(ev, Ping):
@@ -108,6 +108,10 @@ class WSClient:
             with suppress(Exception):
                 await self.stream.send(self.ws.send(CloseConnection(code=code)))
         await self.stream.aclose()
+
+
+def _message(data: str | bytes) -> Message[Any]:
+    return TextMessage(data=data) if isinstance(data, str) else BytesMessage(data=data)
 
 
 @asynccontextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from abc import abstractmethod
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -28,6 +29,7 @@ EVENTS: dict[str, list[tuple[str, Any]]] = {}
 
 
 class IEchoClient(ActorInterface):
+    @abstractmethod
     async def events(self) -> list[str]: ...
 
 

@@ -88,9 +88,9 @@ async def test_account_service_binds_the_open_id() -> None:
 
 
 async def test_auth_timeout() -> None:
-    async with local_gateway(gateway_config(auth_timeout=0.2)) as (address, _, _):
-        async with connect(address) as c:
-            assert (await c.expect_close()).code == ClientCloseCode.AUTH_TIMEOUT
+    cfg = gateway_config(auth_timeout=0.2)
+    async with local_gateway(cfg) as (address, _, _), connect(address) as c:
+        assert (await c.expect_close()).code == ClientCloseCode.AUTH_TIMEOUT
 
 
 async def test_idle_timeout() -> None:
@@ -122,22 +122,24 @@ async def test_rate_limit() -> None:
 
 async def test_client_that_does_not_read_is_closed() -> None:
     cfg = gateway_config(send_queue_size=16)
-    async with local_gateway(cfg) as (address, gateway, _):
-        async with session(address, actor_id="slow") as c:
-            await c.send("flood")  # 10 000 pushes; we read none of them
-            with anyio.fail_after(10):
-                while gateway.statistics().connections:
-                    await anyio.sleep(0.02)
-            assert (await c.expect_close()).code == ClientCloseCode.SEND_QUEUE_FULL
+    async with local_gateway(cfg) as (address, gw, _), session(address, actor_id="slow") as c:
+        await c.send("flood")  # 10 000 pushes; we read none of them
+        with anyio.fail_after(10):
+            while gw.statistics().connections:
+                await anyio.sleep(0.02)
+        assert (await c.expect_close()).code == ClientCloseCode.SEND_QUEUE_FULL
 
 
 async def test_max_connections() -> None:
-    async with local_gateway(gateway_config(max_connections=2)) as (address, _, _):
-        async with session(address, actor_id="c1") as a, session(address, actor_id="c2") as b:
-            await a.receive()
-            await b.receive()
-            async with connect(address) as c:
-                assert (await c.expect_close()).code == ClientCloseCode.TRY_AGAIN_LATER
+    async with (
+        local_gateway(gateway_config(max_connections=2)) as (address, _, _),
+        session(address, actor_id="c1") as a,
+        session(address, actor_id="c2") as b,
+    ):
+        await a.receive()
+        await b.receive()
+        async with connect(address) as c:
+            assert (await c.expect_close()).code == ClientCloseCode.TRY_AGAIN_LATER
 
 
 async def test_actor_closes_the_session_with_its_code() -> None:
@@ -172,9 +174,12 @@ async def test_reactivated_actor_sees_a_rebind() -> None:
 
 
 async def test_sessions_of_an_actor() -> None:
-    async with local_gateway() as (address, _, _):
-        async with session(address, actor_id="multi") as a, session(address, actor_id="multi") as b:
-            await a.receive()
-            await b.receive()
-            await a.send("sessions")
-            assert await a.receive() == "2"
+    async with (
+        local_gateway() as (address, _, _),
+        session(address, actor_id="multi") as a,
+        session(address, actor_id="multi") as b,
+    ):
+        await a.receive()
+        await b.receive()
+        await a.send("sessions")
+        assert await a.receive() == "2"
