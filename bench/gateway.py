@@ -148,12 +148,8 @@ def main() -> None:
     koala = _measure("koala", args.loop, clients, n)
     print(f"gateway echo on {args.loop}: {clients} clients x {n} round trips, 32-byte text")
     print(f"  {'':28} {'msgs/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
-    print(
-        f"  {'bare hypercorn echo (floor)':28} {floor['rate']:>9,.0f} {floor['p50']:>8.2f} {floor['p99']:>8.2f}"
-    )
-    print(
-        f"  {'koala gateway + actor':28} {koala['rate']:>9,.0f} {koala['p50']:>8.2f} {koala['p99']:>8.2f}"
-    )
+    for name, r in (("bare hypercorn echo (floor)", floor), ("koala gateway + actor", koala)):
+        print(f"  {name:28} {r['rate']:>9,.0f} {r['p50']:>8.2f} {r['p99']:>8.2f}")
     print(f"  ratio koala/floor: {koala['rate'] / floor['rate']:.2f}")
 
 
