@@ -64,13 +64,13 @@ async def _serve(kind: str) -> None:
             await anyio.to_thread.run_sync(sys.stdin.read, abandon_on_cancel=True)
             shutdown.set()
             return
-        cfg = GatewayConfig(private_key=KEY, rate=1e6, burst=1_000_000)
-        async with Runtime(HostConfig(), [BenchEcho]) as rt:
-            gateway = Gateway(cfg, LocalLink(rt))
-            bound = await tg.start(gateway.serve, "127.0.0.1", 0, shutdown)
-            print("READY", bound[1], flush=True)
-            await anyio.to_thread.run_sync(sys.stdin.read, abandon_on_cancel=True)
-            shutdown.set()
+    cfg = GatewayConfig(private_key=KEY, rate=1e6, burst=1_000_000)
+    async with Runtime(HostConfig(), [BenchEcho]) as rt, anyio.create_task_group() as tg:
+        gateway = Gateway(cfg, LocalLink(rt))
+        bound = await tg.start(gateway.serve, "127.0.0.1", 0, shutdown)
+        print("READY", bound[1], flush=True)
+        await anyio.to_thread.run_sync(sys.stdin.read, abandon_on_cancel=True)
+        shutdown.set()
 
 
 async def _client(port: int, kind: str, index: int, n: int, lat: list[float]) -> None:

@@ -281,8 +281,10 @@ class ClientHub:
         sess._closed = True
         self._unindex(sess)
         impl = self._impls[sess.actor_type]
+        if self.runtime.draining:
+            return  # every activation is deactivating: on_deactivate is the last word
         act = self.runtime.activation_of(impl, sess.key)
-        if act is None or act is not sess._opened_on:
+        if act is None or (sess._opened_on is not None and act is not sess._opened_on):
             return  # the activation that knew the session is gone: nobody to tell
 
         async def gone(instance: ClientHandler, act: Activation) -> None:
