@@ -498,7 +498,8 @@ def test_short_secret_is_refused() -> None:
         lambda: Response(1, "x", ErrorInfo(ErrorCode.APPLICATION, "a:B", "m")),
         lambda: Hello(1, "c", "n", "", b"short"),
         lambda: ClientOpened(1, "T", "k", {"a": 1}),  # type: ignore[dict-item]
-        lambda: ClientMessage(1, "not bytes"),  # type: ignore[arg-type]
+        lambda: ClientMessage(1, 42),  # type: ignore[arg-type]
+        lambda: CloseClient(1, "bye", 1001),
         lambda: Ping(-1),
     ],
 )
@@ -558,10 +559,10 @@ app_events: st.SearchStrategy[Event] = st.one_of(
     st.builds(Pong, u64),
     st.builds(GoAway, text),
     st.builds(ClientOpened, u64, name, key, st.dictionaries(text, text, max_size=3)),
-    st.builds(ClientMessage, u64, st.binary(max_size=32)),
+    st.builds(ClientMessage, u64, st.binary(max_size=32) | st.text(max_size=32)),
     st.builds(ClientClosed, u64, text),
-    st.builds(PushToClient, u64, st.binary(max_size=32)),
-    st.builds(CloseClient, u64, text),
+    st.builds(PushToClient, u64, st.binary(max_size=32) | st.text(max_size=32)),
+    st.builds(CloseClient, u64, text, st.just(1000) | st.integers(3000, 4999)),
     st.builds(Close, u64, text),
 )
 

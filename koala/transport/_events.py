@@ -322,16 +322,20 @@ class ClientOpened(Event):
 
 @dataclass(frozen=True, slots=True)
 class ClientMessage(Event):
-    """Gateway -> host: an opaque frame a client sent on session ``session_id``."""
+    """Gateway -> host: an opaque frame a client sent on session ``session_id``.
+
+    A binary WebSocket frame travels as bytes, a text frame as text (CBOR keeps the two
+    apart, so the frame reaches the other side as it was sent).
+    """
 
     kind: ClassVar[Kind] = Kind.CLIENT_MESSAGE
     session_id: int
-    payload: bytes
+    payload: bytes | str
 
     def __post_init__(self) -> None:
         _check_u64("session_id", self.session_id)
-        if type(self.payload) is not bytes:
-            _fail(f"payload must be bytes, got {type(self.payload).__name__}")
+        if type(self.payload) is not bytes and type(self.payload) is not str:
+            _fail(f"payload must be bytes or text, got {type(self.payload).__name__}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,16 +353,20 @@ class ClientClosed(Event):
 
 @dataclass(frozen=True, slots=True)
 class PushToClient(Event):
-    """Host -> gateway: send this opaque frame to the client of ``session_id``."""
+    """Host -> gateway: send this opaque frame to the client of ``session_id``.
+
+    A binary WebSocket frame travels as bytes, a text frame as text (CBOR keeps the two
+    apart, so the frame reaches the other side as it was sent).
+    """
 
     kind: ClassVar[Kind] = Kind.PUSH_TO_CLIENT
     session_id: int
-    payload: bytes
+    payload: bytes | str
 
     def __post_init__(self) -> None:
         _check_u64("session_id", self.session_id)
-        if type(self.payload) is not bytes:
-            _fail(f"payload must be bytes, got {type(self.payload).__name__}")
+        if type(self.payload) is not bytes and type(self.payload) is not str:
+            _fail(f"payload must be bytes or text, got {type(self.payload).__name__}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -368,10 +376,13 @@ class CloseClient(Event):
     kind: ClassVar[Kind] = Kind.CLOSE_CLIENT
     session_id: int
     reason: str = ""
+    code: int = 1000  # the WebSocket close code: 1000, or 3000-4999 (application codes)
 
     def __post_init__(self) -> None:
         _check_u64("session_id", self.session_id)
         _check_text("reason", self.reason)
+        if type(self.code) is not int or not (self.code == 1000 or 3000 <= self.code <= 4999):
+            _fail(f"close code must be 1000 or 3000-4999, got {self.code!r}")
 
 
 # ---------------------------------------------------------------- local-only events

@@ -149,8 +149,11 @@ def _to_array(ev: Event) -> list[Any]:
             return [Kind.CLIENT_OPENED, ev.session_id, ev.actor_type, ev.key, dict(ev.metadata)]
         case ClientMessage() | PushToClient():
             return [ev.kind, ev.session_id, ev.payload]
-        case ClientClosed() | CloseClient():
+        case ClientClosed():
             return [ev.kind, ev.session_id, ev.reason]
+        case CloseClient():
+            tail = [] if ev.code == 1000 else [ev.code]  # 1000 is implied when absent
+            return [ev.kind, ev.session_id, ev.reason, *tail]
     raise LocalProtocolError(f"{type(ev).__name__} is not a message that can be sent")
 
 
@@ -217,7 +220,7 @@ _DECODERS: dict[int, tuple[int, Callable[[list[Any]], Event]]] = {
     Kind.CLIENT_MESSAGE: (3, lambda a: ClientMessage(a[1], a[2])),
     Kind.CLIENT_CLOSED: (3, lambda a: ClientClosed(a[1], a[2])),
     Kind.PUSH_TO_CLIENT: (3, lambda a: PushToClient(a[1], a[2])),
-    Kind.CLOSE_CLIENT: (3, lambda a: CloseClient(a[1], a[2])),
+    Kind.CLOSE_CLIENT: (3, lambda a: CloseClient(a[1], a[2], a[3] if len(a) > 3 else 1000)),
 }
 
 
