@@ -399,6 +399,11 @@ class ClusterDirectory:
         server_id, address = pending.result
         if not self.serving:
             raise WrongHostError("this host was fenced while the placement was looked up; retry")
+        if server_id in self._departed:
+            raise HostUnavailableError(
+                f"{actor_type}/{key!r} is placed on server {server_id}, which is gone; its "
+                "lease has not expired yet, after which the actor is placed again: retry shortly"
+            )
         self._remember(ident, server_id, address)
         return LOCAL if server_id == self.server_id else address
 
