@@ -126,6 +126,11 @@ def _add_cluster_commands(sub: Any) -> None:
     host.add_argument("--default-timeout", type=_positive, help="deadline of calls without one")
     host.add_argument("--shutdown-grace", type=_positive, help="seconds to drain on stop")
     host.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    gw = sub.add_parser("gateway", help="run a WebSocket gateway in front of a cluster")
+    gw.add_argument("--pd", required=True, help="URL of a placement driver")
+    gw.add_argument("--listen", default="127.0.0.1:8001", help="HOST:PORT for WebSocket clients")
+    gw.add_argument("--failover-timeout", type=_positive, help="seconds to re-bind a session")
+    gw.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     status = sub.add_parser("status", help="print the cluster's hosts as a table")
     status.add_argument("--pd", required=True, help="URL of a placement driver")
     status.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
@@ -202,6 +207,20 @@ def _run_cluster_command(args: argparse.Namespace, backend: _backend.Backend) ->
         )
         print("koala host: stopped", flush=True)
         return 0
+    if args.command == "gateway":
+        from .gateway import GatewayConfig
+        from .gateway._serve import serve_cluster_gateway
+
+        listen = parse_hostport(args.listen, "--listen")
+        check_bind(listen[0], "--listen")
+        timeout = {"failover_timeout": args.failover_timeout} if args.failover_timeout else {}
+        gateway = GatewayConfig.from_env(**timeout)
+        _backend.run(
+            lambda: _until_signal(serve_cluster_gateway, args.pd, listen, config=gateway),
+            backend,
+        )
+        print("koala gateway: stopped", flush=True)
+        return 0
     print(_backend.run(lambda: _run.fetch_status(args.pd), backend), flush=True)
     return 0
 
@@ -227,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(
             level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per PD request
         if args.command == "dev":
             host, port = parse_hostport(args.http, "--http")
             check_bind(host, "--http")
