@@ -1,0 +1,144 @@
+"""Workload 7: first calls to new actors in a 3-host cluster on etcd.
+
+    python -m bench.cluster [--quick] [--loop asyncio|uvloop|trio]
+
+Starts etcd, one `koala pd` and three `koala host` processes (all on loopback), then
+asks one host to make first calls to new actors, 100 at a time: each one asks the PD
+for a position (one etcd transaction that creates the key if absent), and activates the
+actor on the chosen host. Reported: placements/s and p50/p99 latency of a first call.
+
+The floor is the consensus write each placement needs, with nothing around it: the same
+create-if-absent transaction, sent straight to etcd's JSON gateway with httpx from 100
+concurrent tasks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+
+from tests._etcd import EtcdProcess, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+CONCURRENCY = 100
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+async def etcd_floor(url: str, count: int) -> dict[str, float]:
+    latencies: list[float] = []
+    keys = iter(range(count))
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+
+        async def caller() -> None:
+            for i in keys:
+                key = _b64(f"/floor/{time.monotonic_ns()}/{i}")
+                body = {
+                    "compare": [{"key": key, "target": "CREATE", "create_revision": "0"}],
+                    "success": [{"request_put": {"key": key, "value": _b64("host")}}],
+                    "failure": [{"request_range": {"key": key}}],
+                }
+                t0 = time.perf_counter()
+                resp = await client.post("/v3/kv/txn", json=body)
+                resp.raise_for_status()
+                latencies.append(time.perf_counter() - t0)
+
+        start = time.perf_counter()
+        async with anyio.create_task_group() as tg:
+            for _ in range(CONCURRENCY):
+                tg.start_soon(caller)
+        elapsed = time.perf_counter() - start
+    latencies.sort()
+    return {
+        "per_s": count / elapsed,
+        "p50_ms": statistics.median(latencies) * 1e3,
+        "p99_ms": latencies[max(0, int(len(latencies) * 0.99) - 1)] * 1e3,
+    }
+
+
+def _start(cmd: list[str], log: Path, ready: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if ready in log.read_text(errors="replace"):
+            return proc
+        if proc.poll() is not None:
+            raise RuntimeError(f"{cmd[3]} exited:\n{log.read_text(errors='replace')}")
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"{cmd[3]} did not start:\n{log.read_text(errors='replace')}")
+
+
+def measure(loop: str, quick: bool) -> dict[str, Any]:
+    count = 500 if quick else 3000
+    etcd = EtcdProcess()
+    etcd.start()
+    procs: list[subprocess.Popen[bytes]] = []
+    tmp = Path(tempfile.mkdtemp(prefix="koala-bench-cluster-"))
+    env = dict(os.environ, KOALA_BACKEND=loop, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    env.pop("KOALA_CLUSTER_SECRET", None)
+    koala = [sys.executable, "-m", "koala.cli"]
+    try:
+        pd_port = free_port()
+        pd = [*koala, "pd", "--etcd", etcd.url, "--listen", f"127.0.0.1:{pd_port}"]
+        procs.append(_start(pd, tmp / "pd.log", "koala pd: http://", env))
+        http_ports = []
+        for n in range(3):
+            port = free_port()
+            http_ports.append(port)
+            host = [*koala, "host", "bench/_cluster_app.py", "--pd", f"http://127.0.0.1:{pd_port}"]
+            host += ["--listen", "127.0.0.1:0", "--http", f"127.0.0.1:{port}"]
+            host += ["--log-level", "WARNING"]
+            procs.append(_start(host, tmp / f"host{n}.log", "koala host: server", env))
+        url = f"http://127.0.0.1:{http_ports[0]}/first_calls"
+        params: dict[str, Any] = {"count": 100, "concurrency": CONCURRENCY, "prefix": "warm"}
+        httpx.post(url, params=params, timeout=120).raise_for_status()
+        params.update(count=count, prefix="run")
+        koala_figures: dict[str, float] = httpx.post(url, params=params, timeout=600).json()
+        floor = anyio.run(etcd_floor, etcd.url, count)
+        return {"koala": koala_figures, "floor": floor}
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        etcd.destroy()
+
+
+def report(loop: str, r: dict[str, Any]) -> str:
+    k, f = r["koala"], r["floor"]
+    return (
+        f"{loop}:\n  7 first calls, 3 hosts  koala {k['per_s']:7.0f}/s  p50 {k['p50_ms']:6.1f} ms"
+        f"  p99 {k['p99_ms']:6.1f} ms | floor (etcd txn) {f['per_s']:7.0f}/s  "
+        f"p50 {f['p50_ms']:5.1f} ms  p99 {f['p99_ms']:5.1f} ms | "
+        f"ratio {k['per_s'] / f['per_s']:.2f}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--loop", default="asyncio", choices=["asyncio", "uvloop", "trio"])
+    args = parser.parse_args()
+    print(report(args.loop, measure(args.loop, args.quick)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
