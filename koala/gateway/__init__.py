@@ -11,6 +11,9 @@ from ._auth import check_first_packet as check_first_packet
 from ._auth import checksum as checksum
 from ._auth import sign as sign
 from ._auth import signing_text as signing_text
+from ._bridge import HostBridge as HostBridge
+from ._cluster import ClusterLink as ClusterLink
+from ._cluster import ClusterLinkStatistics as ClusterLinkStatistics
 from ._codes import ClientCloseCode as ClientCloseCode
 from ._config import GatewayConfig as GatewayConfig
 from ._gateway import Gateway as Gateway
@@ -28,10 +31,13 @@ __all__ = [
     "ClientCloseCode",
     "ClientHandler",
     "ClientSession",
+    "ClusterLink",
+    "ClusterLinkStatistics",
     "FirstPacket",
     "Gateway",
     "GatewayConfig",
     "GatewayStatistics",
+    "HostBridge",
     "IAccount",
     "LocalLink",
     "SessionClosedError",

@@ -1,14 +1,18 @@
-"""Start-up of a gateway from the command line: in-process (``koala dev --gateway``)."""
+"""Start-up of a gateway from the command line: in-process (``koala dev --gateway``) or
+as a cluster member (``koala gateway --pd URL --listen HOST:PORT``)."""
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 
 import anyio
 from anyio.abc import TaskStatus
 
 from .._runtime import Runtime
+from ..transport import Transport, TransportConfig
+from ._cluster import ClusterLink
 from ._config import KEY_ENV, GatewayConfig
 from ._gateway import Gateway, LocalLink
 
@@ -41,3 +45,38 @@ async def serve_dev_gateway(
     """Serve an in-process gateway for ``runtime`` until ``shutdown`` is set."""
     gateway = Gateway(dev_config(), LocalLink(runtime))
     await gateway.serve(host, port, shutdown, task_status=task_status)
+
+
+async def serve_cluster_gateway(
+    pd_url: str,
+    listen: tuple[str, int],
+    shutdown: anyio.Event,
+    *,
+    config: GatewayConfig | None = None,
+    transport_config: TransportConfig | None = None,
+    announce: Callable[[str], None] | None = None,
+) -> None:
+    """``koala gateway``: a gateway that reaches the cluster's hosts through the PD at
+    ``pd_url`` and the transport, until ``shutdown`` is set."""
+    from ..pd._client import PDClient
+
+    cfg = config or GatewayConfig.from_env()
+    pd = PDClient(pd_url)
+    try:
+        async with (
+            Transport(transport_config or TransportConfig.from_env()) as transport,
+            ClusterLink(pd, transport) as link,
+            anyio.create_task_group() as tg,
+        ):
+            gateway = Gateway(cfg, link)
+            bound = await tg.start(gateway.serve, listen[0], listen[1], shutdown)
+            (announce or _say)(
+                f"koala gateway: ws://{bound[0]}:{bound[1]}; PD {', '.join(pd.urls)}"
+            )
+    finally:
+        with anyio.CancelScope(shield=True):
+            await pd.aclose()
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)

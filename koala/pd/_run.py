@@ -20,6 +20,7 @@ from .._actor import _implementations
 from .._config import HostConfig
 from .._errors import ConfigError
 from .._runtime import Runtime
+from ..gateway import HostBridge
 from ..http import serve_asgi
 from ..transport import Transport, TransportConfig
 from ._client import ClusterDirectory, MemberConfig, Membership, PDClient, PlacementRemote
@@ -103,9 +104,11 @@ async def serve_host(
             rt.drain_hooks.append(transport.go_away)
             async with rt:
                 transport.handler = rt.serve_request
+                transport.on_event = (bridge := HostBridge(rt)).on_event  # gateways' sessions
                 directory.address = await transport.listen(*listen)
                 directory.attach(rt)
                 async with anyio.create_task_group() as member_tg:
+                    member_tg.start_soon(bridge.run)
                     await member_tg.start(directory.run)
                     async with anyio.create_task_group() as http_tg:
                         where = ""

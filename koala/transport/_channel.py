@@ -123,9 +123,14 @@ class Channel:
         self._close_frame = b""
         self.last_received = anyio.current_time()
         self.peer_draining = False
+        self._ended = anyio.Event()
 
     def __repr__(self) -> str:
         return f"<Channel {self.name} node={self.peer.peer_node_id} closed={self.closed}>"
+
+    async def wait_closed(self) -> None:
+        """Return once the connection has ended (its pending calls have failed)."""
+        await self._ended.wait()
 
     @property
     def pending(self) -> int:
@@ -173,6 +178,7 @@ class Channel:
         if not self.closed:
             self._stop(CloseCode.NORMAL, "the connection ended")
         self._on_close(self)
+        self._ended.set()
         for scope in self._serving.values():
             scope.cancel()
         pending, self._pending = self._pending, {}
