@@ -51,10 +51,12 @@ class GatewayCluster(Cluster):
         proc.start(r"koala host: server \d+ on ")
         return proc
 
-    def gateway(self, pd_url: str, backend: str) -> tuple[Proc, tuple[str, int]]:
+    def gateway(
+        self, pd_url: str, backend: str, failover_timeout: float = 15
+    ) -> tuple[Proc, tuple[str, int]]:
         port = free_port()
         cmd = [sys.executable, "-m", "koala.cli", "gateway", "--pd", pd_url]
-        cmd += ["--listen", f"127.0.0.1:{port}", "--failover-timeout", "15"]
+        cmd += ["--listen", f"127.0.0.1:{port}", "--failover-timeout", str(failover_timeout)]
         env = self.env(backend)
         env["KOALA_GATEWAY_KEY"] = KEY
         proc = Proc(f"gateway:{backend}", cmd, env, self.tmp / "gateway.log")
@@ -181,3 +183,40 @@ async def test_failover_rebinds_the_session_on_the_other_host(
         await client.send("pid")
         assert await receive(client) == f"pid={survivor.pid} frames=6"
     assert cluster.opens("fo-1") == [(victim.pid, False), (survivor.pid, True)]
+
+
+async def test_a_drained_host_hands_its_sessions_over(
+    cluster: GatewayCluster, anyio_backend: Any
+) -> None:
+    """SIGTERM: the host drains and leaves; its sessions are re-bound elsewhere."""
+    a, b, address = start(cluster, backend_name(anyio_backend))
+    hosts = {a.pid: a, b.pid: b}
+    async with session(address, "Player", "drain-1") as client:
+        pid, _ = welcome_pid(await receive(client))
+        leaving = hosts[pid]
+        staying = b if leaving is a else a
+        await anyio.to_thread.run_sync(leaving.stop)
+        assert welcome_pid(await receive(client)) == (staying.pid, True)
+        await client.send("pid")
+        assert await receive(client) == f"pid={staying.pid} frames=1"
+
+
+async def test_no_host_to_take_over_closes_the_client_with_4011(
+    cluster: GatewayCluster, anyio_backend: Any
+) -> None:
+    """The only host of the actor type dies: past failover_timeout the client is closed
+    with 4011 (its frame was not delivered, and the client is told so)."""
+    backend = backend_name(anyio_backend)
+    pd = cluster.pd()
+    host = cluster.player_host(url(pd), backend)
+    gateway, address = cluster.gateway(url(pd), other(backend), failover_timeout=1.5)
+    async with session(address, "Player", "alone") as client:
+        welcome_pid(await receive(client))
+        host.kill()
+        with anyio.fail_after(RECOVERY):
+            while "re-binding 1 session(s)" not in gateway.output():
+                await anyio.sleep(0.02)
+        await client.send("nobody hears this")
+        closed = await client.expect_close(RECOVERY)
+        assert closed.code == ClientCloseCode.UNAVAILABLE
+    assert not any(ln.startswith("msg alone ") for ln in cluster.event_lines())

@@ -180,10 +180,13 @@ class ClusterLink:
             if not channel.closed and not channel.peer_draining:
                 try:
                     await channel.send_event(ClientMessage(conn.session_id, data))
-                    return
                 except Exception:
                     if not channel.closed:
                         raise
+                if not channel.closed:
+                    return
+                # the connection ended as the frame was queued: it may not have been
+                # written, so it goes again to the re-bound session (at least once)
             self._fail_over(conn, binding)
 
     async def closed(self, conn: ClientConnection, reason: str) -> None:
@@ -214,12 +217,15 @@ class ClusterLink:
 
     # ------------------------------------------------------------ placement
 
-    async def _locate(self, actor_type: str, key: Key) -> tuple[str, Channel]:
+    async def _locate(
+        self, actor_type: str, key: Key, *, failing_over: bool = False
+    ) -> tuple[str, Channel]:
         """The host of the actor (placing it if needed) and an open connection to it.
 
         Retries while the PD names a host that cannot be reached or is draining (its
-        lease has not expired yet); the caller bounds the wait. Raises BindError when
-        no host can ever take the actor.
+        lease has not expired yet); the caller bounds the wait. Raises BindError when no
+        host serves the actor type, except while failing over: the host that served it
+        may be the one that died, and another may join in time.
         """
         delay = RETRY_MIN
         while True:
@@ -230,7 +236,7 @@ class ClusterLink:
                     return pos.server_address, channel
                 why = f"the host at {pos.server_address} is draining"
             except PDRequestError as exc:
-                if exc.code in ("no_host", "bad_request"):
+                if exc.code == "bad_request" or (exc.code == "no_host" and not failing_over):
                     raise BindError(ClientCloseCode.NO_ACTOR, exc.message[:120]) from None
                 why = str(exc)
             except HostUnavailableError as exc:  # the PD or the host
@@ -306,7 +312,9 @@ class ClusterLink:
             with anyio.move_on_after(self.failover_timeout):
                 while not conn.closing:
                     async with self._limiter:
-                        address, channel = await self._locate(conn.actor_type, conn.key)
+                        address, channel = await self._locate(
+                            conn.actor_type, conn.key, failing_over=True
+                        )
                     if await self._open_on(conn, address, channel, rebind=True):
                         self._failovers += 1
                         log.info(
