@@ -43,6 +43,10 @@ if TYPE_CHECKING:
     from .._runtime import Runtime
     from ..transport import Transport
 
+# Connections kept per client; requests beyond wait on a semaphore, because httpx's
+# pool scans every connection for every queued request (quadratic under load).
+HTTP_POOL = 16
+
 log = logging.getLogger("koala.pd.client")
 
 DEFAULT_PD_TIMEOUT = 5.0
@@ -127,9 +131,10 @@ class PDClient:
         self.url = urls[0]
         self.timeout = float(timeout)
         self._current = 0
+        self._slots = anyio.Semaphore(HTTP_POOL)
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout),
-            limits=httpx.Limits(max_connections=32, max_keepalive_connections=8),
+            limits=httpx.Limits(max_connections=HTTP_POOL, max_keepalive_connections=HTTP_POOL),
         )
 
     async def aclose(self) -> None:
@@ -142,7 +147,8 @@ class PDClient:
             url = self.urls[self._current]
             try:
                 with anyio.fail_after(self.timeout):
-                    resp = await self._http.post(url + path, json=body or {})
+                    async with self._slots:  # queue here, not in httpx's pool (slow scans)
+                        resp = await self._http.post(url + path, json=body or {})
             except (httpx.TransportError, TimeoutError) as exc:
                 failures.append(f"{url}: {type(exc).__name__} {exc}".rstrip())
                 self._current = (self._current + 1) % len(self.urls)

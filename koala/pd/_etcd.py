@@ -32,6 +32,10 @@ from ._store import (
     check_ttl,
 )
 
+# Connections kept per client; requests beyond wait on a semaphore, because httpx's
+# pool scans every connection for every queued request (quadratic under load).
+HTTP_POOL = 16
+
 log = logging.getLogger("koala.pd.etcd")
 
 DEFAULT_TIMEOUT = 5.0
@@ -96,9 +100,10 @@ class EtcdStore:
         self.endpoints = parse_endpoints(url)
         self.timeout = timeout
         self._current = 0
+        self._slots = anyio.Semaphore(HTTP_POOL)
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout),
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
+            limits=httpx.Limits(max_connections=HTTP_POOL, max_keepalive_connections=HTTP_POOL),
         )
 
     async def aclose(self) -> None:
@@ -111,7 +116,8 @@ class EtcdStore:
             endpoint = self.endpoints[self._current]
             try:
                 with anyio.fail_after(self.timeout):
-                    resp = await self._client.post(endpoint + path, json=body)
+                    async with self._slots:  # queue here, not in httpx's pool (slow scans)
+                        resp = await self._client.post(endpoint + path, json=body)
             except (httpx.TransportError, TimeoutError) as exc:
                 errors.append(f"{endpoint}: {type(exc).__name__} {exc}".rstrip())
                 self._current = (self._current + 1) % len(self.endpoints)
