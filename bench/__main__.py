@@ -3,8 +3,9 @@
     python -m bench [--quick] [--loop asyncio|uvloop|trio ...] [--skip storage ...]
 
 Runs, per event-loop backend, the in-process workloads (bench.inprocess), the
-cross-process ones (bench.transport) and the storage ones (bench.storage), each suite
-in its own process so one does not warm or bloat another.
+cross-process ones (bench.transport), storage (bench.storage), placement on a 3-host
+etcd cluster (bench.cluster) and the WebSocket gateway (bench.gateway), each suite in
+its own process so one does not warm or bloat another; then draws docs/throughput.png.
 """
 
 from __future__ import annotations
@@ -53,7 +54,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer iterations: a smoke run")
     parser.add_argument("--loop", action="append", choices=LOOPS)
-    parser.add_argument("--skip", action="append", default=[], choices=["transport", "storage"])
+    parser.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        choices=["transport", "storage", "cluster", "gateway"],
+    )
     args = parser.parse_args()
     print(f"Koala benchmarks on {os.cpu_count()} cores; figures beside floors from the same run")
     RESULTS.mkdir(exist_ok=True)
@@ -70,6 +76,10 @@ def main() -> None:
             sweeps.append(str(sweep))
         if "storage" not in args.skip:
             print(passthrough("bench.storage", loop, args.quick, "--loop"), flush=True)
+        if "cluster" not in args.skip:
+            print(passthrough("bench.cluster", loop, args.quick, "--loop"), flush=True)
+        if "gateway" not in args.skip:
+            print(passthrough("bench.gateway", loop, args.quick, "--loop"), flush=True)
     if sweeps:
         proc = _python("bench.chart", *sweeps, "-o", "docs/throughput.png")
         print(proc.stdout.strip() or f"chart not drawn (pip install 'koala[bench]'): {proc.stderr}")
