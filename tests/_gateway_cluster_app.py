@@ -43,6 +43,8 @@ class Player(IPlayer, ClientHandler, ActorBase):
 
     async def on_client_open(self, session: ClientSession, rebind: bool) -> None:
         record("open", self.key, os.getpid(), rebind)
+        if str(self.key).startswith("refuse"):
+            raise PermissionError("this player is banned")
         await session.push(f"welcome {session.open_id} pid={os.getpid()} rebind={rebind}")
 
     async def on_client_message(self, session: ClientSession, data: bytes | str) -> None:

@@ -141,6 +141,11 @@ async def test_seed_flow_through_a_cluster(cluster: GatewayCluster, anyio_backen
     async with session(address, "Nobody", "1") as client:  # no host serves the type
         assert (await client.expect_close(RECOVERY)).code == ClientCloseCode.NO_ACTOR
 
+    # on_client_open raised (1011 in-process): CLOSE_CLIENT carries it as 4011
+    async with session(address, "Player", "refuse-1") as client:
+        closed = await client.expect_close(RECOVERY)
+        assert (closed.code, closed.reason) == (ClientCloseCode.UNAVAILABLE, "refused")
+
     # the actor closes the session with its own code; the host sees the session end
     async with session(address, "Player", "closer") as client:
         welcome_pid(await receive(client))
