@@ -16,7 +16,6 @@ import anyio
 from . import _backend
 from ._config import HostConfig
 from ._errors import ConfigError, KoalaError
-from ._runtime import Runtime
 from .http import parse_hostport, serve_asgi
 
 log = logging.getLogger("koala.cli")
@@ -56,11 +55,14 @@ async def run_dev(
     config: HostConfig,
     gateway: tuple[str, int] | None = None,
 ) -> None:
-    """Run the runtime and the module's `app` (if any) until SIGINT/SIGTERM, then drain."""
+    """Run the runtime on an embedded in-memory PD, and the module's `app` (if any),
+    until SIGINT/SIGTERM; then drain."""
     app: Any = getattr(module, "app", None)
     shutdown = anyio.Event()
     backend = _backend.backend_from_env().name
-    async with Runtime(config) as runtime, anyio.create_task_group() as tg:
+    from .pd._run import embedded_host
+
+    async with embedded_host(config) as runtime, anyio.create_task_group() as tg:
         tg.start_soon(_watch_signals, shutdown)
         if gateway is not None:
             from .gateway._serve import serve_dev_gateway

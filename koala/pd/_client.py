@@ -115,7 +115,15 @@ class ActorPosition:
 class PDClient:
     """The PD's HTTP API. Every request has a deadline (``timeout``)."""
 
-    def __init__(self, url: str, *, timeout: float = DEFAULT_PD_TIMEOUT) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = DEFAULT_PD_TIMEOUT,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        """``transport`` replaces the network (e.g. ``httpx.ASGITransport`` over the PD's
+        app in this process: the embedded PD of ``koala dev``)."""
         urls = [u.strip().rstrip("/") for u in url.split(",") if u.strip()]
         if not urls:
             raise ConfigError("the PD URL is empty; pass e.g. --pd http://127.0.0.1:9000")
@@ -133,6 +141,7 @@ class PDClient:
         self._current = 0
         self._slots = anyio.Semaphore(HTTP_POOL)
         self._http = httpx.AsyncClient(
+            transport=transport,
             timeout=httpx.Timeout(timeout),
             limits=httpx.Limits(max_connections=HTTP_POOL, max_keepalive_connections=HTTP_POOL),
         )

@@ -9,11 +9,13 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from types import ModuleType
 from typing import Any
 
 import anyio
+import httpx
 from anyio.abc import TaskStatus
 
 from .._actor import _implementations
@@ -66,6 +68,46 @@ async def serve_pd(
     finally:
         with anyio.CancelScope(shield=True):
             await store.aclose()
+
+
+EMBEDDED_PD_URL = "http://embedded-pd"
+
+
+def embedded_pd() -> PDClient:
+    """A placement driver inside this process, on the in-memory store, reached through
+    its own HTTP API without a socket (httpx's ASGI transport): what ``koala dev`` runs,
+    so one process places, leases and fences exactly as a cluster does."""
+    from ._api import create_app
+    from ._service import PlacementDriver
+    from ._store import MemoryStore
+
+    app = create_app(PlacementDriver(MemoryStore()))
+    return PDClient(EMBEDDED_PD_URL, transport=httpx.ASGITransport(app=app))
+
+
+@asynccontextmanager
+async def embedded_host(
+    config: HostConfig, member: MemberConfig | None = None
+) -> AsyncIterator[Runtime]:
+    """A runtime registered with an embedded PD (``koala dev``): every actor is placed
+    through the PD's atomic placement, on this host, under a lease it renews."""
+    services = served_types()
+    pd = embedded_pd()
+    try:
+        directory = ClusterDirectory(pd, "embedded", services, member)
+        async with Runtime(config, directory=directory) as rt, anyio.create_task_group() as tg:
+            directory.attach(rt)
+            await tg.start(directory.run)
+            try:
+                yield rt
+                await rt.shutdown()
+                with anyio.move_on_after(5, shield=True):
+                    await directory.leave()
+            finally:
+                tg.cancel_scope.cancel()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await pd.aclose()
 
 
 def served_types() -> dict[str, str]:
