@@ -152,3 +152,29 @@ def url(proc: Proc) -> str:
 def stats(proc: Proc) -> dict[str, Any]:
     data: dict[str, Any] = httpx.get(url(proc) + "/stats", timeout=10).json()
     return data
+
+
+def double_activations(lines: list[str]) -> list[str]:
+    """Every moment a key had two live activations, from the actors' own event lines
+    (``activate|deactivate KEY PID``, in the order they were written); empty if none.
+
+    An activation is live from its ``activate`` line to the ``deactivate`` line of the
+    same key and pid. Only for processes that were never SIGKILLed: a killed host
+    writes no ``deactivate``, so its activations would look live for ever."""
+    live: dict[str, str] = {}
+    problems: list[str] = []
+    for n, line in enumerate(lines, 1):
+        parts = line.split()
+        if len(parts) != 3 or parts[0] not in ("activate", "deactivate"):
+            problems.append(f"line {n}: malformed event {line!r}")
+            continue
+        kind, key, pid = parts
+        if kind == "activate":
+            if key in live:
+                problems.append(f"line {n}: {key} activated in {pid} while live in {live[key]}")
+            live[key] = pid
+        elif live.get(key) == pid:
+            del live[key]
+        else:
+            problems.append(f"line {n}: {key} deactivated in {pid}, where it was not live")
+    return problems
