@@ -161,7 +161,7 @@ def double_activations(lines: list[str]) -> list[str]:
     An activation is live from its ``activate`` line to the ``deactivate`` line of the
     same key and pid. Only for processes that were never SIGKILLed: a killed host
     writes no ``deactivate``, so its activations would look live for ever."""
-    live: dict[str, str] = {}
+    live: dict[str, set[str]] = {}
     problems: list[str] = []
     for n, line in enumerate(lines, 1):
         parts = line.split()
@@ -169,12 +169,13 @@ def double_activations(lines: list[str]) -> list[str]:
             problems.append(f"line {n}: malformed event {line!r}")
             continue
         kind, key, pid = parts
+        pids = live.setdefault(key, set())
         if kind == "activate":
-            if key in live:
-                problems.append(f"line {n}: {key} activated in {pid} while live in {live[key]}")
-            live[key] = pid
-        elif live.get(key) == pid:
-            del live[key]
+            if pids:
+                problems.append(f"line {n}: {key} activated in {pid} while live in {sorted(pids)}")
+            pids.add(pid)
+        elif pid in pids:
+            pids.remove(pid)
         else:
             problems.append(f"line {n}: {key} deactivated in {pid}, where it was not live")
     return problems
