@@ -16,7 +16,7 @@ import anyio
 from . import _backend
 from ._config import HostConfig
 from ._errors import ConfigError, KoalaError
-from .http import parse_hostport, serve_asgi
+from .http import add_error_handlers, parse_hostport, serve_asgi
 
 log = logging.getLogger("koala.cli")
 
@@ -70,6 +70,7 @@ async def run_dev(
             ws = await tg.start(serve_dev_gateway, runtime, *gateway, shutdown)
             print(f"koala dev: gateway on ws://{ws[0]}:{ws[1]}", flush=True)
         if app is not None:
+            add_error_handlers(app)
             bound = await tg.start(serve_asgi, app, host, port, shutdown)
             print(
                 f"koala dev: {target} on {backend}; HTTP on http://{bound[0]}:{bound[1]} "

@@ -14,7 +14,46 @@ import sniffio
 from anyio.abc import TaskStatus
 from hypercorn.config import Config
 
-from ._errors import ConfigError
+from ._errors import (
+    ConfigError,
+    HostUnavailableError,
+    OverloadedError,
+    ShuttingDownError,
+    WrongHostError,
+)
+
+# Koala errors an HTTP handler may let escape, and the status that says what they mean.
+_HTTP_STATUS: dict[type[Exception], int] = {
+    HostUnavailableError: 503,  # the actor's host is gone; its actors come back shortly
+    WrongHostError: 503,  # placement is moving (a host fenced itself); retry shortly
+    OverloadedError: 503,
+    ShuttingDownError: 503,
+    TimeoutError: 504,  # the call's deadline passed
+}
+
+
+def add_error_handlers(app: Any) -> None:
+    """Answer Koala's retryable errors with 503/504 instead of a bare 500.
+
+    For a Starlette/FastAPI app (``koala dev`` and ``koala host`` call this on the user's
+    app); handlers the app registered itself for these types are kept.
+    """
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+
+    if not isinstance(app, Starlette):
+        return
+
+    async def handler(request: Request, exc: Exception) -> Response:
+        status = next(code for t, code in _HTTP_STATUS.items() if isinstance(exc, t))
+        headers = {"Retry-After": "1"} if status == 503 else None
+        body = {"error": type(exc).__name__, "message": str(exc)}
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    for exc_type in _HTTP_STATUS:
+        if exc_type not in app.exception_handlers:
+            app.add_exception_handler(exc_type, handler)
 
 
 def parse_hostport(value: str, what: str = "address") -> tuple[str, int]:

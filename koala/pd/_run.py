@@ -23,7 +23,7 @@ from .._config import HostConfig
 from .._errors import ConfigError
 from .._runtime import Runtime
 from ..gateway import HostBridge
-from ..http import serve_asgi
+from ..http import add_error_handlers, serve_asgi
 from ..transport import Transport, TransportConfig
 from ._client import ClusterDirectory, MemberConfig, Membership, PDClient, PlacementRemote
 
@@ -155,6 +155,7 @@ async def serve_host(
                     async with anyio.create_task_group() as http_tg:
                         where = ""
                         if app is not None and http is not None:
+                            add_error_handlers(app)
                             bound = await http_tg.start(serve_asgi, app, http[0], http[1], shutdown)
                             where = f"; HTTP on http://{bound[0]}:{bound[1]}"
                         announce(
