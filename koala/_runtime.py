@@ -1,8 +1,9 @@
 """The host runtime: the catalog of activations, the call path, collection and shutdown.
 
 A call goes: proxy -> :meth:`Runtime.invoke` (validate and copy arguments, pick the
-chain and deadline) -> the directory says where the actor lives -> local delivery (the
-activation's mailbox, no bytes) or, once a transport is plugged in, a remote delivery.
+chain and deadline) -> the directory says where the actor lives -> local delivery (no
+bytes: the turn runs in the caller's task when the activation is free, else through its
+mailbox) or a remote delivery through the transport (arguments encoded by their types).
 """
 
 from __future__ import annotations
