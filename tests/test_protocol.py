@@ -37,6 +37,7 @@ from koala.transport import (
     Role,
     State,
 )
+from koala.transport._events import ClientAck
 from koala.transport._wire import decode, encode
 
 SECRET = b"0123456789abcdef-secret"
@@ -499,7 +500,12 @@ def test_short_secret_is_refused() -> None:
         lambda: Hello(1, "c", "n", "", b"short"),
         lambda: ClientOpened(1, "T", "k", {"a": 1}),  # type: ignore[dict-item]
         lambda: ClientMessage(1, 42),  # type: ignore[arg-type]
-        lambda: CloseClient(1, "bye", 1001),
+        lambda: CloseClient(1, "bye", 1002),
+        lambda: CloseClient(1, "bye", 2999),
+        lambda: CloseClient(1, "bye", 5000),
+        lambda: CloseClient(1, "bye", 4011, misplaced=1),  # type: ignore[arg-type]
+        lambda: ClientMessage(1, b"x", -1),
+        lambda: ClientAck(1, -1),
         lambda: Ping(-1),
     ],
 )
@@ -559,10 +565,17 @@ app_events: st.SearchStrategy[Event] = st.one_of(
     st.builds(Pong, u64),
     st.builds(GoAway, text),
     st.builds(ClientOpened, u64, name, key, st.dictionaries(text, text, max_size=3)),
-    st.builds(ClientMessage, u64, st.binary(max_size=32) | st.text(max_size=32)),
+    st.builds(ClientMessage, u64, st.binary(max_size=32) | st.text(max_size=32), u64),
     st.builds(ClientClosed, u64, text),
     st.builds(PushToClient, u64, st.binary(max_size=32) | st.text(max_size=32)),
-    st.builds(CloseClient, u64, text, st.just(1000) | st.integers(3000, 4999)),
+    st.builds(
+        CloseClient,
+        u64,
+        text,
+        st.sampled_from([1000, 1001, 1011]) | st.integers(3000, 4999),
+        st.booleans(),
+    ),
+    st.builds(ClientAck, u64, u64),
     st.builds(Close, u64, text),
 )
 
@@ -627,3 +640,19 @@ def test_well_framed_garbage_never_crashes(kind: int, fields: list[Any]) -> None
 def test_garbage_bodies_never_crash(body: bytes) -> None:
     _, s = open_pair()
     _feed_garbage(s, [struct.pack(">I", len(body)) + body])
+
+
+def test_gateway_trailing_fields_are_left_out_at_their_defaults() -> None:
+    """Old peers' frames stay valid: no seq means no ack wanted, no code means 1000."""
+    assert cbor2.loads(encode(ClientMessage(5, b"\x01"))) == [21, 5, b"\x01"]
+    assert cbor2.loads(encode(ClientMessage(5, "hi", 7))) == [21, 5, "hi", 7]
+    assert decode(cbor2.dumps([21, 5, "hi"])) == ClientMessage(5, "hi", 0)
+    assert cbor2.loads(encode(CloseClient(5, "bye"))) == [24, 5, "bye"]
+    assert cbor2.loads(encode(CloseClient(5, "bye", 1001))) == [24, 5, "bye", 1001]
+    assert cbor2.loads(encode(CloseClient(5, "x", 4011, True))) == [24, 5, "x", 4011, True]
+    assert decode(cbor2.dumps([24, 5, "x", 1011])) == CloseClient(5, "x", 1011, False)
+    assert cbor2.loads(encode(ClientAck(5, 9))) == [25, 5, 9]
+    with pytest.raises(RemoteProtocolError):
+        decode(cbor2.dumps([24, 5, "x", 4011, 1]))  # misplaced is a bool, never an integer
+    with pytest.raises(RemoteProtocolError):
+        decode(cbor2.dumps([25, 5]))

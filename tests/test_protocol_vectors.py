@@ -12,6 +12,8 @@ import pytest
 from koala._messages import ErrorCode, ErrorInfo
 from koala.transport import (
     NEED_DATA,
+    ClientMessage,
+    CloseClient,
     Connection,
     HandshakeComplete,
     Request,
@@ -19,6 +21,7 @@ from koala.transport import (
     Role,
     State,
 )
+from koala.transport._events import ClientAck
 from koala.transport._wire import HEADER, decode, frame
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
@@ -102,3 +105,11 @@ def test_proofs_are_the_hmac_of_the_documented_transcripts() -> None:
     client = hmac.new(SECRET, transcripts["client"], hashlib.sha256).digest()
     assert getattr(welcome, "proof", None) == server
     assert getattr(auth, "proof", None) == client
+
+
+def test_gateway_vectors_mean_what_the_doc_says() -> None:
+    assert decode(VECTORS["client-message"][4:]) == ClientMessage(5, b"\x01\x02\x03")
+    assert decode(VECTORS["client-message-seq"][4:]) == ClientMessage(5, b"\x01\x02\x03", 3)
+    assert decode(VECTORS["client-ack"][4:]) == ClientAck(5, 3)
+    assert decode(VECTORS["close-client-going-away"][4:]) == CloseClient(5, "going away", 1001)
+    assert decode(VECTORS["close-client-misplaced"][4:]) == CloseClient(5, "moved", 4011, True)

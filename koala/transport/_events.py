@@ -62,6 +62,7 @@ class Kind(enum.IntEnum):
     CLIENT_CLOSED = 22
     PUSH_TO_CLIENT = 23
     CLOSE_CLIENT = 24
+    CLIENT_ACK = 25
 
 
 class CloseCode(enum.IntEnum):
@@ -325,17 +326,21 @@ class ClientMessage(Event):
     """Gateway -> host: an opaque frame a client sent on session ``session_id``.
 
     A binary WebSocket frame travels as bytes, a text frame as text (CBOR keeps the two
-    apart, so the frame reaches the other side as it was sent).
+    apart, so the frame reaches the other side as it was sent). ``seq`` numbers the
+    frames of a session from 1; the host acknowledges them with CLIENT_ACK once their
+    turn has run. 0 (absent on the wire) asks for no acknowledgement.
     """
 
     kind: ClassVar[Kind] = Kind.CLIENT_MESSAGE
     session_id: int
     payload: bytes | str
+    seq: int = 0
 
     def __post_init__(self) -> None:
         _check_u64("session_id", self.session_id)
         if type(self.payload) is not bytes and type(self.payload) is not str:
             _fail(f"payload must be bytes or text, got {type(self.payload).__name__}")
+        _check_u64("seq", self.seq)
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,20 +374,50 @@ class PushToClient(Event):
             _fail(f"payload must be bytes or text, got {type(self.payload).__name__}")
 
 
+def valid_client_close_code(code: object) -> bool:
+    """The WebSocket close codes CLOSE_CLIENT may carry: 1000, 1001, 1011, 3000-4999."""
+    if not isinstance(code, int) or isinstance(code, bool):
+        return False
+    return code in (1000, 1001, 1011) or 3000 <= code <= 4999
+
+
 @dataclass(frozen=True, slots=True)
 class CloseClient(Event):
-    """Host -> gateway: close the client of ``session_id``."""
+    """Host -> gateway: close the client of ``session_id``.
+
+    ``misplaced`` (a trailing field, absent when false) says instead that the session's
+    actor is not placed on this host (a stale placement, or the host was fenced): the
+    host ran nothing of the session and dropped its frames; the gateway re-resolves the
+    actor and binds the session again rather than closing the client.
+    """
 
     kind: ClassVar[Kind] = Kind.CLOSE_CLIENT
     session_id: int
     reason: str = ""
-    code: int = 1000  # the WebSocket close code: 1000, or 3000-4999 (application codes)
+    code: int = 1000  # the WebSocket close code: 1000, 1001, 1011, or 3000-4999
+    misplaced: bool = False
 
     def __post_init__(self) -> None:
         _check_u64("session_id", self.session_id)
         _check_text("reason", self.reason)
-        if type(self.code) is not int or not (self.code == 1000 or 3000 <= self.code <= 4999):
-            _fail(f"close code must be 1000 or 3000-4999, got {self.code!r}")
+        if not valid_client_close_code(self.code):
+            _fail(f"close code must be 1000, 1001, 1011 or 3000-4999, got {self.code!r}")
+        if type(self.misplaced) is not bool:
+            _fail(f"misplaced must be a boolean, got {self.misplaced!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class ClientAck(Event):
+    """Host -> gateway: every frame of ``session_id`` numbered up to ``seq`` has had its
+    turn run (a cumulative acknowledgement of CLIENT_MESSAGE sequence numbers)."""
+
+    kind: ClassVar[Kind] = Kind.CLIENT_ACK
+    session_id: int
+    seq: int
+
+    def __post_init__(self) -> None:
+        _check_u64("session_id", self.session_id)
+        _check_u64("seq", self.seq)
 
 
 # ---------------------------------------------------------------- local-only events
@@ -424,4 +459,5 @@ GATEWAY_EVENTS: tuple[type[Event], ...] = (
     ClientClosed,
     PushToClient,
     CloseClient,
+    ClientAck,
 )

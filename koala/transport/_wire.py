@@ -24,6 +24,7 @@ from ._events import (
     PROTOCOL_VERSION,
     Auth,
     Cancel,
+    ClientAck,
     ClientClosed,
     ClientMessage,
     ClientOpened,
@@ -147,13 +148,23 @@ def _to_array(ev: Event) -> list[Any]:
             return [Kind.GOAWAY, ev.reason]
         case ClientOpened():
             return [Kind.CLIENT_OPENED, ev.session_id, ev.actor_type, ev.key, dict(ev.metadata)]
-        case ClientMessage() | PushToClient():
+        case ClientMessage():
+            if ev.seq:  # 0: no acknowledgement wanted, the field is left out
+                return [Kind.CLIENT_MESSAGE, ev.session_id, ev.payload, ev.seq]
+            return [Kind.CLIENT_MESSAGE, ev.session_id, ev.payload]
+        case PushToClient():
             return [ev.kind, ev.session_id, ev.payload]
         case ClientClosed():
             return [ev.kind, ev.session_id, ev.reason]
         case CloseClient():
-            tail = [] if ev.code == 1000 else [ev.code]  # 1000 is implied when absent
+            tail: list[Any] = []  # trailing fields are sent only when not their default
+            if ev.misplaced:
+                tail = [ev.code, True]
+            elif ev.code != 1000:  # 1000 is implied when absent
+                tail = [ev.code]
             return [ev.kind, ev.session_id, ev.reason, *tail]
+        case ClientAck():
+            return [Kind.CLIENT_ACK, ev.session_id, ev.seq]
     raise LocalProtocolError(f"{type(ev).__name__} is not a message that can be sent")
 
 
@@ -203,6 +214,11 @@ def _metadata(value: Any) -> dict[str, str]:
     return value
 
 
+def _close_client(a: list[Any]) -> Event:
+    code = a[3] if len(a) > 3 else 1000
+    return CloseClient(a[1], a[2], code, a[4] if len(a) > 4 else False)
+
+
 # kind -> (number of fields including the kind, builder from the array)
 _DECODERS: dict[int, tuple[int, Callable[[list[Any]], Event]]] = {
     Kind.HELLO: (7, _hello),
@@ -217,10 +233,11 @@ _DECODERS: dict[int, tuple[int, Callable[[list[Any]], Event]]] = {
     Kind.ERROR: (7, _error),
     Kind.CANCEL: (2, lambda a: Cancel(a[1])),
     Kind.CLIENT_OPENED: (5, lambda a: ClientOpened(a[1], a[2], a[3], _metadata(a[4]))),
-    Kind.CLIENT_MESSAGE: (3, lambda a: ClientMessage(a[1], a[2])),
+    Kind.CLIENT_MESSAGE: (3, lambda a: ClientMessage(a[1], a[2], a[3] if len(a) > 3 else 0)),
     Kind.CLIENT_CLOSED: (3, lambda a: ClientClosed(a[1], a[2])),
     Kind.PUSH_TO_CLIENT: (3, lambda a: PushToClient(a[1], a[2])),
-    Kind.CLOSE_CLIENT: (3, lambda a: CloseClient(a[1], a[2], a[3] if len(a) > 3 else 1000)),
+    Kind.CLOSE_CLIENT: (3, _close_client),
+    Kind.CLIENT_ACK: (3, lambda a: ClientAck(a[1], a[2])),
 }
 
 
