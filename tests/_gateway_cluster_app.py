@@ -2,14 +2,17 @@
 
 ``Player`` serves WebSocket clients: it greets each session with the pid of the process
 that holds it, echoes frames (text stays text, binary stays binary), and answers a few
-text commands. Its hooks append ``open|msg|close KEY PID ...`` lines to the file named
-by ``KOALA_TEST_EVENTS``, so a test sees what the actors saw across processes.
+text commands; a frame ``n-<i>`` (a numbered burst) takes a few ms. Its hooks append
+``open|msg|close KEY PID ...`` lines to the file named by ``KOALA_TEST_EVENTS``, so a
+test sees what the actors saw across processes.
 """
 
 from __future__ import annotations
 
 import os
 from abc import abstractmethod
+
+import anyio
 
 from koala import ActorBase, ActorInterface
 from koala.gateway import ActorRef, ClientHandler, ClientSession, IAccount
@@ -50,6 +53,8 @@ class Player(IPlayer, ClientHandler, ActorBase):
     async def on_client_message(self, session: ClientSession, data: bytes | str) -> None:
         self.frames += 1
         record("msg", self.key, os.getpid(), repr(data))
+        if isinstance(data, str) and data.startswith("n-"):
+            await anyio.sleep(0.004)  # so that a burst is still in flight when a test kills
         if data == "pid":
             await session.push(f"pid={os.getpid()} frames={self.frames}")
         elif data == "close":

@@ -8,6 +8,16 @@ the session's owner (so session ids of different gateways never collide), and wh
 actors push goes back on the same connection as PUSH_TO_CLIENT / CLOSE_CLIENT. When a
 gateway's connection ends, its sessions end with it (``on_client_close`` runs).
 
+Placement: the gateway names, in CLIENT_OPENED's metadata (``koala.server_id``), the
+server id the PD answered for the actor. The bridge opens the session only if this
+host's directory is serving under that very id, and checks it again before each frame's
+turn (a host fenced since then has re-registered under a new id, or not yet). Otherwise
+it runs nothing, answers CLOSE_CLIENT marked ``misplaced`` once, and drops the session's
+frames until the gateway binds it again (they are unacknowledged, so the gateway sends
+them again after the re-bind): a stale PD answer never opens a second activation.
+
+Frames with a sequence number are acknowledged (CLIENT_ACK) once their turn has run.
+
 Install it with ``bridge = HostBridge(runtime)``, ``transport.on_event = bridge.on_event``
 and ``task_group.start_soon(bridge.run)`` (``koala host`` does).
 """
@@ -15,10 +25,12 @@ and ``task_group.start_soon(bridge.run)`` (``koala host`` does).
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 import anyio
 
+from ..pd._client import ClusterDirectory
 from ..transport import (
     Channel,
     ClientClosed,
@@ -28,7 +40,8 @@ from ..transport import (
     Event,
     PushToClient,
 )
-from ._codes import ClientCloseCode, valid_actor_close_code
+from ..transport._events import ClientAck, valid_client_close_code
+from ._codes import ClientCloseCode
 from ._session import Data, SessionClosedError, hub_for
 
 if TYPE_CHECKING:
@@ -36,14 +49,18 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("koala.gateway")
 
-REBIND_KEY = "koala.rebind"  # CLIENT_OPENED metadata: "1" on a re-bind (never shown to actors)
+# CLIENT_OPENED metadata the bridge removes (actors never see them):
+REBIND_KEY = "koala.rebind"  # "1" on a re-bind
+PLACEMENT_KEY = "koala.server_id"  # the server id the PD answered for the actor
 DEFAULT_BRIDGE_QUEUE = 1024  # refusals and new connections waiting for the bridge's task
+MAX_MISPLACED = 4096  # sessions per gateway connection whose frames are being dropped
 
 
 def wire_close_code(code: int) -> int:
-    """CLOSE_CLIENT carries 1000 or 3000-4999; the gateway's own 1001 and 1011 refusals
-    (host draining, ``on_client_open`` raised) travel as 4011 (UNAVAILABLE)."""
-    return code if valid_actor_close_code(code) else int(ClientCloseCode.UNAVAILABLE)
+    """CLOSE_CLIENT carries 1000, 1001, 1011 and 3000-4999 as themselves; anything else
+    travels as 4011 (UNAVAILABLE)."""
+    code = int(code)  # a ClientCloseCode is an int, but not of type int
+    return code if valid_client_close_code(code) else int(ClientCloseCode.UNAVAILABLE)
 
 
 class _ChannelOutlet:
@@ -71,6 +88,13 @@ class _ChannelOutlet:
             if not self.channel.closed:
                 raise
 
+    async def ack(self, session_id: int, seq: int) -> None:
+        try:
+            await self.channel.send_event(ClientAck(session_id, seq))
+        except Exception:
+            if not self.channel.closed:
+                raise
+
 
 class HostBridge:
     """Routes gateway events from the host's transport to its client hub (and back)."""
@@ -79,6 +103,8 @@ class HostBridge:
         self.runtime = runtime
         self.hub = hub_for(runtime)
         self._outlets: dict[Channel, _ChannelOutlet] = {}
+        # per gateway connection: sessions refused as misplaced, whose frames are dropped
+        self._misplaced: dict[Channel, OrderedDict[int, None]] = {}
         self._queue_size = queue_size
         self._todo, self._jobs = anyio.create_memory_object_stream[
             tuple[Channel, CloseClient | None]
@@ -98,22 +124,83 @@ class HostBridge:
             assert isinstance(ev, ClientOpened)
             metadata = dict(ev.metadata)
             rebind = metadata.pop(REBIND_KEY, "") == "1"
+            placement = metadata.pop(PLACEMENT_KEY, "")
+            why = self._misplacement(placement)
+            if why is not None:
+                self._misplace(channel, ev.session_id, why)
+                return
+            self._placed(channel, ev.session_id)
             refused = self.hub.open(
-                channel, outlet, ev.session_id, ev.actor_type, ev.key, metadata, rebind=rebind
+                channel,
+                outlet,
+                ev.session_id,
+                ev.actor_type,
+                ev.key,
+                metadata,
+                rebind=rebind,
+                placement=placement,
             )
         elif kind is ClientMessage:
             assert isinstance(ev, ClientMessage)
-            refused = self.hub.message(channel, ev.session_id, ev.payload)
+            dropped = self._misplaced.get(channel)
+            if dropped is not None and ev.session_id in dropped:
+                return  # not run, not acknowledged: the gateway sends it again after re-binding
+            sess = self.hub.session(channel, ev.session_id)
+            if sess is not None and not sess.closed:
+                why = self._misplacement(sess._placement)
+                if why is not None:
+                    self.hub.closed(channel, ev.session_id, "the actor is not placed on this host")
+                    self._misplace(channel, ev.session_id, why)
+                    return
+            refused = self.hub.message(channel, ev.session_id, ev.payload, ev.seq)
         elif kind is ClientClosed:
             assert isinstance(ev, ClientClosed)
+            self._placed(channel, ev.session_id)
             self.hub.closed(channel, ev.session_id, ev.reason)
-        else:  # PUSH_TO_CLIENT / CLOSE_CLIENT go to gateways, not hosts
+        else:  # PUSH_TO_CLIENT / CLOSE_CLIENT / CLIENT_ACK go to gateways, not hosts
             log.debug("connection %s: ignoring %s (a host does not take it)", channel.name, ev)
             return
         if refused is not None:
             code, reason = refused
             assert isinstance(ev, (ClientOpened, ClientMessage))
             self._later(channel, CloseClient(ev.session_id, reason, wire_close_code(code)))
+
+    # ------------------------------------------------------------ placement
+
+    def _misplacement(self, placement: str) -> str | None:
+        """Why this host must not run turns of a session bound under ``placement`` (the
+        server id the PD answered), or None if it may. A host without a cluster
+        directory (a single process) places every actor on itself."""
+        directory = self.runtime.directory
+        if not isinstance(directory, ClusterDirectory):
+            return None
+        if not directory.serving:
+            return "this host is not serving (fenced, or not registered yet)"
+        if placement != str(directory.server_id):
+            return (
+                f"the actor was placed on server {placement or '(none named)'}; "
+                f"this host is server {directory.server_id}"
+            )
+        return None
+
+    def _misplace(self, channel: Channel, session_id: int, why: str) -> None:
+        """Refuse the session once (CLOSE_CLIENT marked misplaced); drop its frames."""
+        dropped = self._misplaced.setdefault(channel, OrderedDict())
+        if session_id in dropped:
+            return
+        dropped[session_id] = None
+        if len(dropped) > MAX_MISPLACED:  # its later frames are refused as unbound (4011)
+            dropped.popitem(last=False)
+        log.info("session %d refused: %s", session_id, why)
+        reason = "the actor is not placed on this host"
+        self._later(
+            channel, CloseClient(session_id, reason, int(ClientCloseCode.UNAVAILABLE), True)
+        )
+
+    def _placed(self, channel: Channel, session_id: int) -> None:
+        dropped = self._misplaced.get(channel)
+        if dropped is not None:
+            dropped.pop(session_id, None)
 
     def _later(self, channel: Channel, ev: CloseClient | None) -> None:
         try:
@@ -138,6 +225,7 @@ class HostBridge:
     async def _watch(self, channel: Channel) -> None:
         await channel.wait_closed()
         self._outlets.pop(channel, None)
+        self._misplaced.pop(channel, None)
         sessions = self.hub.sessions_from(channel)
         if sessions:
             log.info(

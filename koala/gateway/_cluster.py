@@ -14,12 +14,24 @@ to the new host, and only then lets the client's next frame through: the client'
 reader waits meanwhile, so frames back up in hypercorn's bounded queue and in TCP, never
 in an unbounded buffer here, and none is dropped. If no host takes the session within
 ``failover_timeout`` the client is closed with 4011 (UNAVAILABLE).
+
+Placement: CLIENT_OPENED names the server id the PD answered (``koala.server_id``); a
+host that is not serving under that id refuses the session (CLOSE_CLIENT marked
+``misplaced``), and the session is re-bound exactly as in a failover.
+
+No frame is lost: each frame gets a sequence number (per session, from 1) and stays in
+the session's :class:`Unacked` buffer (bounded by ``unacked_frames`` and
+``unacked_bytes``; a client that outruns it is closed with 4012) until the host
+acknowledges it (CLIENT_ACK: its turn has run). After a re-bind the frames still
+unacknowledged are sent again, in order, before any new frame: at least once across a
+host's death.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+from collections import deque
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -40,8 +52,9 @@ from ..transport import (
     PushToClient,
     Transport,
 )
+from ..transport._events import ClientAck
 from ._auth import FirstPacket
-from ._bridge import REBIND_KEY
+from ._bridge import PLACEMENT_KEY, REBIND_KEY
 from ._codes import ClientCloseCode
 from ._gateway import BindError, ClientConnection, Gateway, account_target
 from ._session import Data, IAccount, SessionClosedError
@@ -58,10 +71,66 @@ MAX_CONCURRENT_REBINDS = 64  # PD lookups at once while many sessions fail over
 
 @dataclass(frozen=True, slots=True)
 class HostBinding:
-    """Where a session lives now: its host's address and the connection to it."""
+    """Where a session lives now: its host's address and server id (as the PD
+    answered), and the connection to it."""
 
     address: str
     channel: Channel
+    server_id: int = 0
+
+
+class Unacked:
+    """The frames of one session its host has not acknowledged yet, in order.
+
+    Frames are numbered from 1 and kept contiguous: ``frames[i]`` has number
+    ``frames[0][0] + i``. ``sent`` is the last number written to the current binding.
+    """
+
+    __slots__ = ("acked", "frames", "max_bytes", "max_frames", "next_seq", "sent", "size")
+
+    def __init__(self, max_frames: int, max_bytes: int) -> None:
+        self.frames: deque[tuple[int, Data, int]] = deque()
+        self.next_seq = 1
+        self.acked = 0
+        self.sent = 0
+        self.size = 0
+        self.max_frames = max_frames
+        self.max_bytes = max_bytes
+
+    def add(self, data: Data) -> int:
+        """Keep a frame; its sequence number. BindError (4012) past the bounds."""
+        size = len(data)
+        if isinstance(data, str) and not data.isascii():
+            size = len(data.encode("utf-8", "surrogatepass"))
+        if len(self.frames) >= self.max_frames or self.size + size > self.max_bytes:
+            raise BindError(
+                ClientCloseCode.OVERLOADED,
+                f"{len(self.frames)} frames ({self.size} bytes) not yet acknowledged by the "
+                "actor's host: the client is too far ahead of its actor",
+            )
+        seq = self.next_seq
+        self.next_seq += 1
+        self.frames.append((seq, data, size))
+        self.size += size
+        return seq
+
+    def ack(self, seq: int) -> None:
+        """The host ran every frame up to ``seq``: forget them."""
+        frames = self.frames
+        while frames and frames[0][0] <= seq:
+            self.size -= frames.popleft()[2]
+        self.acked = max(self.acked, min(seq, self.next_seq - 1))
+
+    def after(self, seq: int) -> tuple[int, Data] | None:
+        """The frame that follows number ``seq``, if it is kept."""
+        frames = self.frames
+        if not frames:
+            return None
+        i = max(0, seq + 1 - frames[0][0])
+        if i >= len(frames):
+            return None
+        number, data, _ = frames[i]
+        return number, data
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +154,9 @@ class ClusterLink:
         transport.on_event = self.on_event
         self.failover_timeout = 30.0
         self.bind_timeout = 10.0
+        self.unacked_frames = 1024
+        self.unacked_bytes = 1024 * 1024
+        self._unacked: dict[int, Unacked] = {}
         self._conns: dict[int, ClientConnection] = {}
         self._by_channel: dict[Channel, set[int]] = {}
         self._rebinding: dict[int, anyio.Event] = {}
@@ -126,6 +198,8 @@ class ClusterLink:
         self._conns = gateway.connections
         self.failover_timeout = cfg.failover_timeout
         self.bind_timeout = cfg.bind_timeout
+        self.unacked_frames = cfg.unacked_frames
+        self.unacked_bytes = cfg.unacked_bytes
         self._account_type = cfg.account_actor_type
         self._account_spec = IAccount.__koala_methods__.get(cfg.account_method)
         if self._account_spec is None:
@@ -140,7 +214,7 @@ class ClusterLink:
         assert spec is not None
         args = tuple(spec.encode_args((packet.server_id,)))
         for attempt in range(3):
-            address, _ = await self._locate(self._account_type, packet.open_id)
+            address, _, _ = await self._locate(self._account_type, packet.open_id)
             req = Request(
                 0,
                 new_chain_id(),
@@ -161,35 +235,46 @@ class ClusterLink:
         raise AssertionError("unreachable")
 
     async def open(self, conn: ClientConnection) -> None:
+        self._unacked[conn.session_id] = Unacked(self.unacked_frames, self.unacked_bytes)
         while True:
-            address, channel = await self._locate(conn.actor_type, conn.key)
-            if await self._open_on(conn, address, channel, rebind=False):
+            address, channel, server_id = await self._locate(conn.actor_type, conn.key)
+            if await self._open_on(conn, HostBinding(address, channel, server_id), rebind=False):
                 return
 
     async def message(self, conn: ClientConnection, data: Data) -> None:
-        """Forward one frame; while the session fails over, wait for it to be re-bound."""
+        """Forward one frame; while the session fails over, wait for it to be re-bound.
+
+        The frame is kept until its host acknowledges it; a re-bind sends it again."""
+        unacked = self._unacked.get(conn.session_id)
+        if unacked is None:
+            raise BindError(ClientCloseCode.UNAVAILABLE, "the session is not bound")
+        seq = unacked.add(data)
         while not conn.closing:
             pending = self._rebinding.get(conn.session_id)
             if pending is not None:
-                await pending.wait()
+                await pending.wait()  # the re-bind sends every unacknowledged frame
                 continue
+            if unacked.sent >= seq:
+                return
             binding: HostBinding | None = conn.host
             if binding is None:
                 raise BindError(ClientCloseCode.UNAVAILABLE, "the session is not bound")
             channel = binding.channel
             if not channel.closed and not channel.peer_draining:
                 try:
-                    await channel.send_event(ClientMessage(conn.session_id, data))
+                    await channel.send_event(ClientMessage(conn.session_id, data, seq))
                 except Exception:
                     if not channel.closed:
                         raise
-                if not channel.closed:
-                    return
-                # the connection ended as the frame was queued: it may not have been
-                # written, so it goes again to the re-bound session (at least once)
+                else:
+                    if conn.host is binding and conn.session_id not in self._rebinding:
+                        unacked.sent = seq
+                        return
+                    continue  # a re-bind began meanwhile: it sends the frame again
             self._fail_over(conn, binding)
 
     async def closed(self, conn: ClientConnection, reason: str) -> None:
+        self._unacked.pop(conn.session_id, None)
         binding: HostBinding | None = conn.host
         if binding is None:
             return
@@ -199,12 +284,12 @@ class ClusterLink:
     # ------------------------------------------------------------ from hosts
 
     def on_event(self, channel: Channel, ev: Event) -> None:
-        """The transport's ``on_event``: pushes and closes from the session's host."""
+        """The transport's ``on_event``: pushes, acks and closes from the session's host."""
         kind = type(ev)
-        if kind is not PushToClient and kind is not CloseClient:
+        if kind is not PushToClient and kind is not CloseClient and kind is not ClientAck:
             log.debug("connection %s: ignoring %s (a gateway does not take it)", channel.name, ev)
             return
-        assert isinstance(ev, (PushToClient, CloseClient))
+        assert isinstance(ev, (PushToClient, CloseClient, ClientAck))
         conn = self._conns.get(ev.session_id)
         binding: HostBinding | None = None if conn is None else conn.host
         if conn is None or binding is None or binding.channel is not channel:
@@ -212,6 +297,20 @@ class ClusterLink:
         if isinstance(ev, PushToClient):
             with contextlib.suppress(SessionClosedError):  # closing: the frame goes nowhere
                 conn.push_nowait(ev.payload)
+        elif isinstance(ev, ClientAck):
+            unacked = self._unacked.get(ev.session_id)
+            if unacked is not None:
+                unacked.ack(ev.seq)
+        elif ev.misplaced:  # the host does not hold the actor (a stale placement): re-bind
+            log.info(
+                "session %d (%s/%r): %s refused it (%s); re-binding",
+                conn.session_id,
+                conn.actor_type,
+                conn.key,
+                binding.address,
+                ev.reason,
+            )
+            self._fail_over(conn, binding)
         else:
             conn.close(ev.code, ev.reason)
 
@@ -219,8 +318,9 @@ class ClusterLink:
 
     async def _locate(
         self, actor_type: str, key: Key, *, failing_over: bool = False
-    ) -> tuple[str, Channel]:
-        """The host of the actor (placing it if needed) and an open connection to it.
+    ) -> tuple[str, Channel, int]:
+        """The host of the actor (placing it if needed), an open connection to it, and
+        its server id as the PD answered.
 
         Retries while the PD names a host that cannot be reached or is draining (its
         lease has not expired yet); the caller bounds the wait. Raises BindError when no
@@ -233,7 +333,7 @@ class ClusterLink:
                 pos = await self.pd.find_position(actor_type, str(key))
                 channel = await self.transport.channel(pos.server_address)
                 if not channel.peer_draining:
-                    return pos.server_address, channel
+                    return pos.server_address, channel, pos.server_id
                 why = f"the host at {pos.server_address} is draining"
             except PDRequestError as exc:
                 if exc.code == "bad_request" or (exc.code == "no_host" and not failing_over):
@@ -245,23 +345,36 @@ class ClusterLink:
             await anyio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX)
 
-    async def _open_on(
-        self, conn: ClientConnection, address: str, channel: Channel, *, rebind: bool
-    ) -> bool:
-        """Bind the session on this host; False if the connection ended meanwhile."""
+    async def _open_on(self, conn: ClientConnection, binding: HostBinding, *, rebind: bool) -> bool:
+        """Bind the session on this host and send again its unacknowledged frames, in
+        order; False if the connection ended meanwhile."""
         previous: HostBinding | None = conn.host
         if previous is not None:
             self._unindex(conn.session_id, previous.channel)
-        conn.host = HostBinding(address, channel)
+        conn.host = binding
+        channel = binding.channel
         if channel not in self._by_channel:
             self._by_channel[channel] = set()
             self._task_group().start_soon(self._watch, channel)
         self._by_channel[channel].add(conn.session_id)
-        metadata = {**conn.metadata, REBIND_KEY: "1" if rebind else "0"}
+        metadata = {
+            **conn.metadata,
+            REBIND_KEY: "1" if rebind else "0",
+            PLACEMENT_KEY: str(binding.server_id),
+        }
+        unacked = self._unacked.get(conn.session_id)
         try:
             await channel.send_event(
                 ClientOpened(conn.session_id, conn.actor_type, conn.key, metadata)
             )
+            if unacked is not None:
+                # the reader waits for this re-bind, but may add one frame meanwhile:
+                # send until caught up, by number (acks may drop frames as we go)
+                sent = unacked.acked
+                while (frame := unacked.after(sent)) is not None:
+                    await channel.send_event(ClientMessage(conn.session_id, frame[1], frame[0]))
+                    sent = frame[0]
+                unacked.sent = sent
         except Exception:
             if not channel.closed:
                 raise
@@ -312,10 +425,11 @@ class ClusterLink:
             with anyio.move_on_after(self.failover_timeout):
                 while not conn.closing:
                     async with self._limiter:
-                        address, channel = await self._locate(
+                        address, channel, server_id = await self._locate(
                             conn.actor_type, conn.key, failing_over=True
                         )
-                    if await self._open_on(conn, address, channel, rebind=True):
+                    binding = HostBinding(address, channel, server_id)
+                    if await self._open_on(conn, binding, rebind=True):
                         self._failovers += 1
                         log.info(
                             "session %d (%s/%r) re-bound from %s to %s",

@@ -11,7 +11,15 @@ from .._errors import ConfigError
 
 KEY_ENV = "KOALA_GATEWAY_KEY"
 CHECKSUM_MODES = ("sha256", "hmac-sha256")
-_INTS = ("max_frame_size", "max_first_packet", "max_connections", "send_queue_size", "burst")
+_INTS = (
+    "max_frame_size",
+    "max_first_packet",
+    "max_connections",
+    "send_queue_size",
+    "burst",
+    "unacked_frames",
+    "unacked_bytes",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +45,9 @@ class GatewayConfig:
       import the application.
     - ``bind_timeout``: seconds to find an actor and bind the session (the account call
       included); ``failover_timeout``: seconds to re-bind a session whose host died.
+    - ``unacked_frames`` / ``unacked_bytes``: a cluster gateway keeps each session's
+      frames until the host acknowledges them (their turn ran), to send them again after
+      a failover; a client that gets this far ahead of its actor is closed (4012).
     """
 
     private_key: str
@@ -54,6 +65,8 @@ class GatewayConfig:
     account_actor_type: str = "Account"
     bind_timeout: float = 10.0
     failover_timeout: float = 30.0
+    unacked_frames: int = 1024
+    unacked_bytes: int = 1024 * 1024
 
     def __post_init__(self) -> None:
         if not isinstance(self.private_key, str) or not self.private_key:
@@ -84,6 +97,8 @@ class GatewayConfig:
                 )
         if self.max_first_packet > self.max_frame_size:
             raise ConfigError("GatewayConfig.max_first_packet must not exceed max_frame_size")
+        if self.unacked_bytes < self.max_frame_size:
+            raise ConfigError("GatewayConfig.unacked_bytes must be at least max_frame_size")
 
     @classmethod
     def from_env(cls, **overrides: Any) -> GatewayConfig:

@@ -506,3 +506,6 @@ class LocalLink:
         conn = self._conns.get(session_id)
         if conn is not None:
             conn.close(code, reason)
+
+    async def ack(self, session_id: int, seq: int) -> None:
+        """In-process frames carry no sequence number: nothing to acknowledge."""

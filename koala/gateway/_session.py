@@ -46,6 +46,10 @@ class Outlet(Protocol):
 
     async def close(self, session_id: int, code: int, reason: str) -> None: ...
 
+    async def ack(self, session_id: int, seq: int) -> None:
+        """Every frame of the session numbered up to ``seq`` has had its turn run."""
+        ...
+
 
 class ClientSession:
     """A client bound to an actor. Push frames to it; close it.
@@ -60,6 +64,7 @@ class ClientSession:
         "_hub",
         "_opened_on",
         "_outlet",
+        "_placement",
         "actor_type",
         "key",
         "metadata",
@@ -74,11 +79,13 @@ class ClientSession:
         actor_type: str,
         key: Key,
         metadata: dict[str, str],
+        placement: str = "",
     ) -> None:
         self._hub = hub
         self._outlet = outlet
         self._closed = False
         self._opened_on: Activation | None = None
+        self._placement = placement  # the host's server id the session was opened under
         self.session_id = session_id
         self.actor_type = actor_type
         self.key = key
@@ -228,8 +235,12 @@ class ClientHub:
         metadata: dict[str, str],
         *,
         rebind: bool = False,
+        placement: str = "",
     ) -> tuple[int, str] | None:
-        """Bind a session and queue its open turn; (close code, reason) if refused."""
+        """Bind a session and queue its open turn; (close code, reason) if refused.
+
+        ``placement`` is the server id of this host the gateway bound the session to
+        (checked by the host bridge before each turn; "" in-process)."""
         impl = self._impl(actor_type)
         if impl is None:
             return (
@@ -241,7 +252,7 @@ class ClientHub:
         if old is not None:  # the same session bound again: a re-bind from the gateway
             old._closed = True
             self._unindex(old)
-        sess = ClientSession(self, outlet, session_id, impl.actor_type, key, metadata)
+        sess = ClientSession(self, outlet, session_id, impl.actor_type, key, metadata, placement)
         self._sessions[ident] = sess
         self._by_actor.setdefault((impl.actor_type, key), {})[session_id] = sess
 
@@ -256,20 +267,33 @@ class ClientHub:
 
         return self._turn(sess, impl, "on_client_open", opened, reopen=False)
 
-    def message(self, owner: Hashable, session_id: int, data: Data) -> tuple[int, str] | None:
-        """Queue a frame as a turn of the bound actor; (close code, reason) if refused."""
+    def message(
+        self, owner: Hashable, session_id: int, data: Data, seq: int = 0
+    ) -> tuple[int, str] | None:
+        """Queue a frame as a turn of the bound actor; (close code, reason) if refused.
+
+        A frame with a sequence number (``seq`` > 0) is acknowledged through the
+        session's outlet once its turn has run (raised or not)."""
         sess = self._sessions.get((owner, session_id))
         if sess is None or sess._closed:
             return ClientCloseCode.UNAVAILABLE, f"session {session_id} is not bound on this host"
         impl = self._impls[sess.actor_type]
+        outlet = sess._outlet
 
         async def received(instance: ClientHandler, act: Activation) -> None:
             try:
-                await instance.on_client_message(sess, data)
-            except SessionClosedError:
-                if not sess._closed:
-                    raise
-                log.debug("session %d closed while its actor answered a frame", session_id)
+                try:
+                    await instance.on_client_message(sess, data)
+                except SessionClosedError:
+                    if not sess._closed:
+                        raise
+                    log.debug("session %d closed while its actor answered a frame", session_id)
+            except Exception:
+                if seq:  # the turn ran (and raised): it is done all the same
+                    await outlet.ack(session_id, seq)
+                raise
+            if seq:
+                await outlet.ack(session_id, seq)
 
         return self._turn(sess, impl, "on_client_message", received, reopen=True)
 
