@@ -193,3 +193,23 @@ async def test_a_fenced_host_refuses_the_frames_of_its_old_sessions() -> None:
         assert link.statistics().failovers == 1
         stats = link.transport.statistics()
         assert stats.connections == stats.connects
+
+
+def test_the_unacknowledged_buffer_is_bounded_and_acks_are_cumulative() -> None:
+    from koala.gateway import ClientCloseCode
+    from koala.gateway._cluster import Unacked
+    from koala.gateway._gateway import BindError
+
+    buf = Unacked(max_frames=3, max_bytes=10)
+    assert [buf.add(x) for x in ("ab", b"cd", "é")] == [1, 2, 3]
+    with pytest.raises(BindError) as exc:
+        buf.add("x")  # a 4th frame
+    assert exc.value.code == ClientCloseCode.OVERLOADED
+    assert buf.after(0) == (1, "ab")
+    buf.ack(2)  # cumulative: frames 1 and 2
+    assert (buf.acked, buf.size, buf.after(buf.acked)) == (2, 2, (3, "é"))
+    with pytest.raises(BindError):
+        buf.add(b"0123456789")  # 2 + 10 bytes > 10
+    assert buf.add("y") == 4
+    buf.ack(9)  # never beyond what was sent
+    assert (buf.acked, len(buf.frames), buf.after(buf.acked)) == (4, 0, None)
