@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import base64
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from typing import Any
 import anyio
 import httpx
 
+from bench._measure import concurrent_calls
 from tests._etcd import EtcdProcess, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,34 +39,18 @@ def _b64(text: str) -> str:
 
 
 async def etcd_floor(url: str, count: int) -> dict[str, float]:
-    latencies: list[float] = []
-    keys = iter(range(count))
     async with httpx.AsyncClient(base_url=url, timeout=10) as client:
 
-        async def caller() -> None:
-            for i in keys:
-                key = _b64(f"/floor/{time.monotonic_ns()}/{i}")
-                body = {
-                    "compare": [{"key": key, "target": "CREATE", "create_revision": "0"}],
-                    "success": [{"request_put": {"key": key, "value": _b64("host")}}],
-                    "failure": [{"request_range": {"key": key}}],
-                }
-                t0 = time.perf_counter()
-                resp = await client.post("/v3/kv/txn", json=body)
-                resp.raise_for_status()
-                latencies.append(time.perf_counter() - t0)
+        async def one(i: int) -> None:
+            key = _b64(f"/floor/{time.monotonic_ns()}/{i}")
+            body = {
+                "compare": [{"key": key, "target": "CREATE", "create_revision": "0"}],
+                "success": [{"request_put": {"key": key, "value": _b64("host")}}],
+                "failure": [{"request_range": {"key": key}}],
+            }
+            (await client.post("/v3/kv/txn", json=body)).raise_for_status()
 
-        start = time.perf_counter()
-        async with anyio.create_task_group() as tg:
-            for _ in range(CONCURRENCY):
-                tg.start_soon(caller)
-        elapsed = time.perf_counter() - start
-    latencies.sort()
-    return {
-        "per_s": count / elapsed,
-        "p50_ms": statistics.median(latencies) * 1e3,
-        "p99_ms": latencies[max(0, int(len(latencies) * 0.99) - 1)] * 1e3,
-    }
+        return await concurrent_calls(count, CONCURRENCY, one)
 
 
 def _start(cmd: list[str], log: Path, ready: str, env: dict[str, str]) -> subprocess.Popen[bytes]:

@@ -253,16 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "dev":
             host, port = parse_hostport(args.http, "--http")
             check_bind(host, "--http")
-            overrides = {
-                k: v
-                for k, v in {
-                    "idle_timeout": args.idle_timeout,
-                    "default_timeout": args.default_timeout,
-                    "shutdown_grace": args.shutdown_grace,
-                }.items()
-                if v is not None
-            }
-            config = HostConfig(**overrides)
+            config = _host_config(args)
             from ._app import load_app
 
             gateway = parse_hostport(args.gateway, "--gateway") if args.gateway else None
