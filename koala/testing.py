@@ -23,6 +23,8 @@ import dataclasses
 import datetime as dt
 import enum
 import inspect
+import random
+import socket
 import types
 import typing
 import uuid
@@ -42,6 +44,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "args_strategy",
+    "free_port",
     "local_runtime",
     "test_config",
     "value_strategy",
@@ -78,6 +81,36 @@ async def local_runtime(
     cfg = config or test_config(**overrides)
     async with Runtime(cfg, actors=list(actors) if actors else None) as rt:
         yield rt
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(x) for x in f.read().split())
+            return low, high
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now, for a server a test starts in another process.
+
+    It is chosen *below* the kernel's ephemeral range: a port from that range (what
+    binding port 0 gives) can be taken by any outgoing connection between the moment it
+    is chosen and the moment the server binds it; one below it can only be taken by
+    another explicit bind. (For servers in this process, bind port 0 and read it back.)
+    """
+    low, _ = _ephemeral_range()
+    top = max(1024 + 1000, low)
+    for _ in range(200):
+        port = random.randrange(max(1024, top - 12000), top)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free TCP port found on {host} below the ephemeral range")
 
 
 async def wait_until(

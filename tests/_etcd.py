@@ -12,7 +12,6 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -20,13 +19,9 @@ import time
 import httpx
 import pytest
 
+from koala.testing import free_port as free_port
+
 ETCD_ENV = "KOALA_TEST_ETCD"  # path of the etcd binary (default: etcd on PATH)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def etcd_binary() -> str:

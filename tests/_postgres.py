@@ -15,7 +15,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -24,6 +23,8 @@ from pathlib import Path
 
 import psycopg
 import pytest
+
+from koala.testing import free_port
 
 PR_SET_PDEATHSIG = 1
 START_TIMEOUT = 60.0
@@ -44,13 +45,6 @@ def find_bin(name: str) -> str:
         f"PostgreSQL's {name} was not found (looked in /usr/lib/postgresql/*/bin and PATH): "
         "run `make services` (or `apt-get install -y postgresql`)"
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _as_user(uid: int | None, gid: int | None) -> Callable[[], None]:

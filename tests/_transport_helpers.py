@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 from abc import abstractmethod
 from collections.abc import AsyncIterator, Mapping
@@ -24,6 +23,7 @@ import anyio
 from koala import ActorBase, ActorInterface, HostConfig, Runtime, one_way
 from koala._messages import Key
 from koala._runtime import LOCAL
+from koala.testing import free_port as free_port
 from koala.transport import Transport, TransportConfig
 
 SECRET = "test-secret-0123456789abcdef"
@@ -181,12 +181,6 @@ async def node(
             if listen is not None:
                 directory.me = await transport.listen(*listen)
             yield rt, transport, directory
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # ---------------------------------------------------------------- a host process

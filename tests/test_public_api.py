@@ -41,6 +41,7 @@ def test_public_names() -> None:
 def test_testing_kit_names() -> None:
     assert set(koala.testing.__all__) == {
         "args_strategy",
+        "free_port",
         "local_runtime",
         "test_config",
         "value_strategy",
