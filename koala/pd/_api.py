@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from .._errors import KoalaError
-from ._service import DEFAULT_HOST_TTL, HostInfo, PDError, PlacementDriver
+from ._service import DEFAULT_HOST_TTL, MAX_BATCH, HostInfo, PDError, PlacementDriver
 from ._store import StoreError, StoreUnavailableError
 
 API_VERSION = "koala-pd/1"
@@ -105,6 +105,17 @@ class FindPositionResponse(BaseModel):
     created: bool
 
 
+class ActorName(BaseModel):
+    # lengths are checked per actor by the PD, so one bad name fails only its own answer
+    actor_type: str
+    actor_id: str
+
+
+class FindPositionsRequest(BaseModel):
+    positions: Annotated[list[ActorName], Field(max_length=MAX_BATCH)]
+    ttl: Int64 = 0
+
+
 class VersionResponse(BaseModel):
     version: str
 
@@ -193,6 +204,26 @@ def create_app(pd: PlacementDriver) -> FastAPI:
     async def find_position(body: FindPositionRequest) -> FindPositionResponse:
         pos = await pd.find_position(body.actor_type, body.actor_id, body.ttl)
         return FindPositionResponse(**_fields(pos))
+
+    @app.post("/pd/api/v1/placement/find_positions")
+    async def find_positions(body: FindPositionsRequest) -> JSONResponse:
+        actors = [(a.actor_type, a.actor_id) for a in body.positions]
+        answers = await pd.find_positions(actors, body.ttl)
+        out: list[dict[str, Any]] = []
+        for (actor_type, actor_id), answer in zip(actors, answers, strict=True):
+            if isinstance(answer, PDError):
+                out.append(
+                    {
+                        "actor_type": actor_type,
+                        "actor_id": actor_id,
+                        "status": answer.status,
+                        "error": answer.code,
+                        "message": answer.message,
+                    }
+                )
+            else:
+                out.append(_fields(answer))
+        return JSONResponse({"positions": out})
 
     return app
 

@@ -21,12 +21,14 @@ from __future__ import annotations
 import logging
 import math
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import httpx
 from anyio.abc import TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .._errors import (
     ConfigError,
@@ -51,6 +53,14 @@ log = logging.getLogger("koala.pd.client")
 
 DEFAULT_PD_TIMEOUT = 5.0
 MAX_DEPARTED = 10_000  # ids of hosts seen leaving, remembered to drop their positions
+
+# Position lookups of a host go to the PD in batches: while LOOKUP_BATCHES batches are
+# in flight, new lookups wait in a queue (at most LOOKUP_QUEUE; a caller beyond waits
+# for room) and leave together, at most LOOKUP_BATCH in one request, as soon as a batch
+# returns. No timer: alone, a lookup leaves at once as a batch of one.
+LOOKUP_BATCHES = 4
+LOOKUP_BATCH = 256
+LOOKUP_QUEUE = 10_000
 
 
 class PDRequestError(KoalaError):
@@ -229,19 +239,55 @@ class PDClient:
     async def delete(self, server_id: int) -> None:
         await self._post("/pd/api/v1/membership/delete", {"server_id": server_id})
 
+    async def find_positions(
+        self, actors: Sequence[tuple[str, str]], ttl: int = 0
+    ) -> list[ActorPosition | PDRequestError]:
+        """Where each ``(actor_type, actor_id)`` lives, placing those placed nowhere, in
+        one request: one answer per actor, in order, its position or the error the PD
+        gave for that actor alone (``no_host``, ``bad_request``)."""
+        body = {
+            "positions": [{"actor_type": t, "actor_id": a} for t, a in actors],
+            "ttl": ttl,
+        }
+        data = await self._post("/pd/api/v1/placement/find_positions", body)
+        answers = data.get("positions")
+        if not isinstance(answers, list) or len(answers) != len(actors):
+            raise PDUnavailableError(
+                f"the PD answered find_positions for {len(actors)} actors with "
+                f"{len(answers) if isinstance(answers, list) else 'no list of'} positions"
+            )
+        out: list[ActorPosition | PDRequestError] = []
+        for (actor_type, actor_id), item in zip(actors, answers, strict=True):
+            try:
+                if "error" in item:
+                    code = str(item["error"])
+                    status = int(item.get("status", 500))
+                    out.append(PDRequestError(status, code, str(item.get("message", code))))
+                else:
+                    out.append(_position(actor_type, actor_id, item))
+            except (TypeError, KeyError, ValueError, AttributeError):
+                raise PDUnavailableError(
+                    f"the PD answered find_positions with a malformed position: {item!r:.200}"
+                ) from None
+        return out
+
     async def find_position(self, actor_type: str, actor_id: str, ttl: int = 0) -> ActorPosition:
         data = await self._post(
             "/pd/api/v1/placement/find_position",
             {"actor_type": actor_type, "actor_id": actor_id, "ttl": ttl},
         )
-        return ActorPosition(
-            actor_type=actor_type,
-            actor_id=actor_id,
-            server_id=int(data["server_id"]),
-            server_address=str(data["server_address"]),
-            create_time=int(data.get("create_time", 0)),
-            created=bool(data.get("created", False)),
-        )
+        return _position(actor_type, actor_id, data)
+
+
+def _position(actor_type: str, actor_id: str, data: dict[str, Any]) -> ActorPosition:
+    return ActorPosition(
+        actor_type=actor_type,
+        actor_id=actor_id,
+        server_id=int(data["server_id"]),
+        server_address=str(data["server_address"]),
+        create_time=int(data.get("create_time", 0)),
+        created=bool(data.get("created", False)),
+    )
 
 
 def _membership(data: dict[str, Any]) -> Membership:
@@ -300,16 +346,29 @@ class DirectoryStatistics:
     fences: int
     renewals: int
     failed_renewals: int
-    resolves: int
+    resolves: int  # positions asked of the PD
+    lookup_batches: int = 0  # requests they took
 
 
 class _Pending:
-    __slots__ = ("done", "error", "result")
+    """One position being looked up; every concurrent caller for that actor waits on it."""
 
-    def __init__(self) -> None:
+    __slots__ = ("done", "error", "ident", "result")
+
+    def __init__(self, ident: tuple[str, Key]) -> None:
+        self.ident = ident
         self.done = anyio.Event()
         self.result: tuple[int, str] | None = None
-        self.error: BaseException | None = None
+        self.error: KoalaError | None = None
+
+    def failure(self) -> KoalaError:
+        """A fresh exception per waiter (one instance raised in many tasks would pile up
+        their tracebacks)."""
+        error = self.error
+        assert error is not None
+        if isinstance(error, PDRequestError):
+            return type(error)(error.status, error.code, error.message)
+        return PDUnavailableError(f"finding {self.ident[0]}/{self.ident[1]!r} failed: {error}")
 
 
 class ClusterDirectory:
@@ -343,6 +402,8 @@ class ClusterDirectory:
         self._cache: OrderedDict[tuple[str, Key], tuple[int, str, float]] = OrderedDict()
         self._departed: OrderedDict[int, None] = OrderedDict()
         self._pending: dict[tuple[str, Key], _Pending] = {}
+        self._lookups_in: MemoryObjectSendStream[_Pending] | None = None  # while run() runs
+        self._lookup_batches = 0
         self._rejoined = anyio.Event()
         self._registrations = 0
         self._fences = 0
@@ -365,6 +426,7 @@ class ClusterDirectory:
             renewals=self._renewals,
             failed_renewals=self._failed_renewals,
             resolves=self._resolves,
+            lookup_batches=self._lookup_batches,
         )
 
     # ------------------------------------------------------------ Directory
@@ -395,21 +457,26 @@ class ClusterDirectory:
         ident = (actor_type, key)
         pending = self._pending.get(ident)
         if pending is None:
-            pending = self._pending[ident] = _Pending()
+            pending = self._pending[ident] = _Pending(ident)
+            self._resolves += 1
             try:
-                self._resolves += 1
-                pos = await self.pd.find_position(actor_type, str(key))
-                pending.result = (pos.server_id, pos.server_address)
+                queue = self._lookups_in
+                if queue is None:
+                    raise PDUnavailableError("the directory is not running (start its run())")
+                await queue.send(pending)  # waits while the queue is full
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                error = PDUnavailableError("the directory stopped")
+                self._finish(pending, error=error)
+                raise error from None
             except BaseException as exc:
-                pending.error = exc
+                # not queued (or queued, and answered meanwhile: then this does nothing)
+                self._finish(
+                    pending, error=PDUnavailableError(f"the lookup was abandoned: {exc!r}")
+                )
                 raise
-            finally:
-                del self._pending[ident]
-                pending.done.set()
-        else:
-            await pending.done.wait()
-            if pending.error is not None:
-                raise PDUnavailableError(f"finding {actor_type}/{key!r} failed: {pending.error}")
+        await pending.done.wait()
+        if pending.error is not None:
+            raise pending.failure()
         assert pending.result is not None
         server_id, address = pending.result
         if not self.serving:
@@ -424,6 +491,62 @@ class ClusterDirectory:
 
     def forget(self, actor_type: str, key: Key) -> None:
         self._cache.pop((actor_type, key), None)
+
+    def _finish(
+        self,
+        pending: _Pending,
+        result: tuple[int, str] | None = None,
+        error: KoalaError | None = None,
+    ) -> None:
+        if pending.done.is_set():
+            return
+        pending.result, pending.error = result, error
+        if self._pending.get(pending.ident) is pending:
+            del self._pending[pending.ident]
+        pending.done.set()
+
+    async def _lookups(self, queue: MemoryObjectReceiveStream[_Pending]) -> None:
+        """Send queued lookups to the PD, as many as are waiting (up to LOOKUP_BATCH) in
+        one request; LOOKUP_BATCHES of these run at once."""
+        async for first in queue:
+            batch = [first]
+            while len(batch) < LOOKUP_BATCH:
+                try:
+                    batch.append(queue.receive_nowait())
+                except anyio.WouldBlock:
+                    break
+            batch = [p for p in batch if not p.done.is_set()]
+            if not batch:
+                continue
+            self._lookup_batches += 1
+            try:
+                answers = await self.pd.find_positions(
+                    [(p.ident[0], str(p.ident[1])) for p in batch]
+                )
+            except KoalaError as exc:
+                for pending in batch:
+                    self._finish(pending, error=exc)
+                continue
+            except BaseException:
+                for pending in batch:
+                    self._finish(pending, error=PDUnavailableError("the directory stopped"))
+                raise
+            for pending, answer in zip(batch, answers, strict=True):
+                if isinstance(answer, PDRequestError):
+                    self._finish(pending, error=answer)
+                else:
+                    self._finish(pending, result=(answer.server_id, answer.server_address))
+
+    def _fail_queued(self, queue: MemoryObjectReceiveStream[_Pending]) -> None:
+        """The directory stops: no lookup still queued will be answered."""
+        while True:
+            try:
+                pending = queue.receive_nowait()
+            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                break
+            self._finish(pending, error=PDUnavailableError("the directory stopped"))
+        for pending in list(self._pending.values()):
+            self._finish(pending, error=PDUnavailableError("the directory stopped"))
 
     def _remember(self, ident: tuple[str, Key], server_id: int, address: str) -> None:
         self._cache[ident] = (server_id, address, anyio.current_time() + self.config.cache_ttl)
@@ -480,7 +603,24 @@ class ClusterDirectory:
             return sent
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Register, renew, fence and register again, until cancelled."""
+        """Register, renew, fence and register again, and look positions up, until
+        cancelled."""
+        if self._lookups_in is not None:
+            raise RuntimeError("ClusterDirectory.run() is already running")
+        send, receive = anyio.create_memory_object_stream[_Pending](LOOKUP_QUEUE)
+        self._lookups_in = send
+        try:
+            async with anyio.create_task_group() as tg:
+                for _ in range(LOOKUP_BATCHES):
+                    tg.start_soon(self._lookups, receive)
+                await self._membership(task_status)
+        finally:
+            self._lookups_in = None
+            send.close()
+            self._fail_queued(receive)
+            receive.close()
+
+    async def _membership(self, task_status: TaskStatus[None]) -> None:
         started = False
         while True:
             last_ok = await self._register()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import anyio
@@ -23,10 +24,12 @@ import httpx
 
 from .._errors import ConfigError
 from ._store import (
+    CreateOutcome,
     KeyValue,
     LeaseNotFoundError,
     StoreError,
     StoreUnavailableError,
+    check_distinct,
     check_key,
     check_timeout,
     check_ttl,
@@ -39,6 +42,7 @@ HTTP_POOL = 16
 log = logging.getLogger("koala.pd.etcd")
 
 DEFAULT_TIMEOUT = 5.0
+MAX_TXN_OPS = 128  # etcd's default --max-txn-ops: operations per branch of one txn
 _GRPC_NOT_FOUND = 5
 _GRPC_UNAVAILABLE = (4, 14)  # DEADLINE_EXCEEDED, UNAVAILABLE
 
@@ -95,10 +99,16 @@ def parse_endpoints(url: str) -> list[str]:
 class EtcdStore:
     """:class:`~koala.pd.Store` on etcd's v3 JSON gateway. Use ``await store.aclose()``."""
 
-    def __init__(self, url: str, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self, url: str, *, timeout: float = DEFAULT_TIMEOUT, max_txn_ops: int = MAX_TXN_OPS
+    ) -> None:
+        """``max_txn_ops``: etcd's ``--max-txn-ops`` (a batch is split in txns this big)."""
         check_timeout(timeout)
+        if isinstance(max_txn_ops, bool) or not isinstance(max_txn_ops, int) or max_txn_ops < 1:
+            raise ConfigError(f"max_txn_ops must be a whole number >= 1, got {max_txn_ops!r}")
         self.endpoints = parse_endpoints(url)
         self.timeout = timeout
+        self.max_txn_ops = max_txn_ops
         self._current = 0
         self._slots = anyio.Semaphore(HTTP_POOL)
         self._client = httpx.AsyncClient(
@@ -196,6 +206,118 @@ class EtcdStore:
                 return succeeded, _kv(kvs[0])
         # the key was deleted between the compare and the read: impossible in one txn
         raise StoreError(f"etcd's transaction on {key!r} returned no key")
+
+    async def create_many(self, items: Sequence[tuple[str, bytes, int]]) -> list[CreateOutcome]:
+        check_distinct([key for key, _, _ in items])
+        outcomes: list[CreateOutcome | None] = [None] * len(items)
+        step = self.max_txn_ops
+
+        async def chunk(start: int) -> None:
+            await self._create_chunk(
+                items, list(range(start, min(start + step, len(items)))), outcomes
+            )
+
+        await self._each_chunk(len(items), chunk)
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    async def _each_chunk(
+        self, count: int, run: Callable[[int], Coroutine[Any, Any, None]]
+    ) -> None:
+        """``run(start)`` for every chunk of ``max_txn_ops`` items, concurrently."""
+        if count <= self.max_txn_ops:
+            if count:
+                await run(0)
+            return
+        async with anyio.create_task_group() as tg:
+            for start in range(0, count, self.max_txn_ops):
+                tg.start_soon(run, start)
+
+    async def _create_chunk(
+        self,
+        items: Sequence[tuple[str, bytes, int]],
+        todo: list[int],
+        outcomes: list[CreateOutcome | None],
+    ) -> None:
+        """Create ``items[i]`` for i in ``todo`` (at most max_txn_ops): one txn compares
+        every key's create revision with 0 and puts them all; if any key exists, the
+        failure branch reads them all, the existing ones are answered and the txn runs
+        again for the rest. A dead lease fails the whole txn: the dead leases are found
+        (time_to_live), their keys answered LeaseNotFoundError, and the rest retried.
+        Each round answers at least one key, so this ends."""
+        rounds = 2 * len(todo) + 2
+        while todo:
+            rounds -= 1
+            if rounds < 0:
+                raise StoreError("etcd kept changing the keys of a batch create; retry")
+            keys = [_b64(items[i][0]) for i in todo]
+            txn = {
+                "compare": [
+                    {"key": k, "target": "CREATE", "result": "EQUAL", "create_revision": "0"}
+                    for k in keys
+                ],
+                "success": [
+                    {"request_put": self._put_op(items[i][0], items[i][1], items[i][2])}
+                    for i in todo
+                ],
+                "failure": [{"request_range": {"key": k}} for k in keys],
+            }
+            try:
+                data = await self._call("/v3/kv/txn", txn)
+            except LeaseNotFoundError:
+                dead = await self._dead_leases({items[i][2] for i in todo if items[i][2]})
+                if not dead:
+                    continue  # nothing dead now: the next round finds out again
+                for i in todo:
+                    if items[i][2] in dead:
+                        outcomes[i] = LeaseNotFoundError(
+                            f"lease {items[i][2]} not found (it expired or was revoked)"
+                        )
+                todo = [i for i in todo if items[i][2] not in dead]
+                continue
+            if data.get("succeeded", False):
+                revision = _int(data.get("header", {}), "revision")
+                for i in todo:
+                    key, value, lease = items[i]
+                    # every write of one txn has the txn's revision; a created key is version 1
+                    outcomes[i] = (True, KeyValue(key, bytes(value), revision, revision, 1, lease))
+                return
+            responses = data.get("responses") or []
+            if len(responses) != len(todo):
+                raise StoreError(f"etcd answered a txn of {len(todo)} reads with {len(responses)}")
+            left = []
+            for i, response in zip(todo, responses, strict=True):
+                kvs = response.get("response_range", {}).get("kvs")
+                if kvs:
+                    outcomes[i] = (False, _kv(kvs[0]))
+                else:
+                    left.append(i)  # absent: created in the next round
+            todo = left
+
+    async def _dead_leases(self, leases: set[int]) -> set[int]:
+        dead: set[int] = set()
+        for lease in sorted(leases):
+            if await self.time_to_live(lease) is None:
+                dead.add(lease)
+        return dead
+
+    async def get_many(self, keys: Sequence[str]) -> list[KeyValue | None]:
+        check_distinct(keys)
+        found: list[KeyValue | None] = [None] * len(keys)
+        step = self.max_txn_ops
+
+        async def chunk(start: int) -> None:
+            part = keys[start : start + step]
+            txn = {"success": [{"request_range": {"key": _b64(key)}} for key in part]}
+            data = await self._call("/v3/kv/txn", txn)
+            responses = data.get("responses") or []
+            if len(responses) != len(part):
+                raise StoreError(f"etcd answered a txn of {len(part)} reads with {len(responses)}")
+            for n, response in enumerate(responses):
+                kvs = response.get("response_range", {}).get("kvs")
+                found[start + n] = _kv(kvs[0]) if kvs else None
+
+        await self._each_chunk(len(keys), chunk)
+        return found
 
     async def replace(self, key: str, value: bytes, *, mod_revision: int, lease: int = 0) -> bool:
         check_key(key)

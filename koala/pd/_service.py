@@ -25,6 +25,7 @@ import random
 import re
 import time
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -46,6 +47,7 @@ VIEW_MAX_AGE = 0.2  # seconds a membership view is reused before the store is re
 CAS_RETRIES = 64
 PLACEMENT_ATTEMPTS = 4
 MAX_NAME = 256
+MAX_BATCH = 1024  # actors in one find_positions request
 _SEQUENCE_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 
 
@@ -301,59 +303,126 @@ class PlacementDriver:
         count = seen[1] if seen is not None and seen[0] == info.renew_time else 0
         self._placed[info.server_id] = (info.renew_time, count + 1)
 
-    def choose(self, candidates: list[HostInfo]) -> HostInfo:
+    def choose(self, candidates: list[HostInfo], extra: dict[int, int] | None = None) -> HostInfo:
         """Power of two choices: two hosts at random, the less loaded one wins.
 
-        The load is what the host last reported plus what this PD placed on it since,
-        so a burst of placements spreads before the next report arrives."""
+        The load is what the host last reported plus what this PD placed on it since
+        (and ``extra``: what this batch chose for it so far), so a burst of placements
+        spreads before the next report arrives."""
         if len(candidates) == 1:
             return candidates[0]
         a, b = self._random.sample(candidates, 2)
-        return a if self._effective_load(a) <= self._effective_load(b) else b
+        load_a, load_b = self._effective_load(a), self._effective_load(b)
+        if extra:
+            load_a += extra.get(a.server_id, 0)
+            load_b += extra.get(b.server_id, 0)
+        return a if load_a <= load_b else b
 
     async def find_position(self, actor_type: str, actor_id: str, ttl: int = 0) -> Position:
         """Where the actor lives, placing it first if it lives nowhere."""
-        for name, value in (("actor_type", actor_type), ("actor_id", actor_id)):
-            if not value or len(value) > MAX_NAME:
-                raise PDError(400, "bad_request", f"{name} must be 1-{MAX_NAME} characters")
-        if "/" in actor_type:
-            raise PDError(400, "bad_request", "actor_type must not contain '/'")
-        key = self._position_key(actor_type, actor_id)
+        (answer,) = await self.find_positions([(actor_type, actor_id)], ttl)
+        if isinstance(answer, PDError):
+            raise answer
+        return answer
+
+    async def find_positions(
+        self, actors: Sequence[tuple[str, str]], ttl: int = 0
+    ) -> list[Position | PDError]:
+        """:meth:`find_position` for many ``(actor_type, actor_id)`` at once: one answer
+        per actor, in order, a Position or the PDError of that actor (bad name, no host).
+
+        The actors not placed yet are placed together: one batch create in the store
+        (one etcd txn per 128 keys) that writes each key only if absent, bound to its
+        chosen host's lease, and answers whoever won. Keys whose host died meanwhile
+        are placed again on the remaining hosts."""
+        if len(actors) > MAX_BATCH:
+            raise PDError(400, "bad_request", f"at most {MAX_BATCH} actors per request")
+        answers: list[Position | PDError | None] = [None] * len(actors)
+        where: dict[str, list[int]] = {}  # store key -> indexes of the actors asking for it
+        names: dict[str, tuple[str, str]] = {}
+        for i, (actor_type, actor_id) in enumerate(actors):
+            error = _check_names(actor_type, actor_id)
+            if error is not None:
+                answers[i] = error
+                continue
+            key = self._position_key(actor_type, actor_id)
+            if key not in where:
+                where[key] = []
+                names[key] = (actor_type, actor_id)
+            where[key].append(i)
+
+        def answer(key: str, value: Position | PDError) -> None:
+            for i in where[key]:
+                answers[i] = value
+
+        todo = list(where)
         dead: set[int] = set()
         for attempt in range(PLACEMENT_ATTEMPTS):
+            if not todo:
+                break
             hosts = await self.hosts(max_age=0.0 if attempt else VIEW_MAX_AGE)
-            candidates = [h for s, h in hosts.items() if actor_type in h.services and s not in dead]
-            if not candidates:
-                existing = await self.store.get(key)
-                if existing is not None:
-                    return self._position(
-                        actor_type, actor_id, ttl, existing.value, False, existing.lease
+            serving: dict[str, list[HostInfo]] = {}
+            extra: dict[int, int] = {}
+            chosen: dict[str, HostInfo] = {}
+            entries: list[tuple[str, bytes, int]] = []
+            homeless: list[str] = []
+            for key in todo:
+                actor_type = names[key][0]
+                candidates = serving.get(actor_type)
+                if candidates is None:
+                    candidates = serving[actor_type] = [
+                        h for s, h in hosts.items() if actor_type in h.services and s not in dead
+                    ]
+                if not candidates:
+                    homeless.append(key)
+                    continue
+                host = chosen[key] = self.choose(candidates, extra)
+                extra[host.server_id] = extra.get(host.server_id, 0) + 1
+                record = {
+                    "server_id": host.server_id,
+                    "server_address": host.address,
+                    "create_time": now_ms(),
+                }
+                entries.append((key, json.dumps(record).encode(), host.lease_id))
+            again: list[str] = []
+            if homeless:  # no live host: only an existing position can answer
+                for key, kv in zip(homeless, await self.store.get_many(homeless), strict=True):
+                    actor_type, actor_id = names[key]
+                    if kv is not None:
+                        answer(
+                            key,
+                            self._position(actor_type, actor_id, ttl, kv.value, False, kv.lease),
+                        )
+                    elif attempt == 0:
+                        again.append(key)  # read the store again: a host may have just registered
+                    else:
+                        answer(key, _no_host(actor_type))
+            if entries:
+                outcomes = await self.store.create_many(entries)
+                for (key, _, _), outcome in zip(entries, outcomes, strict=True):
+                    if isinstance(outcome, LeaseNotFoundError):
+                        dead.add(chosen[key].server_id)  # it died since the view was read
+                        again.append(key)
+                        continue
+                    created, kv = outcome
+                    if created:
+                        self._count_placement(chosen[key])
+                    actor_type, actor_id = names[key]
+                    answer(
+                        key, self._position(actor_type, actor_id, ttl, kv.value, created, kv.lease)
                     )
-                if attempt == 0:
-                    continue  # read the store again: a host may have just registered
-                raise PDError(
-                    503,
-                    "no_host",
-                    f"no live host serves actor type {actor_type!r}; start a host whose app "
-                    "defines it",
-                )
-            host = self.choose(candidates)
-            record = {
-                "server_id": host.server_id,
-                "server_address": host.address,
-                "create_time": now_ms(),
-            }
-            try:
-                created, kv = await self.store.create(
-                    key, json.dumps(record).encode(), lease=host.lease_id
-                )
-            except LeaseNotFoundError:
-                dead.add(host.server_id)  # it died since the view was read
-                continue
-            if created:
-                self._count_placement(host)
-            return self._position(actor_type, actor_id, ttl, kv.value, created, kv.lease)
-        raise PDError(503, "no_host", f"could not place {actor_type}/{actor_id}: hosts keep dying")
+            todo = again
+        for key in todo:
+            actor_type, actor_id = names[key]
+            answer(
+                key,
+                PDError(
+                    503, "no_host", f"could not place {actor_type}/{actor_id}: hosts keep dying"
+                ),
+            )
+        done = [a for a in answers if a is not None]
+        assert len(done) == len(actors)
+        return done
 
     def _position(
         self, actor_type: str, actor_id: str, ttl: int, raw: bytes, created: bool, lease: int = 0
@@ -369,3 +438,20 @@ class PlacementDriver:
             ttl=ttl,
             created=created,
         )
+
+
+def _no_host(actor_type: str) -> PDError:
+    return PDError(
+        503,
+        "no_host",
+        f"no live host serves actor type {actor_type!r}; start a host whose app defines it",
+    )
+
+
+def _check_names(actor_type: str, actor_id: str) -> PDError | None:
+    for name, value in (("actor_type", actor_type), ("actor_id", actor_id)):
+        if not isinstance(value, str) or not value or len(value) > MAX_NAME:
+            return PDError(400, "bad_request", f"{name} must be 1-{MAX_NAME} characters")
+    if "/" in actor_type:
+        return PDError(400, "bad_request", "actor_type must not contain '/'")
+    return None

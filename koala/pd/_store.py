@@ -13,8 +13,9 @@ whose expiry deletes the keys attached to them.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Protocol, TypeAlias
 
 import anyio
 
@@ -48,6 +49,11 @@ class KeyValue:
     lease: int = 0
 
 
+# One outcome of ``Store.create_many``: (created, the key as stored now), or the error of
+# a key whose lease is gone (nothing was written for it).
+CreateOutcome: TypeAlias = "tuple[bool, KeyValue] | LeaseNotFoundError"
+
+
 class Store(Protocol):
     """What the placement driver needs from its consensus store.
 
@@ -71,6 +77,20 @@ class Store(Protocol):
         """Create the key only if absent, atomically; (created, the key as stored now).
 
         If the key exists it is returned unchanged (the earlier writer won)."""
+        ...
+
+    async def create_many(self, items: Sequence[tuple[str, bytes, int]]) -> list[CreateOutcome]:
+        """:meth:`create` for many ``(key, value, lease)`` at once, in as few round trips
+        as the store allows; one outcome per item, in order.
+
+        Each key is created only if absent, bound to its lease, atomically (first writer
+        wins, as with ``create``). A key whose lease is gone gets a
+        :class:`LeaseNotFoundError` as its outcome and is not written; the others are
+        not affected. Keys must be distinct (StoreError otherwise)."""
+        ...
+
+    async def get_many(self, keys: Sequence[str]) -> list[KeyValue | None]:
+        """:meth:`get` for many keys at once; one answer per key, in order."""
         ...
 
     async def replace(self, key: str, value: bytes, *, mod_revision: int, lease: int = 0) -> bool:
@@ -107,6 +127,13 @@ def check_key(key: str) -> None:
         raise StoreError(f"a store key must be a non-empty string, got {key!r}")
     if len(key.encode()) > MAX_KEY_SIZE:
         raise StoreError(f"a store key must be at most {MAX_KEY_SIZE} bytes")
+
+
+def check_distinct(keys: Sequence[str]) -> None:
+    for key in keys:
+        check_key(key)
+    if len(set(keys)) != len(keys):
+        raise StoreError("the keys of one batch must be distinct")
 
 
 def check_ttl(ttl: int) -> None:
@@ -207,6 +234,30 @@ class MemoryStore:
             return False, existing
         self._write(key, value, lease)
         return True, self._data[key]
+
+    async def create_many(self, items: Sequence[tuple[str, bytes, int]]) -> list[CreateOutcome]:
+        check_distinct([key for key, _, _ in items])
+        await anyio.lowlevel.checkpoint()
+        self._expire()
+        outcomes: list[CreateOutcome] = []
+        for key, value, lease in items:
+            existing = self._data.get(key)
+            if existing is not None:
+                outcomes.append((False, existing))
+            elif lease and lease not in self._leases:
+                outcomes.append(
+                    LeaseNotFoundError(f"lease {lease} not found (it expired or was revoked)")
+                )
+            else:
+                self._write(key, value, lease)
+                outcomes.append((True, self._data[key]))
+        return outcomes
+
+    async def get_many(self, keys: Sequence[str]) -> list[KeyValue | None]:
+        check_distinct(keys)
+        await anyio.lowlevel.checkpoint()
+        self._expire()
+        return [self._data.get(key) for key in keys]
 
     async def replace(self, key: str, value: bytes, *, mod_revision: int, lease: int = 0) -> bool:
         check_key(key)
