@@ -5,11 +5,15 @@
 Starts etcd, one `koala pd` and three `koala host` processes (all on loopback), then
 asks one host to make first calls to new actors, 100 at a time: each one asks the PD
 for a position (one etcd transaction that creates the key if absent), and activates the
-actor on the chosen host. Reported: placements/s and p50/p99 latency of a first call.
+actor on the chosen host. Reported: placements/s and p50/p99 latency of a first call
+under that load, and p50/p99 of a first call made alone (one at a time, the cluster
+otherwise idle). With 100 callers in a closed loop the mean latency is 100 / rate
+(Little's law), so the loaded latency says little beyond the rate; the unloaded one is
+what one first call costs.
 
 The floor is the consensus write each placement needs, with nothing around it: the same
 create-if-absent transaction, sent straight to etcd's JSON gateway with httpx from 100
-concurrent tasks.
+concurrent tasks (and from one task, one at a time, beside the unloaded latency).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ def _b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
 
-async def etcd_floor(url: str, count: int) -> dict[str, float]:
+async def etcd_floor(url: str, count: int, concurrency: int = CONCURRENCY) -> dict[str, float]:
     async with httpx.AsyncClient(base_url=url, timeout=10) as client:
 
         async def one(i: int) -> None:
@@ -50,7 +54,7 @@ async def etcd_floor(url: str, count: int) -> dict[str, float]:
             }
             (await client.post("/v3/kv/txn", json=body)).raise_for_status()
 
-        return await concurrent_calls(count, CONCURRENCY, one)
+        return await concurrent_calls(count, concurrency, one)
 
 
 def _start(cmd: list[str], log: Path, ready: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -69,6 +73,7 @@ def _start(cmd: list[str], log: Path, ready: str, env: dict[str, str]) -> subpro
 
 def measure(loop: str, quick: bool) -> dict[str, Any]:
     count = 500 if quick else 3000
+    alone = 100 if quick else 500
     etcd = EtcdProcess()
     etcd.start()
     procs: list[subprocess.Popen[bytes]] = []
@@ -93,8 +98,16 @@ def measure(loop: str, quick: bool) -> dict[str, Any]:
         httpx.post(url, params=params, timeout=120).raise_for_status()
         params.update(count=count, prefix="run")
         koala_figures: dict[str, float] = httpx.post(url, params=params, timeout=600).json()
+        params.update(count=alone, concurrency=1, prefix="alone")
+        unloaded: dict[str, float] = httpx.post(url, params=params, timeout=600).json()
         floor = anyio.run(etcd_floor, etcd.url, count)
-        return {"koala": koala_figures, "floor": floor}
+        floor_alone = anyio.run(etcd_floor, etcd.url, alone, 1)
+        return {
+            "koala": koala_figures,
+            "floor": floor,
+            "alone": unloaded,
+            "floor_alone": floor_alone,
+        }
     finally:
         for proc in procs:
             proc.terminate()
@@ -107,12 +120,15 @@ def measure(loop: str, quick: bool) -> dict[str, Any]:
 
 
 def report(loop: str, r: dict[str, Any]) -> str:
-    k, f = r["koala"], r["floor"]
+    k, f, a, fa = r["koala"], r["floor"], r["alone"], r["floor_alone"]
     return (
         f"{loop}:\n  7 first calls, 3 hosts  koala {k['per_s']:7.0f}/s  p50 {k['p50_ms']:6.1f} ms"
         f"  p99 {k['p99_ms']:6.1f} ms | floor (etcd txn) {f['per_s']:7.0f}/s  "
         f"p50 {f['p50_ms']:5.1f} ms  p99 {f['p99_ms']:5.1f} ms | "
-        f"ratio {k['per_s'] / f['per_s']:.2f}"
+        f"ratio {k['per_s'] / f['per_s']:.2f}\n"
+        f"  7 first call alone       koala {a['per_s']:7.0f}/s  p50 {a['p50_ms']:6.1f} ms"
+        f"  p99 {a['p99_ms']:6.1f} ms | floor (etcd txn) {fa['per_s']:7.0f}/s  "
+        f"p50 {fa['p50_ms']:5.1f} ms  p99 {fa['p99_ms']:5.1f} ms"
     )
 
 
