@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from bench._measure import concurrent_calls
-from koala import ActorBase, ActorInterface, get_rpc_proxy
+from koala import ActorBase, ActorInterface, current_runtime, get_rpc_proxy
 
 
 class IPlaced(ActorInterface):
@@ -34,3 +34,11 @@ async def first_calls(prefix: str, count: int, concurrency: int) -> dict[str, An
         return await get_rpc_proxy(IPlaced, f"{prefix}-{i}").hello()
 
     return await concurrent_calls(count, concurrency, one)
+
+
+@app.get("/lookups")
+async def lookups() -> dict[str, int]:
+    """Positions this host asked the PD for, and the requests (batches) that took."""
+    directory: Any = current_runtime().directory
+    stats = directory.statistics()
+    return {"resolves": stats.resolves, "batches": stats.lookup_batches}

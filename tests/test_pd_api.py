@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from koala.pd import EtcdStore, MemoryStore, Store
+from koala.pd._service import MAX_BATCH
 from koala.pd.server import PlacementDriver, create_app
 from tests._etcd import etcd_url, unique_prefix
 
@@ -234,3 +235,90 @@ async def test_two_pds_racing_agree_on_every_position(store: Store) -> None:
                 tg.start_soon(find, one if i % 2 else two, key)
     assert len(answers) == 15
     assert all(len(servers) == 1 for servers in answers.values()), answers
+
+
+async def test_find_positions_answers_each_actor_in_order(pd: httpx.AsyncClient) -> None:
+    a, lease = await register(pd, ["Player"])
+    single = await post(pd, "/placement/find_position", {"actor_type": "Player", "actor_id": "p0"})
+    actors = [{"actor_type": "Player", "actor_id": f"p{i}"} for i in range(5)]
+    actors += [
+        {"actor_type": "Player", "actor_id": "p3"},  # asked twice in one batch
+        {"actor_type": "Nobody", "actor_id": "1"},
+        {"actor_type": "A/B", "actor_id": "1"},
+        {"actor_type": "Player", "actor_id": "x" * 300},
+    ]
+    answer = await post(pd, "/placement/find_positions", {"positions": actors, "ttl": 9})
+    got = answer["positions"]
+    assert len(got) == len(actors)
+    for item, asked in zip(got[:6], actors[:6], strict=True):
+        assert (item["actor_type"], item["actor_id"]) == (asked["actor_type"], asked["actor_id"])
+        assert (item["server_id"], item["lease_id"], item["ttl"]) == (a, lease, 9)
+    assert got[0]["created"] is False  # placed before, by find_position
+    assert got[0]["create_time"] == single["create_time"]
+    assert [g["created"] for g in got[1:5]] == [True] * 4
+    assert got[5] == got[3]
+    assert (got[6]["status"], got[6]["error"]) == (503, "no_host")
+    assert "Nobody" in got[6]["message"]
+    assert [(g["status"], g["error"]) for g in got[7:]] == [(400, "bad_request")] * 2
+    again = await post(pd, "/placement/find_positions", {"positions": actors[:5]})
+    assert [g["created"] for g in again["positions"]] == [False] * 5
+    assert [g["create_time"] for g in again["positions"]] == [g["create_time"] for g in got[:5]]
+
+
+async def test_find_positions_bad_requests(pd: httpx.AsyncClient) -> None:
+    answer = await post(pd, "/placement/find_positions", {"positions": "no"}, 400)
+    assert answer["error"] == "bad_request"
+    answer = await post(pd, "/placement/find_positions", {}, 400)
+    assert "positions" in answer["message"]
+    many = [{"actor_type": "Player", "actor_id": str(i)} for i in range(MAX_BATCH + 1)]
+    answer = await post(pd, "/placement/find_positions", {"positions": many}, 400)
+    assert answer["error"] == "bad_request"
+    assert (await post(pd, "/placement/find_positions", {"positions": []})) == {"positions": []}
+
+
+async def test_a_batch_spreads_over_hosts_and_skips_a_dead_one(store: Store) -> None:
+    driver = PlacementDriver(store, prefix=unique_prefix("dead"))
+    async with client_for(driver) as pd:
+        hosts = [await register(pd, ["Player"]) for _ in range(3)]
+        await driver.hosts(max_age=0.0)  # the PD's view has all three ...
+        dead_id, dead_lease = hosts[0]
+        await store.revoke(dead_lease)  # ... and one dies behind its back
+        actors = [{"actor_type": "Player", "actor_id": f"p{i}"} for i in range(60)]
+        got = (await post(pd, "/placement/find_positions", {"positions": actors}))["positions"]
+        placed = Counter(g["server_id"] for g in got)
+        assert dead_id not in placed
+        assert set(placed) == {hosts[1][0], hosts[2][0]}
+        assert all(n > 10 for n in placed.values())  # a burst in one batch still spreads
+        assert all(g["created"] for g in got)
+        # and once every host is gone, nothing is placed
+        for _, lease in hosts[1:]:
+            await store.revoke(lease)
+        got = (await post(pd, "/placement/find_positions", {"positions": actors[:1]}))["positions"]
+        # the position died with its hosts' lease, and no host is left to take it
+        assert (got[0]["status"], got[0]["error"]) == (503, "no_host")
+
+
+async def test_racing_batches_on_two_pds_place_each_actor_once(store: Store) -> None:
+    prefix = unique_prefix("batchrace")
+    answers: dict[str, set[int]] = {}
+    created = Counter[str]()
+    async with (
+        client_for(PlacementDriver(store, prefix=prefix)) as one,
+        client_for(PlacementDriver(store, prefix=prefix)) as two,
+    ):
+        for _ in range(3):
+            await register(one, ["Player"])
+
+        async def find(client: httpx.AsyncClient, keys: list[str]) -> None:
+            body = {"positions": [{"actor_type": "Player", "actor_id": k} for k in keys]}
+            for item in (await post(client, "/placement/find_positions", body))["positions"]:
+                answers.setdefault(item["actor_id"], set()).add(item["server_id"])
+                created[item["actor_id"]] += item["created"]
+
+        async with anyio.create_task_group() as tg:
+            for i in range(12):
+                keys = [f"k{(i * 7 + j) % 50}" for j in range(25)]
+                tg.start_soon(find, one if i % 2 else two, keys)
+    assert len(answers) == 50
+    assert all(len(servers) == 1 for servers in answers.values()), answers
+    assert set(created.values()) == {1}  # exactly one request created each position

@@ -19,8 +19,10 @@ from koala.pd import (
     MemberConfig,
     MemoryStore,
     PDClient,
+    PDRequestError,
     PDUnavailableError,
 )
+from koala.pd import _client as client_module
 from koala.pd.server import serve_pd
 from tests._etcd import free_port
 
@@ -123,6 +125,67 @@ async def test_concurrent_resolves_of_one_key_ask_the_pd_once() -> None:
                 tg.start_soon(resolve)
         assert answers == [LOCAL] * 10
         assert directory.statistics().resolves == 1
+
+
+async def test_concurrent_first_calls_are_batched_and_placed_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(client_module, "LOOKUP_QUEUE", 8)  # callers beyond wait for room
+    async with cluster(MemberConfig(ttl=5)) as (pd, rt, directory):
+        keys = [f"k{i}" for i in range(200)]
+        done: list[str] = []
+
+        async def first_call(key: str) -> None:
+            assert await make_proxy(IThing, key, rt).touch() >= 1
+            done.append(key)
+
+        async with anyio.create_task_group() as tg:
+            for key in keys * 2:  # every key twice, at once
+                tg.start_soon(first_call, key)
+        assert sorted(done) == sorted(keys * 2)
+        assert rt.statistics().activations == 200
+        stats = directory.statistics()
+        assert stats.resolves == 200  # one lookup per key ...
+        assert stats.lookup_batches < 200  # ... in fewer requests
+        other = PDClient(pd.url)
+        try:
+            answers = await other.find_positions([("Thing", k) for k in keys])
+        finally:
+            await other.aclose()
+        for answer in answers:
+            assert not isinstance(answer, Exception)
+            assert (answer.server_id, answer.created) == (directory.server_id, False)
+
+
+async def test_a_failed_lookup_fails_only_its_own_callers() -> None:
+    async with cluster(MemberConfig(ttl=5)) as (_, _, directory):
+        results: dict[str, object] = {}
+
+        async def resolve(actor_type: str, key: str) -> None:
+            try:
+                results[f"{actor_type}/{key}"] = await directory.resolve(actor_type, key)
+            except PDRequestError as exc:
+                results[f"{actor_type}/{key}"] = exc.code
+
+        async with anyio.create_task_group() as tg:
+            for i in range(20):
+                tg.start_soon(resolve, "Thing", f"ok{i}")
+                tg.start_soon(resolve, "Nobody", f"no{i}")
+            tg.start_soon(resolve, "Thing", "x" * 300)
+        assert [results[f"Thing/ok{i}"] for i in range(20)] == [LOCAL] * 20
+        assert [results[f"Nobody/no{i}"] for i in range(20)] == ["no_host"] * 20
+        assert results["Thing/" + "x" * 300] == "bad_request"
+
+
+async def test_a_directory_that_is_not_running_refuses_lookups() -> None:
+    client = PDClient("http://127.0.0.1:1")
+    try:
+        directory = ClusterDirectory(client, "127.0.0.1:1", {"Thing": "tests.Thing"})
+        directory.serving = True  # as if registered, but run() is not running
+        with pytest.raises(PDUnavailableError, match="not running"):
+            await directory.resolve("Thing", "a")
+    finally:
+        await client.aclose()
 
 
 async def test_renewals_report_load_to_the_pd() -> None:

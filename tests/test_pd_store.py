@@ -209,7 +209,133 @@ async def test_bad_input_is_a_clear_error(store: Store) -> None:
         await store.grant(True)
 
 
+async def test_create_many_creates_the_absent_and_answers_the_existing(
+    store: Store, p: str
+) -> None:
+    lease = await store.grant(30)
+    await store.put(p + "b", b"there")
+    outcomes = await store.create_many(
+        [(p + "a", b"1", lease), (p + "b", b"2", 0), (p + "c", b"3", 0)]
+    )
+    assert len(outcomes) == 3
+    a, b, c = outcomes
+    assert not isinstance(a, Exception)
+    assert not isinstance(b, Exception)
+    assert not isinstance(c, Exception)
+    assert a[0]
+    assert c[0]
+    assert not b[0]
+    assert (a[1].key, a[1].value, a[1].lease, a[1].version) == (p + "a", b"1", lease, 1)
+    assert b[1].value == b"there"
+    for key, value in ((p + "a", b"1"), (p + "b", b"there"), (p + "c", b"3")):
+        kv = await store.get(key)
+        assert kv is not None
+        assert kv.value == value
+    stored = await store.get(p + "a")
+    assert stored == a[1]  # what create_many answered is what is stored
+    assert [
+        kv.value if kv else None for kv in await store.get_many([p + "c", p + "x", p + "b"])
+    ] == [
+        b"3",
+        None,
+        b"there",
+    ]
+    await store.revoke(lease)
+    assert await store.get(p + "a") is None
+
+
+async def test_create_many_with_a_dead_lease_fails_only_its_keys(store: Store, p: str) -> None:
+    alive, dead = await store.grant(30), await store.grant(30)
+    await store.revoke(dead)
+    await store.put(p + "taken", b"before")
+    items = [
+        (p + "x", b"1", dead),
+        (p + "y", b"2", alive),
+        (p + "taken", b"3", dead),  # exists: its lease is never looked at
+        (p + "z", b"4", dead),
+    ]
+    x, y, taken, z = await store.create_many(items)
+    assert isinstance(x, LeaseNotFoundError)
+    assert isinstance(z, LeaseNotFoundError)
+    assert not isinstance(y, Exception)
+    assert y[0]
+    assert y[1].lease == alive
+    assert not isinstance(taken, Exception)
+    assert not taken[0]
+    assert taken[1].value == b"before"
+    assert await store.get(p + "x") is None
+    assert await store.get(p + "z") is None
+    await store.revoke(alive)
+
+
+async def test_create_many_concurrent_batches_have_one_winner_per_key(store: Store, p: str) -> None:
+    keys = [f"{p}k{i}" for i in range(40)]
+    won: dict[str, list[bytes]] = {k: [] for k in keys}
+    answers: dict[str, set[bytes]] = {k: set() for k in keys}
+
+    async def contender(n: int) -> None:
+        mine = keys[n % 3 :: 1 + n % 2]  # overlapping subsets
+        for key, outcome in zip(
+            mine, await store.create_many([(k, str(n).encode(), 0) for k in mine]), strict=True
+        ):
+            assert not isinstance(outcome, Exception)
+            created, kv = outcome
+            if created:
+                won[key].append(kv.value)
+            answers[key].add(kv.value)
+
+    async with anyio.create_task_group() as tg:
+        for n in range(8):
+            tg.start_soon(contender, n)
+    for key in keys:
+        assert len(won[key]) == 1, key
+        assert answers[key] == set(won[key])
+
+
+async def test_batches_reject_duplicate_keys(store: Store, p: str) -> None:
+    with pytest.raises(StoreError, match="distinct"):
+        await store.create_many([(p + "a", b"1", 0), (p + "a", b"2", 0)])
+    with pytest.raises(StoreError, match="distinct"):
+        await store.get_many([p + "a", p + "a"])
+    with pytest.raises(StoreError, match="non-empty"):
+        await store.create_many([("", b"1", 0)])
+    assert await store.create_many([]) == []
+    assert await store.get_many([]) == []
+
+
 # ---------------------------------------------------------------- etcd only
+
+
+async def test_batches_larger_than_etcds_txn_limit_are_split(etcd_url: str, p: str) -> None:
+    store = EtcdStore(etcd_url, max_txn_ops=16)
+    try:
+        lease = await store.grant(30)
+        await store.put(p + "k7", b"there")
+        items = [(f"{p}k{i}", str(i).encode(), lease) for i in range(50)]
+        outcomes = await store.create_many(items)
+        created = [o[0] for o in outcomes if not isinstance(o, Exception)]
+        assert len(created) == 50
+        assert created.count(False) == 1
+        assert not created[7]
+        found = await store.get_many([f"{p}k{i}" for i in range(50)] + [p + "none"])
+        assert [kv.value if kv else None for kv in found] == [
+            b"there" if i == 7 else str(i).encode() for i in range(50)
+        ] + [None]
+        # etcd's own limit (128 operations per txn) holds for the default store too
+        default = EtcdStore(etcd_url)
+        try:
+            big = [(f"{p}big{i}", b"v", 0) for i in range(300)]
+            assert all(
+                not isinstance(o, Exception) and o[0] for o in await default.create_many(big)
+            )
+            assert all(kv is not None for kv in await default.get_many([k for k, _, _ in big]))
+        finally:
+            await default.aclose()
+        await store.revoke(lease)
+    finally:
+        await store.aclose()
+    with pytest.raises(ConfigError, match="max_txn_ops"):
+        EtcdStore(etcd_url, max_txn_ops=0)
 
 
 async def test_unreachable_etcd_is_a_clear_error() -> None:

@@ -58,7 +58,7 @@ MAX_DEPARTED = 10_000  # ids of hosts seen leaving, remembered to drop their pos
 # in flight, new lookups wait in a queue (at most LOOKUP_QUEUE; a caller beyond waits
 # for room) and leave together, at most LOOKUP_BATCH in one request, as soon as a batch
 # returns. No timer: alone, a lookup leaves at once as a batch of one.
-LOOKUP_BATCHES = 4
+LOOKUP_BATCHES = 2
 LOOKUP_BATCH = 256
 LOOKUP_QUEUE = 10_000
 
