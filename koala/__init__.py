@@ -2,6 +2,7 @@
 
 from ._activation import State as ActivationState
 from ._activation import TimerHandle as TimerHandle
+from ._activation import current_deadline as current_deadline
 from ._actor import ActorBase as ActorBase
 from ._backend import run as run
 from ._config import HostConfig as HostConfig
@@ -42,6 +43,7 @@ __all__ = [
     "ShuttingDownError",
     "TimerHandle",
     "WrongHostError",
+    "current_deadline",
     "current_runtime",
     "get_rpc_proxy",
     "one_way",

@@ -13,12 +13,13 @@ import enum
 import logging
 import math
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from ._drive import finished, first_step, resume
 from ._errors import OverloadedError, ShuttingDownError
 from ._messages import (
     ErrorCode,
@@ -43,6 +44,27 @@ current_activation: ContextVar[Activation | None] = ContextVar("koala_activation
 # How many inline turns this task is nested in; past the bound calls go through a mailbox
 # (a fresh task and stack), so long call chains cannot exhaust the interpreter's stack.
 inline_depth: ContextVar[int] = ContextVar("koala_inline_depth", default=0)
+# Turns of a method that finish without suspending, in a row, before its inline turns
+# skip the default deadline's cancel scope until they suspend (see run_inline).
+SYNC_METHOD_CALLS = 8
+
+# The default deadline of an inline turn that has not suspended yet, so no cancel scope
+# carries it (see run_inline); read through current_deadline().
+lazy_deadline: ContextVar[float] = ContextVar("koala_lazy_deadline", default=math.inf)
+
+
+def current_deadline() -> float:
+    """The deadline of the call being served, on ``anyio.current_time()``'s clock.
+
+    Inside an actor turn this is the caller's deadline, or the default one when the
+    caller had none; ``math.inf`` outside any deadline. Prefer it to
+    ``anyio.current_effective_deadline()`` in a turn: a turn on the local fast path gets
+    its default deadline's cancel scope only once it first suspends.
+    """
+    deadline = anyio.current_effective_deadline()
+    return deadline if deadline != math.inf else lazy_deadline.get()
+
+
 MAX_INLINE_DEPTH = 32
 
 
@@ -331,21 +353,10 @@ class Activation:
         t_act = current_activation.set(self)
         t_depth = inline_depth.set(inline_depth.get() + 1)
         try:
-            deadline = anyio.current_effective_deadline()
-            if deadline == math.inf:
-                with anyio.CancelScope(
-                    deadline=anyio.current_time() + rt.config.default_timeout
-                ) as scope:
-                    result = await self._inline_body(spec, args)
-                if scope.cancelled_caught:
-                    raise rebuild_error(
-                        rejection(
-                            ErrorCode.TIMEOUT,
-                            f"{spec.qualname} on {self.ident[0]}/{self.key!r} did not finish "
-                            f"within the default timeout of {rt.config.default_timeout} s",
-                        )
-                    )
-            elif deadline <= anyio.current_time():
+            deadline = rt.effective_deadline()
+            if deadline == math.inf:  # the caller has none: the default deadline
+                result = await self._run_with_default_deadline(spec, args)
+            elif deadline <= rt.clock():
                 raise rebuild_error(
                     rejection(
                         ErrorCode.TIMEOUT,
@@ -377,7 +388,61 @@ class Activation:
                         self._wake()
         return spec.result.check(result, f"the result of {spec.qualname}")
 
-    def _inline_body(self, spec: MethodSpec, args: tuple[Any, ...]) -> Awaitable[Any]:
+    async def _run_with_default_deadline(self, spec: MethodSpec, args: tuple[Any, ...]) -> Any:
+        """An inline turn under the default deadline; a method seen finishing without
+        suspending skips the deadline's cancel scope until it suspends (see koala._drive).
+
+        A turn that never suspends cannot be cancelled, so its scope buys nothing. Each
+        method starts under the scope, and is counted: after SYNC_METHOD_CALLS turns in a
+        row that finished without suspending, its turns start without one and enter it
+        at their first suspension. If such a turn suspends inside a cancel scope of its
+        own, ours cannot be put around it any more: that one turn is bounded only by its
+        own scopes (Koala calls it makes bound themselves), and its method goes back to
+        entering the scope up front, for good.
+        """
+        rt = self.runtime
+        deadline = lazy_deadline.get()  # set while an outer inline turn has not suspended
+        if deadline == math.inf:
+            deadline = rt.clock() + rt.config.default_timeout
+        marker = rt.scope_marker
+        method = (self.impl, spec.name)
+        seen = rt.sync_methods.get(method, 0)
+        if marker is None or seen < SYNC_METHOD_CALLS:
+            with anyio.CancelScope(deadline=deadline) as scope:
+                coro = self._inline_body(spec, args)
+                result, yielded = first_step(coro)
+                if not finished(yielded):
+                    result = await resume(coro, yielded)
+            if 0 <= seen < SYNC_METHOD_CALLS:
+                rt.sync_methods[method] = seen + 1 if finished(yielded) else -1
+        else:
+            innermost = marker()
+            token = lazy_deadline.set(deadline)
+            try:
+                coro = self._inline_body(spec, args)
+                result, yielded = first_step(coro)
+            finally:
+                lazy_deadline.reset(token)
+            if finished(yielded):
+                return result
+            rt.sync_methods[method] = -1
+            if marker() is not innermost:
+                log.debug("%s suspended inside a scope of its own: no default deadline", spec)
+                return await resume(coro, yielded)
+            with anyio.CancelScope(deadline=deadline) as scope:
+                result = await resume(coro, yielded)
+        if scope.cancelled_caught:
+            raise rebuild_error(
+                rejection(
+                    ErrorCode.TIMEOUT,
+                    f"{spec.qualname} on {self.ident[0]}/{self.key!r} did not finish within "
+                    f"the default timeout of {rt.config.default_timeout} s",
+                )
+            )
+        return result
+
+    def _inline_body(self, spec: MethodSpec, args: tuple[Any, ...]) -> Coroutine[Any, Any, Any]:
+        # implementations are checked to be 'async def' when their class is defined
         if self.state is State.CREATING:
             return self._activate_inline(spec, args)
         return getattr(self.instance, spec.name)(*args)  # type: ignore[no-any-return]

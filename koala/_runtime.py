@@ -20,9 +20,17 @@ from typing import Any, Protocol
 import anyio
 from anyio.abc import TaskGroup
 
-from ._activation import Activation, Call, State, current_activation, current_chain
+from ._activation import (
+    Activation,
+    Call,
+    State,
+    current_activation,
+    current_chain,
+    lazy_deadline,
+)
 from ._actor import ActorBase, implementations_of
 from ._config import HostConfig
+from ._drive import fast_clock, scope_marker
 from ._errors import (
     ActorNotFoundError,
     HostUnavailableError,
@@ -133,6 +141,14 @@ class Runtime:
         self.remote = remote
         self._actors = list(actors) if actors is not None else None
         self._impls: dict[type[ActorInterface], type[ActorBase]] = {}
+        # names the task's innermost cancel scope (see koala._drive); None: unknown
+        self.scope_marker: Callable[[], object] | None = None
+        # anyio.current_time and current_effective_deadline, minus the backend lookup
+        self.clock: Callable[[], float] = anyio.current_time
+        self.effective_deadline: Callable[[], float] = anyio.current_effective_deadline
+        # per method: inline turns in a row that finished without suspending (-1: one
+        # did suspend); see Activation._run_with_default_deadline
+        self.sync_methods: dict[tuple[type[ActorBase], str], int] = {}
         self._targets: dict[tuple[str, str, str], tuple[type[ActorBase], MethodSpec]] = {}
         self.drain_hooks: list[Callable[[], Awaitable[None]]] = []
         self._catalog: dict[tuple[str, Key], Activation] = {}
@@ -158,6 +174,8 @@ class Runtime:
     # ------------------------------------------------------------ lifecycle
 
     async def __aenter__(self) -> Runtime:
+        self.scope_marker = scope_marker()
+        self.clock, self.effective_deadline = fast_clock()
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         self._running = True
@@ -317,10 +335,12 @@ class Runtime:
                     act = self._catalog[ident] = Activation(self, impl, key)
                 if act is not None and act.can_run_inline(chain):
                     return await act.run_inline(spec, chain, args)
-        deadline = anyio.current_effective_deadline()
-        own_deadline = deadline == math.inf
+        deadline = self.effective_deadline()
+        own_deadline = deadline == math.inf  # this call enforces its deadline itself
         if own_deadline:
-            deadline = anyio.current_time() + self.config.default_timeout
+            deadline = lazy_deadline.get()  # an inline turn's default one, not yet scoped
+            if deadline == math.inf:
+                deadline = self.clock() + self.config.default_timeout
         req = Request(
             new_request_id(),
             new_chain_id() if spec.one_way else chain,
@@ -370,7 +390,7 @@ class Runtime:
             )
         req.args = tuple(spec.encode_args(req.args))
         if own_deadline:
-            with anyio.fail_after(self.config.default_timeout):
+            with anyio.fail_at(req.deadline):
                 return await self._send_remote(host, req, spec)
         return await self._send_remote(host, req, spec)
 

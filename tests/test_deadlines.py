@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from abc import abstractmethod
+from collections.abc import AsyncIterator
 
 import anyio
+import anyio.lowlevel
 import pytest
 
-from koala import ActorBase, ActorInterface, get_rpc_proxy, one_way
+from koala import ActorBase, ActorInterface, current_deadline, get_rpc_proxy, one_way
 from koala.testing import local_runtime, wait_until
 
 pytestmark = pytest.mark.anyio
@@ -24,6 +27,9 @@ class ISlow(ActorInterface):
 
     @abstractmethod
     async def deadline(self) -> float: ...
+
+    @abstractmethod
+    async def deadlines_around_a_suspension(self) -> list[float]: ...
 
     @abstractmethod
     async def nested_deadline(self, other: str) -> list[float]: ...
@@ -52,11 +58,16 @@ class SlowImpl(ISlow, ActorBase):
         return label
 
     async def deadline(self) -> float:
-        return anyio.current_effective_deadline()
+        return current_deadline()
+
+    async def deadlines_around_a_suspension(self) -> list[float]:
+        before = current_deadline()
+        await anyio.lowlevel.checkpoint()  # now a cancel scope carries the default deadline
+        return [before, current_deadline(), anyio.current_effective_deadline()]
 
     async def nested_deadline(self, other: str) -> list[float]:
         inner = await self.get_proxy(ISlow, other).deadline()
-        return [anyio.current_effective_deadline(), inner]
+        return [current_deadline(), inner]
 
     async def record(self, label: str) -> None:
         events.append(label)
@@ -97,6 +108,9 @@ async def test_calls_without_a_deadline_get_the_default() -> None:
         seen = await get_rpc_proxy(ISlow, "s").deadline()
         assert math.isfinite(seen)
         assert start + 0.3 <= seen <= anyio.current_time() + 0.3
+        before, after, scoped = await get_rpc_proxy(ISlow, "s").deadlines_around_a_suspension()
+        assert math.isfinite(before)
+        assert before == after == scoped
         with pytest.raises(TimeoutError):
             await get_rpc_proxy(ISlow, "s").sleep(30, "forever")
         await get_rpc_proxy(ISlow, "s").record("after")
@@ -143,3 +157,109 @@ async def test_first_call_with_a_passed_deadline_leaves_no_half_made_activation(
         assert rt.statistics().activations == 0
         await get_rpc_proxy(ISlow, "late").record("fine")
     assert "never" not in events
+
+
+# The default deadline on the local fast path: a method whose turns keep finishing
+# without suspending skips the cancel scope until a turn suspends (koala._drive).
+
+gates: dict[str, anyio.Event] = {}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_gates() -> None:
+    gates.clear()  # events belong to one event loop
+
+
+class IGate(ActorInterface):
+    @abstractmethod
+    async def pass_or_wait(self, wait: bool) -> str: ...
+
+    @abstractmethod
+    async def wait_in_own_scope(self, wait: bool, seconds: float) -> str: ...
+
+    @abstractmethod
+    async def ask(self, other: str, wait: bool) -> str: ...
+
+
+class GateImpl(IGate, ActorBase):
+    async def pass_or_wait(self, wait: bool) -> str:
+        if wait:
+            events.append(f"waiting {self.key}")
+            try:
+                await gates.setdefault(str(self.key), anyio.Event()).wait()
+            except anyio.get_cancelled_exc_class():
+                events.append(f"cancelled {self.key}")
+                raise
+        return f"passed {self.key}"
+
+    async def wait_in_own_scope(self, wait: bool, seconds: float) -> str:
+        if wait:
+            with anyio.move_on_after(seconds):
+                await gates.setdefault(str(self.key), anyio.Event()).wait()
+        return f"passed {self.key}"
+
+    async def ask(self, other: str, wait: bool) -> str:
+        return await self.get_proxy(IGate, other).pass_or_wait(wait)
+
+
+WARM = 12  # more turns than koala._activation.SYNC_METHOD_CALLS
+
+
+@contextlib.asynccontextmanager
+async def hang_guard(seconds: float = 10) -> AsyncIterator[None]:
+    """Fail a test that hangs, without giving its calls a deadline (a scope with no
+    deadline, cancelled from another task)."""
+    async with anyio.create_task_group() as tg:
+        with anyio.CancelScope() as guard:
+
+            async def watchdog() -> None:
+                await anyio.sleep(seconds)
+                guard.cancel()
+
+            tg.start_soon(watchdog)
+            yield
+        tg.cancel_scope.cancel()
+    assert not guard.cancelled_caught, "the test hung"
+
+
+async def test_a_method_that_never_suspended_still_gets_the_default_deadline() -> None:
+    events.clear()
+    async with local_runtime(GateImpl, default_timeout=0.3) as rt:
+        proxy = get_rpc_proxy(IGate, "g1")
+        for _ in range(WARM):
+            assert await proxy.pass_or_wait(False) == "passed g1"
+        async with hang_guard():
+            with pytest.raises(TimeoutError):
+                await proxy.pass_or_wait(True)  # suspends outside any scope of its own
+        assert events == ["waiting g1", "cancelled g1"]
+        assert await proxy.pass_or_wait(False) == "passed g1"  # the activation is free
+        assert rt.statistics().inflight == 0
+
+
+async def test_nested_inline_turns_share_the_outer_default_deadline() -> None:
+    events.clear()
+    async with local_runtime(GateImpl, default_timeout=0.3):
+        proxy = get_rpc_proxy(IGate, "outer")
+        for _ in range(WARM):
+            assert await proxy.ask("inner", False) == "passed inner"
+        async with hang_guard():
+            with pytest.raises(TimeoutError):
+                await proxy.ask("inner", True)
+        assert events == ["waiting inner", "cancelled inner"]
+        assert await proxy.ask("inner", False) == "passed inner"
+
+
+async def test_a_turn_suspending_in_its_own_scope_makes_its_method_scoped() -> None:
+    async with local_runtime(GateImpl, default_timeout=0.3) as rt:
+        proxy = get_rpc_proxy(IGate, "g2")
+        for _ in range(WARM):
+            assert await proxy.wait_in_own_scope(False, 0) == "passed g2"
+        # this turn suspended inside its own move_on_after, where no scope can be put
+        # around it any more: its own scope bounds it (0.5 s, past the default 0.3 s)
+        async with hang_guard():
+            assert await proxy.wait_in_own_scope(True, 0.5) == "passed g2"
+        assert rt.sync_methods[(GateImpl, "wait_in_own_scope")] == -1
+        # from now on the method enters the default deadline's scope up front
+        async with hang_guard():
+            with pytest.raises(TimeoutError):
+                await proxy.wait_in_own_scope(True, 30)

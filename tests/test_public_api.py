@@ -29,6 +29,7 @@ def test_public_names() -> None:
         "ShuttingDownError",
         "TimerHandle",
         "WrongHostError",
+        "current_deadline",
         "current_runtime",
         "get_rpc_proxy",
         "one_way",
