@@ -4,15 +4,16 @@ fields and errors as docs/pd.md describes them."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import anyio
 import httpx
 import pytest
 
-from koala.pd import EtcdStore, MemoryStore, Store
-from koala.pd._service import MAX_BATCH
+from koala.pd import EtcdStore, MemoryStore, Store, StoreUnavailableError
+from koala.pd._service import MAX_BATCH, Position
+from koala.pd._store import CreateOutcome
 from koala.pd.server import PlacementDriver, create_app
 from tests._etcd import etcd_url, unique_prefix
 
@@ -322,3 +323,86 @@ async def test_racing_batches_on_two_pds_place_each_actor_once(store: Store) -> 
     assert len(answers) == 50
     assert all(len(servers) == 1 for servers in answers.values()), answers
     assert set(created.values()) == {1}  # exactly one request created each position
+
+
+class GatedStore(MemoryStore):
+    """A memory store whose batch creates wait for a gate, and count themselves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = anyio.Event()
+        self.batches: list[int] = []
+        self.fail = False
+
+    async def create_many(self, items: Sequence[tuple[str, bytes, int]]) -> list[CreateOutcome]:
+        self.batches.append(len(items))
+        await self.gate.wait()
+        if self.fail:
+            raise StoreUnavailableError("etcd is down (a test)")
+        return await super().create_many(items)
+
+
+async def test_concurrent_requests_share_store_batches() -> None:
+    store = GatedStore()
+    driver = PlacementDriver(store, prefix=unique_prefix("share"))
+    async with client_for(driver) as pd:
+        await register(pd, ["Player"])
+        answers: dict[int, list[Any]] = {}
+        cancelled = anyio.CancelScope()
+
+        async def find(n: int) -> None:
+            # every caller asks for k0..k3 (collisions) and for its own keys
+            keys = [f"k{n % 4}", f"mine{n}a", f"mine{n}b"]
+            answers[n] = await driver.find_positions([("Player", k) for k in keys])
+
+        async def abandoned() -> None:
+            with cancelled:
+                await driver.find_positions([("Player", "abandoned")])
+
+        async with anyio.create_task_group() as tg:
+            for n in range(20):
+                tg.start_soon(find, n)
+            tg.start_soon(abandoned)
+            await wait_until(lambda: len(driver.creates._queue) == 19)
+            cancelled.cancel()  # a waiting caller gives up: nothing else is affected
+            await wait_until(lambda: len(driver.creates._queue) == 18)
+            store.gate.set()
+        assert store.batches[:2] == [3, 3]  # the first two went alone (two slots) ...
+        assert len(store.batches) < 20  # ... the others waited and went together
+        placed: dict[str, set[int]] = {}
+        created: Counter[str] = Counter()
+        for found in answers.values():
+            for pos in found:
+                assert isinstance(pos, Position)
+                placed.setdefault(pos.actor_id, set()).add(pos.server_id)
+                created[pos.actor_id] += pos.created
+        assert len(placed) == 4 + 40
+        assert all(len(s) == 1 for s in placed.values())
+        assert set(created.values()) == {1}
+        assert await store.get(driver._position_key("Player", "abandoned")) is None
+
+        # a failing store fails every caller waiting on it, and leaks no slot
+        store.fail = True
+        errors: list[str] = []
+
+        async def failing(n: int) -> None:
+            try:
+                await driver.find_positions([("Player", f"fail{n}")])
+            except StoreUnavailableError as exc:
+                errors.append(str(exc))
+
+        async with anyio.create_task_group() as tg:
+            for n in range(6):
+                tg.start_soon(failing, n)
+        assert len(errors) == 6
+        store.fail = False
+        (pos,) = await driver.find_positions([("Player", "after")])
+        assert isinstance(pos, Position)
+        assert pos.created
+        assert driver.creates._running == 0
+
+
+async def wait_until(condition: Callable[[], bool]) -> None:
+    with anyio.fail_after(5):
+        while not condition():
+            await anyio.sleep(0.001)
