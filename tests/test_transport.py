@@ -9,6 +9,7 @@ from typing import Any
 
 import anyio
 import pytest
+import sniffio
 from anyio.abc import ByteStream, SocketStream
 
 from koala import ConfigError, HostUnavailableError, OverloadedError, Runtime
@@ -459,7 +460,7 @@ class _GatedStream(anyio.abc.ByteStream):
 
 
 async def test_a_burst_of_frames_is_coalesced_into_few_sends() -> None:
-    async with two_nodes() as (rt1, t1, _, t2):
+    async with two_nodes(client_cfg={"direct_io": False}) as (rt1, t1, _, t2):
         assert await echo(rt1).echo("warm") == "warm"
         ch = await t1.channel(t2.address)
         counting = _GatedStream(ch.stream, hang=False)
@@ -475,7 +476,7 @@ async def test_a_burst_of_frames_is_coalesced_into_few_sends() -> None:
 
 
 async def test_a_request_that_never_left_is_retried_one_that_may_have_run_is_not() -> None:
-    async with two_nodes() as (rt1, t1, _, t2):
+    async with two_nodes(client_cfg={"direct_io": False}) as (rt1, t1, _, t2):
         assert await echo(rt1).echo("warm") == "warm"
         ch = await t1.channel(t2.address)
         ch.stream = _GatedStream(ch.stream, hang=True)
@@ -497,3 +498,84 @@ async def test_a_request_that_never_left_is_retried_one_that_may_have_run_is_not
         assert "may have run" in str(outcomes["first"])
         assert outcomes["second"] == "second"  # sent again on a new connection
         assert t1.statistics().connects == 2
+
+
+# ---------------------------------------------------------------- direct I/O (asyncio)
+
+
+def _pipe_of(ch: Any) -> Any:
+    """The channel's taken-over transport: there on asyncio, never on trio."""
+    if sniffio.current_async_library() == "trio":
+        assert ch._pipe is None
+        pytest.skip("trio channels keep their stream: there is no transport to take over")
+    assert ch._pipe is not None
+    return ch._pipe
+
+
+class _CountingTransport:
+    """Forwards to a transport and counts writes."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.writes = 0
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        self.inner.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def test_direct_io_coalesces_a_burst_into_few_writes() -> None:
+    async with two_nodes() as (rt1, t1, _, t2):
+        assert await echo(rt1).echo("warm") == "warm"
+        ch = await t1.channel(t2.address)
+        pipe = _pipe_of(ch)
+        counting = pipe.transport = _CountingTransport(pipe.transport)
+
+        async def one(i: int) -> None:
+            assert await echo(rt1, f"c{i}").add(i, 1) == i + 1
+
+        async with anyio.create_task_group() as tg:
+            for i in range(200):
+                tg.start_soon(one, i)
+        assert 0 < counting.writes < 100  # 200 request frames
+
+
+async def test_direct_io_a_frame_held_by_a_full_buffer_is_retried_elsewhere() -> None:
+    async with two_nodes() as (rt1, t1, _, t2):
+        assert await echo(rt1).echo("warm") == "warm"
+        ch = await t1.channel(t2.address)
+        pipe = _pipe_of(ch)
+        outcomes: dict[str, object] = {}
+
+        async def call(name: str, sleep: bool) -> None:
+            try:
+                proxy = echo(rt1, name)
+                outcomes[name] = await (proxy.sleep(30) if sleep else proxy.echo(name))
+            except HostUnavailableError as exc:
+                outcomes[name] = exc
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call, "first", True)  # written: the peer is running it
+            await wait_until(lambda: ch.pending == 1)
+            pipe.pause_writing()  # as the transport does when its buffer is full
+            tg.start_soon(call, "second", False)  # waits for room: never written
+            await wait_until(lambda: ch.pending == 2)
+            ch.close("closed by the test")
+        assert isinstance(outcomes["first"], HostUnavailableError)
+        assert "may have run" in str(outcomes["first"])
+        assert outcomes["second"] == "second"  # sent again on a new connection
+        assert t1.statistics().connects == 2
+
+
+async def test_direct_io_refuses_control_frames_past_the_bound() -> None:
+    async with two_nodes() as (rt1, t1, _, t2):
+        assert await echo(rt1).echo("warm") == "warm"
+        ch = await t1.channel(t2.address)
+        pipe = _pipe_of(ch)
+        pipe.overfull = lambda max_frames: True  # as if the peer had stopped reading
+        ch._enqueue_nowait(b"")  # a control frame (a PONG, a CANCEL) cannot wait
+        assert ch.closed
+        assert "the peer is not reading" in ch.close_reason

@@ -49,6 +49,7 @@ from ._events import (
     Request,
     Response,
 )
+from ._pipe import Pipe, takeover
 from ._protocol import Connection
 
 log = logging.getLogger("koala.transport")
@@ -118,6 +119,7 @@ class Channel:
         self._writing = False  # a task is writing the outbox right now
         self._space: anyio.Event | None = None  # set when a full outbox drains
         self._tg: TaskGroup | None = None
+        self._pipe: Pipe | None = None  # asyncio: the transport, taken over (see _pipe)
         self.closed = False
         self.close_reason = ""
         self._close_frame = b""
@@ -148,8 +150,12 @@ class Channel:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 tg.start_soon(self._heartbeat)
-                task_status.started()
-                await self._reader()
+                if self._take_over():
+                    task_status.started()
+                    await anyio.sleep_forever()  # the pipe's callbacks read; _stop ends it
+                else:
+                    task_status.started()
+                    await self._reader()
                 tg.cancel_scope.cancel()
         except Exception as exc:  # a bug here must not take the node down
             log.exception("connection %s failed", self.name)
@@ -182,6 +188,8 @@ class Channel:
         for scope in self._serving.values():
             scope.cancel()
         pending, self._pending = self._pending, {}
+        if self._pipe is not None:
+            self._pipe.drop_held()  # the frames not written yet stay unwritten
         for p in pending.values():
             if p.written:
                 p.error = HostUnavailableError(
@@ -194,6 +202,9 @@ class Channel:
         self._outbox.clear()
         if self._space is not None:
             self._space.set()
+        if self._pipe is not None:
+            self._pipe.close(self._close_frame)
+            return
         with anyio.CancelScope(shield=True):
             with anyio.move_on_after(1.0):
                 if self._close_frame and not self._writing:
@@ -203,26 +214,60 @@ class Channel:
 
     # ------------------------------------------------------------ reading
 
+    def _take_over(self) -> bool:
+        """On asyncio, read and write through the transport itself (see _pipe)."""
+        if not self.config.direct_io:
+            return False
+        taken = takeover(self.stream, self._received, self._lost, self._written)
+        if taken is None:
+            return False
+        self._pipe, leftover = taken
+        if leftover:
+            self.conn.receive_data(leftover)
+        self._process()  # frames that came with the handshake, or after it
+        return True
+
+    def _received(self, data: bytes) -> None:
+        """The pipe's bytes (b"": the peer closed its side)."""
+        assert self._pipe is not None
+        self.last_received = self._pipe.loop.time()
+        self.conn.receive_data(data or None)
+        self._process()
+
+    def _lost(self, reason: str) -> None:
+        self._stop(CloseCode.NORMAL, reason, send_close=False)
+
+    def _written(self, rid: int) -> None:
+        p = self._pending.get(rid)
+        if p is not None:
+            p.written = True  # from here on it may reach the peer
+
+    def _process(self) -> bool:
+        """Dispatch every complete frame received; False once the connection ended."""
+        conn = self.conn
+        while True:
+            try:
+                ev = conn.next_event()
+            except RemoteProtocolError as exc:
+                log.warning("closing connection %s: %s", self.name, exc)
+                self._stop(exc.close_code, str(exc))
+                return False
+            if ev is NEED_DATA:
+                return True
+            if type(ev) is ConnectionClosed:
+                assert isinstance(ev, ConnectionClosed)
+                reason = f"the peer closed it: {ev.reason}" if ev.reason else "peer closed"
+                self._stop(ev.code, reason, send_close=False)
+                return False
+            assert isinstance(ev, Event)
+            self._dispatch(ev)
+
     async def _reader(self) -> None:
         conn, stream = self.conn, self.stream
         read_size = self.config.read_size
         while True:
-            while True:  # the handshake may have left frames in the buffer: drain first
-                try:
-                    ev = conn.next_event()
-                except RemoteProtocolError as exc:
-                    log.warning("closing connection %s: %s", self.name, exc)
-                    self._stop(exc.close_code, str(exc))
-                    return
-                if ev is NEED_DATA:
-                    break
-                if type(ev) is ConnectionClosed:
-                    assert isinstance(ev, ConnectionClosed)
-                    reason = f"the peer closed it: {ev.reason}" if ev.reason else "peer closed"
-                    self._stop(ev.code, reason, send_close=False)
-                    return
-                assert isinstance(ev, Event)
-                self._dispatch(ev)
+            if not self._process():  # the handshake may have left frames: drain first
+                return
             try:
                 data = await stream.receive(read_size)
             except anyio.EndOfStream:
@@ -403,6 +448,14 @@ class Channel:
         tasks queue meanwhile, so a lone call costs no task switch and a burst of
         frames goes out in a few large sends.
         """
+        pipe = self._pipe
+        if pipe is not None:
+            if pipe.paused:
+                await pipe.writable()
+            if self.closed:
+                raise NotSent(self.close_reason)
+            pipe.write(data, rid)
+            return
         outbox = self._outbox
         while len(outbox) >= self.config.write_queue_size and not self.closed:
             if self._space is None:
@@ -424,7 +477,11 @@ class Channel:
         connection (the peer is not reading)."""
         if self.closed:
             return
-        if len(self._outbox) >= self.config.write_queue_size:
+        pipe = self._pipe
+        if pipe is not None and not pipe.overfull(self.config.write_queue_size):
+            pipe.write(data)
+            return
+        if pipe is not None or len(self._outbox) >= self.config.write_queue_size:
             self._stop(CloseCode.OVERLOADED, "the write queue is full: the peer is not reading")
             return
         self._outbox.append((data, 0))

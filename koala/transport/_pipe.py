@@ -1,0 +1,198 @@
+"""The asyncio fast path of a channel: its socket's bytes without anyio's stream.
+
+anyio's asyncio ``SocketStream`` spends, per frame, a trip through the event loop
+before each send (a checkpoint) and two changes of the socket's epoll registration per
+receive (reading is paused between receives), and the channel needs a reader task to
+call it. On asyncio (and uvloop) a channel therefore takes the stream's transport over
+once the handshake is done: bytes arrive in ``data_received``, which decodes and
+dispatches frames at once (a response wakes its caller directly), and frames leave
+through ``transport.write``, which never blocks and never writes half a frame.
+
+Writes are corked: the first frame written since bytes last arrived goes out at once
+(a lone call, or the answer to one, pays no delay), and frames written after it leave
+together in one ``write`` at the next iteration of the event loop. Memory is bounded
+by the transport's write-buffer limits: above them the protocol is paused and writers
+wait.
+
+Taking the transport over relies on where anyio keeps it (``_transport``,
+``_protocol.read_queue``); :func:`takeover` returns None when those are not there, and
+the channel keeps using the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import sniffio
+
+# Above this many bytes buffered in the transport, writers wait (the peer is slow).
+HIGH_WATER = 1024 * 1024
+LOW_WATER = 256 * 1024
+
+
+class Pipe(asyncio.Protocol):
+    """A connection's transport, driven by callbacks (see the module docstring)."""
+
+    def __init__(
+        self,
+        transport: asyncio.Transport,
+        on_data: Callable[[bytes], None],
+        on_lost: Callable[[str], None],
+        on_written: Callable[[int], None],
+    ) -> None:
+        self.transport = transport
+        self.loop = asyncio.get_running_loop()
+        # the callbacks run in the context of the task that took the transport over, so
+        # anyio (through sniffio) knows its backend there, as it does in a task
+        self._context = contextvars.copy_context()
+        self._context.run(sniffio.current_async_library_cvar.set, "asyncio")
+        self._on_data = on_data
+        self._on_lost = on_lost
+        self._on_written = on_written  # a request's frame has left: its id
+        self._corked = False
+        self._held: deque[tuple[bytes, int]] = deque()
+        self._paused = False
+        self._resumed: anyio.Event | None = None
+        self.lost = False
+
+    # ------------------------------------------------------------ asyncio.Protocol
+
+    def data_received(self, data: bytes) -> None:
+        if not self._held:
+            self._corked = False  # a new exchange: its first frame leaves at once
+        self._context.run(self._on_data, data)
+
+    def eof_received(self) -> bool:
+        self._context.run(self._on_data, b"")
+        return False  # the transport closes itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if self._resumed is not None:
+            self._resumed.set()
+        reason = f"the connection broke: {exc!r}" if exc else "the connection ended"
+        self._context.run(self._on_lost, reason)
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self._resumed is not None:
+            self._resumed.set()
+            self._resumed = None
+
+    # ------------------------------------------------------------ writing
+
+    @property
+    def paused(self) -> bool:
+        """Whether the transport holds more than its high-water mark."""
+        return self._paused
+
+    def overfull(self, max_frames: int) -> bool:
+        """Whether a frame that cannot wait must be refused: ``max_frames`` are held
+        for the next write, or the transport holds four times its high-water mark."""
+        return (
+            len(self._held) >= max_frames or self.transport.get_write_buffer_size() > 4 * HIGH_WATER
+        )
+
+    def write(self, data: bytes, rid: int = 0) -> None:
+        """Send a frame: at once if nothing was written since bytes last arrived, else
+        with the next batch. ``rid`` (a request's id, or 0) is reported to
+        ``on_written`` once the frame is handed to the transport."""
+        if self.lost:
+            return
+        if self._corked:
+            if not self._held:
+                self.loop.call_soon(self._uncork, context=self._context)
+            self._held.append((data, rid))
+            return
+        self._corked = True
+        self.transport.write(data)
+        if rid:
+            self._on_written(rid)
+
+    def _uncork(self) -> None:
+        held = self._held
+        if held and not self.lost:
+            if len(held) == 1:
+                data, rid = held[0]
+                self.transport.write(data)
+            else:
+                self.transport.write(b"".join([frame for frame, _ in held]))
+            for _, rid in held:
+                if rid:
+                    self._on_written(rid)
+        held.clear()
+        self._corked = False
+
+    async def writable(self) -> None:
+        """Return once the transport's buffer is below its high-water mark."""
+        while self._paused and not self.lost:
+            if self._resumed is None:
+                self._resumed = anyio.Event()
+            await self._resumed.wait()
+
+    def drop_held(self) -> list[int]:
+        """Forget the frames not written yet; their request ids."""
+        rids = [rid for _, rid in self._held if rid]
+        self._held.clear()
+        return rids
+
+    def close(self, last: bytes = b"") -> None:
+        """Write ``last`` after what is buffered, then close: the buffer is flushed, for
+        at most a second (a peer that does not read is cut off)."""
+        if not self.lost:
+            self._uncork()
+            if last:
+                self.transport.write(last)
+            self.transport.close()
+            self.loop.call_later(1.0, self.transport.abort)
+
+
+_TRANSPORT_METHODS = (
+    "write",
+    "close",
+    "abort",
+    "is_closing",
+    "set_protocol",
+    "resume_reading",
+    "get_write_buffer_size",
+    "set_write_buffer_limits",
+)
+
+
+def takeover(
+    stream: Any,
+    on_data: Callable[[bytes], None],
+    on_lost: Callable[[str], None],
+    on_written: Callable[[int], None],
+) -> tuple[Pipe, bytes] | None:
+    """Take the asyncio transport of anyio's socket ``stream`` over (call it from a task,
+    between two receives): the pipe and the bytes anyio had read but not handed out.
+    None on trio, or when anyio keeps its transport elsewhere than expected."""
+    transport: Any = getattr(stream, "_transport", None)
+    protocol = getattr(stream, "_protocol", None)
+    queue = getattr(protocol, "read_queue", None)
+    if not isinstance(queue, deque) or not all(
+        hasattr(transport, name) for name in _TRANSPORT_METHODS
+    ):  # (uvloop's transports are not asyncio.Transport subclasses)
+        return None
+    if (
+        transport.is_closing()
+        or getattr(protocol, "is_at_eof", True)
+        or getattr(protocol, "exception", True) is not None
+    ):
+        return None
+    leftover = b"".join(queue)
+    queue.clear()
+    pipe = Pipe(transport, on_data, on_lost, on_written)
+    transport.set_protocol(pipe)
+    transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
+    transport.resume_reading()
+    return pipe, leftover
