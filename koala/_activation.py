@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ._drive import finished, first_step, resume
+from ._drive import lazy_deadline, run_under_deadline
 from ._errors import OverloadedError, ShuttingDownError
 from ._messages import (
     ErrorCode,
@@ -44,13 +44,6 @@ current_activation: ContextVar[Activation | None] = ContextVar("koala_activation
 # How many inline turns this task is nested in; past the bound calls go through a mailbox
 # (a fresh task and stack), so long call chains cannot exhaust the interpreter's stack.
 inline_depth: ContextVar[int] = ContextVar("koala_inline_depth", default=0)
-# Turns of a method that finish without suspending, in a row, before its inline turns
-# skip the default deadline's cancel scope until they suspend (see run_inline).
-SYNC_METHOD_CALLS = 8
-
-# The default deadline of an inline turn that has not suspended yet, so no cancel scope
-# carries it (see run_inline); read through current_deadline().
-lazy_deadline: ContextVar[float] = ContextVar("koala_lazy_deadline", default=math.inf)
 
 
 def current_deadline() -> float:
@@ -389,49 +382,21 @@ class Activation:
         return spec.result.check(result, f"the result of {spec.qualname}")
 
     async def _run_with_default_deadline(self, spec: MethodSpec, args: tuple[Any, ...]) -> Any:
-        """An inline turn under the default deadline; a method seen finishing without
-        suspending skips the deadline's cancel scope until it suspends (see koala._drive).
-
-        A turn that never suspends cannot be cancelled, so its scope buys nothing. Each
-        method starts under the scope, and is counted: after SYNC_METHOD_CALLS turns in a
-        row that finished without suspending, its turns start without one and enter it
-        at their first suspension. If such a turn suspends inside a cancel scope of its
-        own, ours cannot be put around it any more: that one turn is bounded only by its
-        own scopes (Koala calls it makes bound themselves), and its method goes back to
-        entering the scope up front, for good.
-        """
+        """An inline turn under the default deadline (or the one of an outer inline turn
+        that has not suspended yet); a method seen finishing without suspending skips
+        the deadline's cancel scope until it suspends (koala._drive.run_under_deadline)."""
         rt = self.runtime
-        deadline = lazy_deadline.get()  # set while an outer inline turn has not suspended
+        deadline = lazy_deadline.get()
         if deadline == math.inf:
             deadline = rt.clock() + rt.config.default_timeout
-        marker = rt.scope_marker
-        method = (self.impl, spec.name)
-        seen = rt.sync_methods.get(method, 0)
-        if marker is None or seen < SYNC_METHOD_CALLS:
-            with anyio.CancelScope(deadline=deadline) as scope:
-                coro = self._inline_body(spec, args)
-                result, yielded = first_step(coro)
-                if not finished(yielded):
-                    result = await resume(coro, yielded)
-            if 0 <= seen < SYNC_METHOD_CALLS:
-                rt.sync_methods[method] = seen + 1 if finished(yielded) else -1
-        else:
-            innermost = marker()
-            token = lazy_deadline.set(deadline)
-            try:
-                coro = self._inline_body(spec, args)
-                result, yielded = first_step(coro)
-            finally:
-                lazy_deadline.reset(token)
-            if finished(yielded):
-                return result
-            rt.sync_methods[method] = -1
-            if marker() is not innermost:
-                log.debug("%s suspended inside a scope of its own: no default deadline", spec)
-                return await resume(coro, yielded)
-            with anyio.CancelScope(deadline=deadline) as scope:
-                result = await resume(coro, yielded)
-        if scope.cancelled_caught:
+        result, scope = await run_under_deadline(
+            lambda: self._inline_body(spec, args),
+            deadline,
+            (self.impl, spec.name),
+            rt.sync_methods,
+            rt.scope_marker,
+        )
+        if scope is not None and scope.cancelled_caught:
             raise rebuild_error(
                 rejection(
                     ErrorCode.TIMEOUT,

@@ -22,8 +22,10 @@ module looks, ``scope_marker`` is None and callers enter their scope up front.
 
 from __future__ import annotations
 
+import math
 import types
-from collections.abc import Callable, Coroutine, Generator
+from collections.abc import Callable, Coroutine, Generator, Hashable
+from contextvars import ContextVar
 from typing import Any
 from weakref import ref
 
@@ -31,6 +33,14 @@ import anyio
 import sniffio
 
 _UNSET: Any = object()
+
+# Turns of a method that finish without suspending, in a row, before its turns skip the
+# deadline's cancel scope until they suspend (see run_under_deadline).
+SYNC_METHOD_CALLS = 8
+
+# The deadline of a turn that has not suspended yet, so no cancel scope carries it; the
+# runtime reads it through koala.current_deadline() and gives it to calls the turn makes.
+lazy_deadline: ContextVar[float] = ContextVar("koala_lazy_deadline", default=math.inf)
 
 
 def _trio_marker() -> Callable[[], object]:
@@ -124,3 +134,61 @@ def resume(coro: Coroutine[Any, Any, Any], yielded: Any) -> Generator[Any, Any, 
                     return stop.value
     finally:
         coro.close()  # a no-op once it has finished; else it gets GeneratorExit
+
+
+async def run_under_deadline(
+    make: Callable[[], Coroutine[Any, Any, Any]],
+    deadline: float,
+    method: Hashable,
+    seen: dict[Any, int],
+    marker: Callable[[], object] | None,
+    *,
+    on_suspend: Callable[[], None] | None = None,
+    on_scope: Callable[[anyio.CancelScope], None] | None = None,
+) -> tuple[Any, anyio.CancelScope | None]:
+    """Run the coroutine ``make()`` returns under a cancel scope with ``deadline``;
+    return its result and the scope (None if none was needed).
+
+    ``seen`` counts, per ``method``, turns in a row that finished without suspending
+    (-1: one suspended). Until there are SYNC_METHOD_CALLS of them the scope is entered
+    first. After that the coroutine starts without one (``lazy_deadline`` carries the
+    deadline meanwhile) and the scope is entered at its first suspension; if it
+    suspended inside a cancel scope of its own, ours cannot go around it any more, so
+    that one turn runs bounded by its own scopes only, and ``method`` goes back to
+    entering the scope first, for good. ``on_suspend`` runs at the first suspension,
+    ``on_scope`` when the scope is entered. If the scope cancelled the turn, the result
+    is meaningless: check ``scope.cancelled_caught`` first.
+    """
+    count = seen.get(method, 0)
+    if marker is None or count < SYNC_METHOD_CALLS:
+        with anyio.CancelScope(deadline=deadline) as scope:
+            if on_scope is not None:
+                on_scope(scope)
+            coro = make()
+            result, yielded = first_step(coro)
+            if not finished(yielded):
+                if on_suspend is not None:
+                    on_suspend()
+                result = await resume(coro, yielded)
+        if 0 <= count < SYNC_METHOD_CALLS:
+            seen[method] = count + 1 if finished(yielded) else -1
+        return result, scope
+    innermost = marker()
+    token = lazy_deadline.set(deadline)
+    try:
+        coro = make()
+        result, yielded = first_step(coro)
+    finally:
+        lazy_deadline.reset(token)
+    if finished(yielded):
+        return result, None
+    seen[method] = -1
+    if on_suspend is not None:
+        on_suspend()
+    if marker() is not innermost:
+        return await resume(coro, yielded), None
+    with anyio.CancelScope(deadline=deadline) as scope:
+        if on_scope is not None:
+            on_scope(scope)
+        result = await resume(coro, yielded)
+    return result, scope

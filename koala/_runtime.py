@@ -26,11 +26,10 @@ from ._activation import (
     State,
     current_activation,
     current_chain,
-    lazy_deadline,
 )
 from ._actor import ActorBase, implementations_of
 from ._config import HostConfig
-from ._drive import fast_clock, scope_marker
+from ._drive import fast_clock, lazy_deadline, scope_marker
 from ._errors import (
     ActorNotFoundError,
     HostUnavailableError,

@@ -15,12 +15,15 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import socket
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import anyio
-from anyio.abc import ByteStream, TaskGroup, TaskStatus
+from anyio.abc import ByteStream, SocketAttribute, TaskGroup, TaskStatus
 
+from .._drive import fast_clock, run_under_deadline, scope_marker
 from .._errors import (
     ActorNotFoundError,
     ArgumentTypeError,
@@ -54,10 +57,11 @@ from ._protocol import Connection
 
 log = logging.getLogger("koala.transport")
 
-Handler = Callable[[CallRequest], Awaitable[CallResponse | None]]
+Handler = Callable[[CallRequest], Coroutine[Any, Any, CallResponse | None]]
 EventHandler = Callable[["Channel", Event], None]
 
-COALESCE_BYTES = 256 * 1024  # a burst larger than this is written in several sends
+COALESCE_BYTES = 256 * 1024
+_TRIO_STREAMS = "anyio._backends._trio"  # a burst larger than this is written in several sends
 
 
 class NotSent(KoalaError):
@@ -74,13 +78,35 @@ class _Pending:
         self.written = False
 
 
-class _Worker:
-    """A parked serving task, woken with its next request (cheaper than a new task)."""
+class _Job:
+    """A request accepted for serving: queued, then running (maybe under a scope)."""
 
-    __slots__ = ("job", "wake")
+    __slots__ = ("cancelled", "deadline", "ev", "handler", "scope")
+
+    def __init__(self, ev: Request, handler: Handler, deadline: float) -> None:
+        self.ev = ev
+        self.handler = handler
+        self.deadline = deadline
+        self.scope: anyio.CancelScope | None = None
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self.scope is not None:
+            self.scope.cancel()
+
+    def attach(self, scope: anyio.CancelScope) -> None:
+        self.scope = scope
+        if self.cancelled:
+            scope.cancel()
+
+
+class _Worker:
+    """A parked serving task, woken to take the drainer's role (cheaper than a new task)."""
+
+    __slots__ = ("wake",)
 
     def __init__(self) -> None:
-        self.job: tuple[Request, Handler, anyio.CancelScope] | None = None
         self.wake = anyio.Event()
 
 
@@ -113,13 +139,20 @@ class Channel:
         self._on_close = on_close
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
-        self._serving: dict[int, anyio.CancelScope] = {}
+        self._serving: dict[int, _Job] = {}  # accepted requests, by id
+        self._ready: deque[_Job] = deque()  # accepted, not started yet
+        self._drainer = False  # a serving task is starting the ready requests
         self._idle: list[_Worker] = []
+        self._sync_methods: dict[tuple[str, str], int] = {}  # see _drive.run_under_deadline
+        self._marker: Callable[[], object] | None = None
+        self._clock: Callable[[], float] = anyio.current_time
         self._outbox: deque[tuple[bytes, int]] = deque()  # frames to write, request id
         self._writing = False  # a task is writing the outbox right now
         self._space: anyio.Event | None = None  # set when a full outbox drains
         self._tg: TaskGroup | None = None
         self._pipe: Pipe | None = None  # asyncio: the transport, taken over (see _pipe)
+        self._raw: socket.socket | None = None  # trio: the socket, for lone frames
+        self._corked = False  # a frame was written straight since bytes last arrived
         self.closed = False
         self.close_reason = ""
         self._close_frame = b""
@@ -149,11 +182,14 @@ class Channel:
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
+                self._marker = scope_marker()
+                self._clock = fast_clock()[0]
                 tg.start_soon(self._heartbeat)
                 if self._take_over():
                     task_status.started()
                     await anyio.sleep_forever()  # the pipe's callbacks read; _stop ends it
                 else:
+                    self._raw = self._raw_socket()
                     task_status.started()
                     await self._reader()
                 tg.cancel_scope.cancel()
@@ -185,8 +221,9 @@ class Channel:
             self._stop(CloseCode.NORMAL, "the connection ended")
         self._on_close(self)
         self._ended.set()
-        for scope in self._serving.values():
-            scope.cancel()
+        self._ready.clear()
+        for job in self._serving.values():
+            job.cancel()
         pending, self._pending = self._pending, {}
         if self._pipe is not None:
             self._pipe.drop_held()  # the frames not written yet stay unwritten
@@ -226,6 +263,14 @@ class Channel:
             self.conn.receive_data(leftover)
         self._process()  # frames that came with the handshake, or after it
         return True
+
+    def _raw_socket(self) -> socket.socket | None:
+        """On trio, the stream's socket, to write a lone frame to it directly: trio keeps
+        no buffer of its own, so bytes written here stay in order with its sends."""
+        if not self.config.direct_io or type(self.stream).__module__ != _TRIO_STREAMS:
+            return None
+        raw = self.stream.extra(SocketAttribute.raw_socket, None)
+        return raw if isinstance(raw, socket.socket) else None
 
     def _received(self, data: bytes) -> None:
         """The pipe's bytes (b"": the peer closed its side)."""
@@ -276,6 +321,7 @@ class Channel:
                 self._stop(CloseCode.NORMAL, f"the connection broke: {exc!r}", send_close=False)
                 return
             self.last_received = anyio.current_time()
+            self._corked = False  # a new exchange: its first frame may go out at once
             conn.receive_data(data or None)
 
     def _dispatch(self, ev: Event) -> None:
@@ -291,9 +337,9 @@ class Channel:
             self._accept_request(ev)
         elif kind is Cancel:
             assert isinstance(ev, Cancel)
-            scope = self._serving.get(ev.request_id)
-            if scope is not None:
-                scope.cancel()
+            job = self._serving.get(ev.request_id)
+            if job is not None:
+                job.cancel()
         elif kind is Ping:
             assert isinstance(ev, Ping)
             self._enqueue_nowait(self.conn.send(Pong(ev.token)))
@@ -326,58 +372,90 @@ class Channel:
                 ),
             )
         else:
-            # the turn runs under the request's deadline: no second scope is needed
-            scope = anyio.CancelScope(deadline=anyio.current_time() + ev.timeout)
-            self._serving[rid] = scope
-            if self._idle:
-                worker = self._idle.pop()
-                worker.job = (ev, handler, scope)
-                worker.wake.set()
-            else:
-                assert self._tg is not None
-                self._tg.start_soon(self._work, (ev, handler, scope), name="koala-serve")
+            job = _Job(ev, handler, self._clock() + ev.timeout)
+            self._serving[rid] = job
+            self._ready.append(job)
+            if not self._drainer:
+                self._start_drainer()
 
-    async def _work(self, job: tuple[Request, Handler, anyio.CancelScope]) -> None:
-        """Serve requests one after another, parking in between (a task per concurrent
-        request, reused: a request never waits for another to finish)."""
-        next_job: tuple[Request, Handler, anyio.CancelScope] | None = job
-        while next_job is not None:
-            await self._serve(*next_job)
+    def _start_drainer(self) -> None:
+        """Have a serving task start the ready requests: a parked one, or a new one."""
+        self._drainer = True
+        if self._idle:
+            self._idle.pop().wake.set()
+        else:
+            assert self._tg is not None
+            self._tg.start_soon(self._work, name="koala-serve")
+
+    def _hand_off(self) -> None:
+        """The drainer's request suspended: this task stays with it, another drains."""
+        self._drainer = False
+        if self._ready:
+            self._start_drainer()
+
+    async def _work(self) -> None:
+        """Start ready requests one after another while they finish without suspending:
+        a burst of quick requests costs one task switch, not one each. A request that
+        suspends keeps this task (it cannot move) and hands the queue to another; a task
+        whose request is done parks, up to MAX_IDLE_WORKERS per connection."""
+        while True:
+            ready = self._ready
+            while ready and self._drainer:
+                await self._serve(ready.popleft())
+            if self._drainer:
+                self._drainer = False  # the queue is empty
+            elif ready and not self.closed:
+                self._drainer = True  # it was handed off and no one took it
+                continue
             if self.closed or len(self._idle) >= MAX_IDLE_WORKERS:
                 return
             worker = _Worker()
             self._idle.append(worker)
             await worker.wake.wait()
-            next_job = worker.job
+            if self.closed:
+                return
 
     def _reply(self, rid: int, exc: Exception) -> None:
         """Refuse a request without running it (the code says it was not run)."""
         self._enqueue_nowait(self.conn.send(Response(rid, None, error_info(exc))))
 
-    async def _serve(self, ev: Request, handler: Handler, scope: anyio.CancelScope) -> None:
+    async def _serve(self, job: _Job) -> None:
+        ev = job.ev
         rid = ev.request_id
         resp: CallResponse | None = None
+        scope: anyio.CancelScope | None = None
         try:
-            with scope:
-                req = CallRequest(
-                    rid,
-                    ev.chain_id,
-                    anyio.current_time() + ev.timeout,
-                    ev.actor_type,
-                    ev.key,
-                    ev.interface,
-                    ev.method,
-                    tuple(ev.args),
-                    ev.one_way,
+            if job.cancelled or self.closed:
+                return
+            req = CallRequest(
+                rid,
+                ev.chain_id,
+                job.deadline,
+                ev.actor_type,
+                ev.key,
+                ev.interface,
+                ev.method,
+                tuple(ev.args),
+                ev.one_way,
+            )
+            try:
+                resp, scope = await run_under_deadline(
+                    lambda: job.handler(req),
+                    job.deadline,
+                    (ev.interface, ev.method),
+                    self._sync_methods,
+                    self._marker,
+                    on_suspend=self._hand_off,
+                    on_scope=job.attach,
                 )
-                try:
-                    resp = await handler(req)
-                except Exception as exc:
-                    log.exception("serving %s.%s failed", ev.interface, ev.method)
-                    resp = CallResponse(rid, None, error_info(exc))
+            except Exception as exc:
+                log.exception("serving %s.%s failed", ev.interface, ev.method)
+                resp = CallResponse(rid, None, error_info(exc))
         finally:
             self._serving.pop(rid, None)
-        if resp is None or ev.one_way or scope.cancel_called or self.closed:
+        if resp is None or ev.one_way or job.cancelled or self.closed:
+            return
+        if scope is not None and scope.cancel_called:
             return
         try:
             data = self.conn.send(Response(rid, resp.result, resp.error))
@@ -465,6 +543,10 @@ class Channel:
             raise NotSent(self.close_reason)
         outbox.append((data, rid))
         if not self._writing:
+            if self._raw is not None and not self._corked and len(outbox) == 1:
+                self._corked = True  # until bytes arrive, frames go through _drain
+                if self._send_raw():
+                    return
             self._writing = True
             try:
                 with anyio.CancelScope(shield=True):  # a frame is never half written
@@ -494,6 +576,29 @@ class Channel:
             await self._drain()
         finally:
             self._writing = False
+
+    def _send_raw(self) -> bool:
+        """Write the one queued frame straight to the (non-blocking) socket: no
+        checkpoint, no shielded scope. True if nothing is left to write; else the rest
+        stays queued for _drain."""
+        assert self._raw is not None
+        data, rid = self._outbox[0]
+        try:
+            sent = self._raw.send(data)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            self._stop(CloseCode.NORMAL, f"the connection broke: {exc!r}", send_close=False)
+            return True
+        if rid:
+            p = self._pending.get(rid)
+            if p is not None:
+                p.written = True
+        if sent == len(data):
+            self._outbox.popleft()
+            return True
+        self._outbox[0] = (data[sent:], 0)
+        return False
 
     async def _drain(self) -> None:
         outbox, pending, stream = self._outbox, self._pending, self.stream
