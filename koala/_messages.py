@@ -74,6 +74,9 @@ class Request:
     method: str
     args: tuple[Any, ...]
     one_way: bool = False
+    # no cancel scope of the caller carries the deadline (it is the default one): the
+    # transport fails the call when it passes
+    expires: bool = False
 
 
 @dataclass(frozen=True, slots=True)

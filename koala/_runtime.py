@@ -388,9 +388,9 @@ class Runtime:
                 "no transport to reach it"
             )
         req.args = tuple(spec.encode_args(req.args))
-        if own_deadline:
-            with anyio.fail_at(req.deadline):
-                return await self._send_remote(host, req, spec)
+        # without a scope of the caller's, the transport enforces the deadline: a scope
+        # per call would cost more than the call's own work (see Channel._expire_calls)
+        req.expires = own_deadline
         return await self._send_remote(host, req, spec)
 
     async def _send_remote(self, host: str, req: Request, spec: MethodSpec) -> Any:
@@ -407,6 +407,9 @@ class Runtime:
                     req.args = spec.decode_args(req.args)
                     call = Call(self, req, spec)
                     self._deliver_local(call, self.impl_for(spec.interface))
+                    if req.expires:
+                        with anyio.fail_at(req.deadline):
+                            return await self._await_call(call, spec)
                     return await self._await_call(call, spec)
         return await self.remote.call(host, req, spec)
 

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "args_strategy",
+    "fail_if_hangs",
     "free_port",
     "local_runtime",
     "test_config",
@@ -124,6 +125,26 @@ async def wait_until(
     with anyio.fail_after(timeout):
         while not predicate():  # noqa: ASYNC110 - polls state owned by others
             await anyio.sleep(interval)
+
+
+@asynccontextmanager
+async def fail_if_hangs(seconds: float = 10.0) -> AsyncIterator[None]:
+    """Fail (AssertionError) if the block runs longer than ``seconds``, without giving
+    the calls in it a deadline: for tests of what happens to calls that have none (the
+    default deadline). The bound is a cancel scope with no deadline, which a watchdog
+    task cancels."""
+    async with anyio.create_task_group() as tg:
+        with anyio.CancelScope() as guard:
+
+            async def watchdog() -> None:
+                await anyio.sleep(seconds)
+                guard.cancel()
+
+            tg.start_soon(watchdog)
+            yield
+        tg.cancel_scope.cancel()
+    if guard.cancelled_caught:
+        raise AssertionError(f"the block did not finish within {seconds} s")
 
 
 def value_strategy(annotation: Any) -> SearchStrategy[Any]:

@@ -171,11 +171,12 @@ async def node(
     actors: list[type[ActorBase]] | None = None,
     listen: tuple[str, int] | None = ("127.0.0.1", 0),
     config: TransportConfig | None = None,
+    host: HostConfig | None = None,
 ) -> AsyncIterator[tuple[Runtime, Transport, StaticDirectory]]:
     """A runtime with a transport, listening (by default) on a free loopback port."""
     directory = StaticDirectory(placements)
     async with Transport(config or transport_config()) as transport:
-        rt = Runtime(host_config(), actors or ACTORS, directory=directory, remote=transport)
+        rt = Runtime(host or host_config(), actors or ACTORS, directory=directory, remote=transport)
         async with rt:
             transport.handler = rt.serve_request
             if listen is not None:

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from abc import abstractmethod
-from collections.abc import AsyncIterator
 
 import anyio
 import anyio.lowlevel
 import pytest
 
 from koala import ActorBase, ActorInterface, current_deadline, get_rpc_proxy, one_way
-from koala.testing import local_runtime, wait_until
+from koala.testing import fail_if_hangs, local_runtime, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -205,30 +203,13 @@ class GateImpl(IGate, ActorBase):
 WARM = 12  # more turns than koala._activation.SYNC_METHOD_CALLS
 
 
-@contextlib.asynccontextmanager
-async def hang_guard(seconds: float = 10) -> AsyncIterator[None]:
-    """Fail a test that hangs, without giving its calls a deadline (a scope with no
-    deadline, cancelled from another task)."""
-    async with anyio.create_task_group() as tg:
-        with anyio.CancelScope() as guard:
-
-            async def watchdog() -> None:
-                await anyio.sleep(seconds)
-                guard.cancel()
-
-            tg.start_soon(watchdog)
-            yield
-        tg.cancel_scope.cancel()
-    assert not guard.cancelled_caught, "the test hung"
-
-
 async def test_a_method_that_never_suspended_still_gets_the_default_deadline() -> None:
     events.clear()
     async with local_runtime(GateImpl, default_timeout=0.3) as rt:
         proxy = get_rpc_proxy(IGate, "g1")
         for _ in range(WARM):
             assert await proxy.pass_or_wait(False) == "passed g1"
-        async with hang_guard():
+        async with fail_if_hangs():
             with pytest.raises(TimeoutError):
                 await proxy.pass_or_wait(True)  # suspends outside any scope of its own
         assert events == ["waiting g1", "cancelled g1"]
@@ -242,7 +223,7 @@ async def test_nested_inline_turns_share_the_outer_default_deadline() -> None:
         proxy = get_rpc_proxy(IGate, "outer")
         for _ in range(WARM):
             assert await proxy.ask("inner", False) == "passed inner"
-        async with hang_guard():
+        async with fail_if_hangs():
             with pytest.raises(TimeoutError):
                 await proxy.ask("inner", True)
         assert events == ["waiting inner", "cancelled inner"]
@@ -256,10 +237,10 @@ async def test_a_turn_suspending_in_its_own_scope_makes_its_method_scoped() -> N
             assert await proxy.wait_in_own_scope(False, 0) == "passed g2"
         # this turn suspended inside its own move_on_after, where no scope can be put
         # around it any more: its own scope bounds it (0.5 s, past the default 0.3 s)
-        async with hang_guard():
+        async with fail_if_hangs():
             assert await proxy.wait_in_own_scope(True, 0.5) == "passed g2"
         assert rt.sync_methods[(GateImpl, "wait_in_own_scope")] == -1
         # from now on the method enters the default deadline's scope up front
-        async with hang_guard():
+        async with fail_if_hangs():
             with pytest.raises(TimeoutError):
                 await proxy.wait_in_own_scope(True, 30)

@@ -42,6 +42,7 @@ def test_public_names() -> None:
 def test_testing_kit_names() -> None:
     assert set(koala.testing.__all__) == {
         "args_strategy",
+        "fail_if_hangs",
         "free_port",
         "local_runtime",
         "test_config",

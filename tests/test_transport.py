@@ -12,8 +12,9 @@ import pytest
 import sniffio
 from anyio.abc import ByteStream, SocketStream
 
-from koala import ConfigError, HostUnavailableError, OverloadedError, Runtime
+from koala import ConfigError, HostConfig, HostUnavailableError, OverloadedError, Runtime
 from koala._proxy import make_proxy
+from koala.testing import fail_if_hangs
 from koala.transport import (
     NEED_DATA,
     ClientMessage,
@@ -236,6 +237,20 @@ async def test_remaining_deadline_travels() -> None:
                 await echo(rt1).sleep(60.0)
         await wait_until(lambda: Echo.cancelled == before + 1)
         await wait_until(lambda: t2.statistics().serving == 0)
+
+
+async def test_the_default_deadline_of_a_remote_call_fails_it_and_cancels_the_turn() -> None:
+    quick = HostConfig(default_timeout=0.3, collection_interval=0.05, shutdown_grace=2.0)
+    async with node() as (_, t2, _), node({"Echo": t2.address}, host=quick) as (rt1, t1, _):
+        before = Echo.cancelled
+        async with fail_if_hangs():  # the call itself has no deadline but the default
+            with pytest.raises(TimeoutError, match="before its deadline"):
+                await echo(rt1).sleep(60.0)
+            await wait_until(lambda: Echo.cancelled == before + 1)
+            assert await echo(rt1).add(2, 2) == 4  # the connection serves on
+            with pytest.raises(TimeoutError):
+                await echo(rt1, "other").sleep(60.0)
+        assert (await t1.channel(t2.address)).pending == 0
 
 
 # ---------------------------------------------------------------- failures

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import math
 import socket
 from collections import deque
 from collections.abc import Callable, Coroutine
@@ -69,9 +70,11 @@ class NotSent(KoalaError):
 
 
 class _Pending:
-    __slots__ = ("done", "error", "response", "written")
+    __slots__ = ("deadline", "done", "error", "req", "response", "written")
 
-    def __init__(self) -> None:
+    def __init__(self, req: CallRequest) -> None:
+        self.req = req
+        self.deadline = req.deadline if req.expires else math.inf  # see _expire_calls
         self.done = anyio.Event()
         self.response: CallResponse | None = None
         self.error: BaseException | None = None
@@ -143,6 +146,8 @@ class Channel:
         self._ready: deque[_Job] = deque()  # accepted, not started yet
         self._drainer = False  # a serving task is starting the ready requests
         self._idle: list[_Worker] = []
+        self._next_expiry = 0.0  # when _expire_calls looks next
+        self._expiry = anyio.Event()  # set: look now
         self._sync_methods: dict[tuple[str, str], int] = {}  # see _drive.run_under_deadline
         self._marker: Callable[[], object] | None = None
         self._clock: Callable[[], float] = anyio.current_time
@@ -185,6 +190,7 @@ class Channel:
                 self._marker = scope_marker()
                 self._clock = fast_clock()[0]
                 tg.start_soon(self._heartbeat)
+                tg.start_soon(self._expire_calls)
                 if self._take_over():
                     task_status.started()
                     await anyio.sleep_forever()  # the pipe's callbacks read; _stop ends it
@@ -497,7 +503,9 @@ class Channel:
         if req.one_way:
             await self._enqueue(data)
             return None
-        p = self._pending[rid] = _Pending()
+        p = self._pending[rid] = _Pending(req)
+        if p.deadline < self._next_expiry:
+            self._expiry.set()  # sooner than the expiry task planned to look
         queued = False
         try:
             await self._enqueue(data, rid)
@@ -621,6 +629,41 @@ class Channel:
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
                 self._stop(CloseCode.NORMAL, f"the connection broke: {exc!r}", send_close=False)
                 return
+
+    # ------------------------------------------------------------ deadlines
+
+    async def _expire_calls(self) -> None:
+        """Fail calls whose deadline passed and that no cancel scope of their caller
+        bounds (``Request.expires``: the default deadline), and cancel them at the peer.
+
+        One task per connection instead of a scope per call: it looks at the pending
+        calls at the earliest of their deadlines, and at least every heartbeat
+        interval; a call due sooner than the next look wakes it.
+        """
+        interval = self.config.heartbeat_interval
+        while True:
+            now = self._clock()
+            wake = now + interval
+            due = []
+            for rid, p in self._pending.items():
+                if p.deadline <= now:
+                    due.append(rid)
+                elif p.deadline < wake:
+                    wake = p.deadline
+            for rid in due:
+                p = self._pending.pop(rid)
+                req = p.req
+                p.error = TimeoutError(
+                    f"{req.interface}.{req.method} on {req.actor_type}/{req.key!r} got no "
+                    f"answer from {self.name} before its deadline (the default timeout)"
+                )
+                p.done.set()
+                if p.written and not self.closed:
+                    self._enqueue_nowait(self.conn.send(Cancel(rid)))
+            self._next_expiry = wake
+            self._expiry = anyio.Event()
+            with anyio.move_on_after(wake - now):
+                await self._expiry.wait()
 
     # ------------------------------------------------------------ liveness
 
