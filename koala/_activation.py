@@ -347,7 +347,11 @@ class Activation:
         t_depth = inline_depth.set(inline_depth.get() + 1)
         try:
             deadline = rt.effective_deadline()
-            if deadline == math.inf:  # the caller has none: the default deadline
+            if deadline == math.inf:
+                # inside a turn that has not suspended yet, its deadline (whose scope is
+                # entered at its first suspension, this turn's included); else the default
+                deadline = lazy_deadline.get()
+            if deadline == math.inf:
                 result = await self._run_with_default_deadline(spec, args)
             elif deadline <= rt.clock():
                 raise rebuild_error(
@@ -382,13 +386,11 @@ class Activation:
         return spec.result.check(result, f"the result of {spec.qualname}")
 
     async def _run_with_default_deadline(self, spec: MethodSpec, args: tuple[Any, ...]) -> Any:
-        """An inline turn under the default deadline (or the one of an outer inline turn
-        that has not suspended yet); a method seen finishing without suspending skips
-        the deadline's cancel scope until it suspends (koala._drive.run_under_deadline)."""
+        """An inline turn under the default deadline; a method seen finishing without
+        suspending skips the deadline's cancel scope until it suspends
+        (koala._drive.run_under_deadline)."""
         rt = self.runtime
-        deadline = lazy_deadline.get()
-        if deadline == math.inf:
-            deadline = rt.clock() + rt.config.default_timeout
+        deadline = rt.clock() + rt.config.default_timeout
         result, scope = await run_under_deadline(
             lambda: self._inline_body(spec, args),
             deadline,

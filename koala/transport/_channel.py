@@ -72,10 +72,10 @@ class NotSent(KoalaError):
 class _Pending:
     __slots__ = ("deadline", "done", "error", "req", "response", "written")
 
-    def __init__(self, req: CallRequest) -> None:
+    def __init__(self, req: CallRequest, new_event: Callable[[], anyio.Event]) -> None:
         self.req = req
         self.deadline = req.deadline if req.expires else math.inf  # see _expire_calls
-        self.done = anyio.Event()
+        self.done = new_event()
         self.response: CallResponse | None = None
         self.error: BaseException | None = None
         self.written = False
@@ -109,8 +109,8 @@ class _Worker:
 
     __slots__ = ("wake",)
 
-    def __init__(self) -> None:
-        self.wake = anyio.Event()
+    def __init__(self, new_event: Callable[[], anyio.Event]) -> None:
+        self.wake = new_event()
 
 
 # Serving tasks kept parked per connection after a burst; more simply end.
@@ -151,6 +151,8 @@ class Channel:
         self._sync_methods: dict[tuple[str, str], int] = {}  # see _drive.run_under_deadline
         self._marker: Callable[[], object] | None = None
         self._clock: Callable[[], float] = anyio.current_time
+        # the backend's Event class: anyio.Event() looks the backend up on every call
+        self._new_event: Callable[[], anyio.Event] = anyio.Event
         self._outbox: deque[tuple[bytes, int]] = deque()  # frames to write, request id
         self._writing = False  # a task is writing the outbox right now
         self._space: anyio.Event | None = None  # set when a full outbox drains
@@ -189,6 +191,7 @@ class Channel:
                 self._tg = tg
                 self._marker = scope_marker()
                 self._clock = fast_clock()[0]
+                self._new_event = type(anyio.Event())
                 tg.start_soon(self._heartbeat)
                 tg.start_soon(self._expire_calls)
                 if self._take_over():
@@ -415,7 +418,7 @@ class Channel:
                 continue
             if self.closed or len(self._idle) >= MAX_IDLE_WORKERS:
                 return
-            worker = _Worker()
+            worker = _Worker(self._new_event)
             self._idle.append(worker)
             await worker.wake.wait()
             if self.closed:
@@ -503,7 +506,7 @@ class Channel:
         if req.one_way:
             await self._enqueue(data)
             return None
-        p = self._pending[rid] = _Pending(req)
+        p = self._pending[rid] = _Pending(req, self._new_event)
         if p.deadline < self._next_expiry:
             self._expiry.set()  # sooner than the expiry task planned to look
         queued = False

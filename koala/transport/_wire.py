@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import io
 import struct
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -63,7 +64,7 @@ class _Tags(dict[int, Any]):
         if tag in ALLOWED_TAGS:
             raise KeyError(tag)
 
-        def refuse(decoder: Any) -> Any:
+        def refuse(*args: Any) -> Any:  # cbor2 passes (decoder) or (decoder, value)
             raise cbor2.CBORDecodeError(f"CBOR tag {tag} is not allowed")
 
         return refuse
@@ -76,13 +77,26 @@ def _tag_hook(tag: cbor2.CBORTag, immutable: bool) -> Any:
     raise cbor2.CBORDecodeError(f"CBOR tag {tag.tag} is not allowed")
 
 
+class _Decoder(threading.local):
+    """One CBOR decoder per thread, reused: building one costs more than decoding a
+    small frame. Its state is per item; only the input changes between frames."""
+
+    def __init__(self) -> None:
+        self.decoder = cbor2.CBORDecoder(
+            io.BytesIO(b""), semantic_decoders=_TAGS, tag_hook=_tag_hook, max_depth=MAX_DEPTH
+        )
+
+
+_decoders = _Decoder()
+
+
 def loads(body: bytes) -> Any:
     """Decode exactly one plain CBOR item; RemoteProtocolError on anything else."""
     fp = io.BytesIO(body)
+    decoder = _decoders.decoder
     try:
-        item = cbor2.CBORDecoder(
-            fp, semantic_decoders=_TAGS, tag_hook=_tag_hook, max_depth=MAX_DEPTH
-        ).decode()
+        decoder.fp = fp
+        item = decoder.decode()
     except Exception as exc:  # cbor2 raises CBORDecodeError, or ValueError/... from a tag
         cause = exc.__cause__ or exc.__context__
         detail = f"{exc}" + (f" ({cause})" if cause is not None else "")
@@ -277,15 +291,15 @@ def decode(body: bytes) -> Event:
             f"{PROTOCOL_VERSION} (kinds {', '.join(str(int(k)) for k in Kind)})"
         )
     size, build = entry
-    name = Kind(kind).name
     if kind == Kind.HELLO:
         check_hello_prefix(a)
     if len(a) < size:
+        name = Kind(kind).name
         raise RemoteProtocolError(f"a {name} message has {size} elements, this one {len(a)}")
     try:
         return build(a)
     except LocalProtocolError as exc:
-        raise RemoteProtocolError(f"malformed {name} message: {exc}") from None
+        raise RemoteProtocolError(f"malformed {Kind(kind).name} message: {exc}") from None
 
 
 # ---------------------------------------------------------------- authentication
