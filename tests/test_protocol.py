@@ -656,3 +656,49 @@ def test_gateway_trailing_fields_are_left_out_at_their_defaults() -> None:
         decode(cbor2.dumps([24, 5, "x", 4011, 1]))  # misplaced is a bool, never an integer
     with pytest.raises(RemoteProtocolError):
         decode(cbor2.dumps([25, 5]))
+
+
+@given(
+    u64, u64, st.floats(0, 1e9), name, key, name, name, st.lists(data, max_size=4), st.booleans()
+)
+def test_the_request_fast_path_frames_what_the_checked_path_frames(
+    rid: int,
+    chain: int,
+    timeout: float,
+    actor_type: str,
+    k: Any,
+    interface: str,
+    method: str,
+    args: list[Any],
+    one_way: bool,
+) -> None:
+    c, s = open_pair()
+    fast = c.send_request(rid, chain, timeout, actor_type, k, interface, method, args, one_way)
+    ev = Request(rid, chain, timeout, actor_type, k, interface, method, args, one_way)
+    assert fast == c.send(ev)
+    s.receive_data(fast)
+    assert s.next_event() == ev
+
+
+@given(u64, data)
+def test_the_result_fast_path_frames_what_the_checked_path_frames(rid: int, result: Any) -> None:
+    c, _ = open_pair()
+    assert c.send_result(rid, result) == c.send(Response(rid, result))
+
+
+def test_the_request_fast_path_refuses_what_the_checked_path_refuses() -> None:
+    c, _ = open_pair()
+
+    class Tag(int):
+        pass
+
+    with pytest.raises(LocalProtocolError, match="key must be"):
+        c.send_request(1, 1, 1.0, "A", Tag(3), "IA", "m", [], False)
+    small, _ = open_pair(max_frame_size=2048)
+    with pytest.raises(LocalProtocolError, match="max frame size of 2048"):
+        small.send_request(1, 1, 1.0, "A", "k", "IA", "m", ["x" * 4096], False)
+    fresh = Connection(Role.CLIENT, cluster_id="koala", node_id="n", secret=None)
+    with pytest.raises(LocalProtocolError, match="cannot send Request"):
+        fresh.send_request(1, 1, 1.0, "A", "k", "IA", "m", [], False)
+    with pytest.raises(LocalProtocolError, match="cannot send Response"):
+        fresh.send_result(1, None)

@@ -467,7 +467,10 @@ class Channel:
         if scope is not None and scope.cancel_called:
             return
         try:
-            data = self.conn.send(Response(rid, resp.result, resp.error))
+            if resp.error is None:
+                data = self.conn.send_result(rid, resp.result)
+            else:
+                data = self.conn.send(Response(rid, resp.result, resp.error))
         except LocalProtocolError as exc:  # too large, or a value CBOR cannot carry
             info = error_info(exc, ErrorCode.APPLICATION)
             data = self.conn.send(Response(rid, None, info))
@@ -490,18 +493,16 @@ class Channel:
             )
         rid = next(self._ids)
         timeout = max(0.0, req.deadline - anyio.current_time())
-        data = self.conn.send(
-            Request(
-                rid,
-                req.chain_id,
-                timeout,
-                req.actor_type,
-                req.key,
-                req.interface,
-                req.method,
-                req.args,
-                req.one_way,
-            )
+        data = self.conn.send_request(
+            rid,
+            req.chain_id,
+            timeout,
+            req.actor_type,
+            req.key,
+            req.interface,
+            req.method,
+            list(req.args),
+            req.one_way,
         )
         if req.one_way:
             await self._enqueue(data)

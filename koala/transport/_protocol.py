@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import enum
 import os
+from typing import Any
 
+from .._messages import Key
 from ._events import (
     GATEWAY_EVENTS,
     NEED_DATA,
@@ -50,6 +52,8 @@ from ._wire import (
     frame,
     proof,
     proofs_match,
+    request_frame,
+    result_frame,
 )
 
 MIN_FRAME_SIZE = 1024
@@ -186,6 +190,46 @@ class Connection:
         if type(event) is Close:
             self.state = State.CLOSED
         return data
+
+    def send_request(
+        self,
+        request_id: int,
+        chain_id: int,
+        timeout: float,
+        actor_type: str,
+        key: Key,
+        interface: str,
+        method: str,
+        args: list[Any],
+        one_way: bool,
+    ) -> bytes:
+        """``send(Request(...))`` for a request made by this node (see request_frame)."""
+        if self.state is not State.OPEN:
+            raise LocalProtocolError(
+                f"cannot send Request: the connection is {self.state.value} "
+                f"({_MEANING[self.state]})"
+            )
+        return request_frame(
+            request_id,
+            chain_id,
+            timeout,
+            actor_type,
+            key,
+            interface,
+            method,
+            args,
+            one_way,
+            self.max_frame_size,
+        )
+
+    def send_result(self, request_id: int, result: Any) -> bytes:
+        """``send(Response(request_id, result))`` answering a received request."""
+        if self.state is not State.OPEN:
+            raise LocalProtocolError(
+                f"cannot send Response: the connection is {self.state.value} "
+                f"({_MEANING[self.state]})"
+            )
+        return result_frame(request_id, result, self.max_frame_size)
 
     def data_to_send(self) -> bytes:
         """Bytes the connection produced by itself (handshake answers); write them first."""

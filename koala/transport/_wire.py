@@ -19,7 +19,7 @@ from typing import Any
 
 import cbor2
 
-from .._messages import ErrorCode, ErrorInfo
+from .._messages import ErrorCode, ErrorInfo, Key
 from ._events import (
     MAGIC,
     PROTOCOL_VERSION,
@@ -189,13 +189,59 @@ def encode(ev: Event) -> bytes:
 
 def frame(ev: Event, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> bytes:
     """A whole frame: length prefix + body. Refuses bodies above ``max_frame_size``."""
-    body = encode(ev)
+    return _framed(encode(ev), type(ev).__name__, max_frame_size)
+
+
+def _framed(body: bytes, what: str, max_frame_size: int) -> bytes:
     if len(body) > max_frame_size:
         raise LocalProtocolError(
-            f"a {type(ev).__name__} of {len(body)} bytes exceeds the max frame size of "
+            f"a {what} of {len(body)} bytes exceeds the max frame size of "
             f"{max_frame_size} bytes; send less data per call or raise max_frame_size"
         )
     return HEADER.pack(len(body)) + body
+
+
+def request_frame(
+    request_id: int,
+    chain_id: int,
+    timeout: float,
+    actor_type: str,
+    key: Key,
+    interface: str,
+    method: str,
+    args: list[Any],
+    one_way: bool,
+    max_frame_size: int,
+) -> bytes:
+    """The frame of a REQUEST from this node's runtime, whose fields are valid by
+    construction (ids it made, names of its classes, a finite timeout, args encoded by
+    annotations), so no Request event is built and checked: the same bytes as
+    ``frame(Request(...))``. A key of another type than exactly str or int goes through
+    the event, which refuses it."""
+    if type(key) is not str and type(key) is not int:
+        ev = Request(
+            request_id, chain_id, timeout, actor_type, key, interface, method, args, one_way
+        )
+        return frame(ev, max_frame_size)
+    item = [
+        Kind.REQUEST,
+        request_id,
+        chain_id,
+        float(timeout),
+        actor_type,
+        key,
+        interface,
+        method,
+        args,
+        one_way,
+    ]
+    return _framed(dumps(item), "Request", max_frame_size)
+
+
+def result_frame(request_id: int, result: Any, max_frame_size: int) -> bytes:
+    """The frame of a RESULT answering a request this node received (its id came off
+    the wire, checked): ``frame(Response(request_id, result))``."""
+    return _framed(dumps([Kind.RESULT, request_id, result]), "Response", max_frame_size)
 
 
 # ---------------------------------------------------------------- arrays -> messages
