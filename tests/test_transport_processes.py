@@ -81,6 +81,35 @@ async def test_two_processes_and_reentrancy_across_them(
         assert transport.statistics().connections == 2
 
 
+async def test_bursts_from_many_callers_arrive_whole(
+    anyio_backend: tuple[str, dict[str, object]],
+) -> None:
+    # bursts of answers are written in parts while callers and the serving side queue
+    # frames of their own (some larger than the socket's buffer): no frame may cut into
+    # another, or a call would get a wrong answer, or none at all
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    async with (
+        host_process(port, {}, backend_name(anyio_backend)),
+        node({"Echo": address}) as (rt, _, _),
+    ):
+        done = 0
+
+        async def one(i: int) -> None:
+            nonlocal done
+            proxy = make_proxy(IEcho, f"e{i}", rt)
+            for j in range(200):
+                text = f"{i}:{j}:" + "x" * (100_000 if j % 50 == 0 else 20)
+                assert await proxy.echo(text) == text
+                done += 1
+
+        with anyio.fail_after(30):  # far beyond the time needed, far below the deadline
+            async with anyio.create_task_group() as tg:
+                for i in range(100):
+                    tg.start_soon(one, i)
+        assert done == 20_000
+
+
 async def test_killed_peer_fails_pending_calls_at_once(
     anyio_backend: tuple[str, dict[str, object]],
 ) -> None:

@@ -84,7 +84,7 @@ class _Pending:
 class _Job:
     """A request accepted for serving: queued, then running (maybe under a scope)."""
 
-    __slots__ = ("cancelled", "deadline", "ev", "handler", "scope")
+    __slots__ = ("cancelled", "deadline", "ev", "handler", "scope", "suspended")
 
     def __init__(self, ev: Request, handler: Handler, deadline: float) -> None:
         self.ev = ev
@@ -92,6 +92,7 @@ class _Job:
         self.deadline = deadline
         self.scope: anyio.CancelScope | None = None
         self.cancelled = False
+        self.suspended = False  # its first step suspended: it left the drainer's role
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -145,6 +146,7 @@ class Channel:
         self._serving: dict[int, _Job] = {}  # accepted requests, by id
         self._ready: deque[_Job] = deque()  # accepted, not started yet
         self._drainer = False  # a serving task is starting the ready requests
+        self._batching = False  # the drainer runs and holds its answers back (see _work)
         self._idle: list[_Worker] = []
         self._next_expiry = 0.0  # when _expire_calls looks next
         self._expiry = anyio.Event()  # set: look now
@@ -396,25 +398,51 @@ class Channel:
             assert self._tg is not None
             self._tg.start_soon(self._work, name="koala-serve")
 
-    def _hand_off(self) -> None:
+    def _hand_off(self, job: _Job) -> None:
         """The drainer's request suspended: this task stays with it, another drains."""
+        job.suspended = True
         self._drainer = False
+        self._end_batch()
         if self._ready:
             self._start_drainer()
+
+    def _end_batch(self) -> None:
+        """The drainer stops holding its answers back; a task writes what it held."""
+        self._batching = False
+        if self._outbox and not self._writing and not self.closed and self._tg is not None:
+            self._writing = True
+            self._tg.start_soon(self._drain_task, name="koala-write")
 
     async def _work(self) -> None:
         """Start ready requests one after another while they finish without suspending:
         a burst of quick requests costs one task switch, not one each. A request that
         suspends keeps this task (it cannot move) and hands the queue to another; a task
-        whose request is done parks, up to MAX_IDLE_WORKERS per connection."""
-        while True:
-            ready = self._ready
-            while ready and self._drainer:
-                await self._serve(ready.popleft())
-            if self._drainer:
-                self._drainer = False  # the queue is empty
-            elif ready and not self.closed:
-                self._drainer = True  # it was handed off and no one took it
+        whose request is done parks, up to MAX_IDLE_WORKERS per connection.
+
+        In stream mode the drainer holds the answers of its batch in the outbox (the
+        first one excepted) and writes them in one send when the queue is empty; it
+        only ever holds them while it runs without suspending, or while it writes.
+        """
+        ready = self._ready
+        while True:  # here this task is the drainer
+            self._batching = self._pipe is None
+            suspended = False
+            while ready and not self.closed:
+                job = ready.popleft()
+                await self._serve(job)
+                if job.suspended:  # _hand_off ended the batch and passed the role on
+                    suspended = True
+                    break
+            if not suspended:
+                if self._batching:
+                    self._batching = False
+                    if self._outbox and not self._writing and not self.closed:
+                        await self._flush()
+                if ready and not self.closed:
+                    continue  # more came while the batch was written
+                self._drainer = False
+            elif not self._drainer and ready and not self.closed:
+                self._drainer = True  # handed off, and no one took it
                 continue
             if self.closed or len(self._idle) >= MAX_IDLE_WORKERS:
                 return
@@ -454,7 +482,7 @@ class Channel:
                     (ev.interface, ev.method),
                     self._sync_methods,
                     self._marker,
-                    on_suspend=self._hand_off,
+                    on_suspend=lambda: self._hand_off(job),
                     on_scope=job.attach,
                 )
             except Exception as exc:
@@ -547,7 +575,24 @@ class Channel:
             pipe.write(data, rid)
             return
         outbox = self._outbox
-        while len(outbox) >= self.config.write_queue_size and not self.closed:
+        limit = self.config.write_queue_size
+        if self._batching:  # the drainer's answers leave together when it is done
+            if len(outbox) >= limit and not self._writing:
+                await self._flush()
+            if len(outbox) < limit:
+                if self.closed:
+                    raise NotSent(self.close_reason)
+                outbox.append((data, rid))
+                if (
+                    self._raw is not None
+                    and not self._corked
+                    and not self._writing  # bytes of a send in progress come first
+                    and len(outbox) == 1
+                ):
+                    self._corked = True
+                    self._send_raw()  # the first one leaves at once
+                return
+        while len(outbox) >= limit and not self.closed:
             if self._space is None:
                 self._space = anyio.Event()
             await self._space.wait()
@@ -559,12 +604,16 @@ class Channel:
                 self._corked = True  # until bytes arrive, frames go through _drain
                 if self._send_raw():
                     return
-            self._writing = True
-            try:
-                with anyio.CancelScope(shield=True):  # a frame is never half written
-                    await self._drain()
-            finally:
-                self._writing = False
+            await self._flush()
+
+    async def _flush(self) -> None:
+        """Write the outbox, in this task (the caller checked no task is writing)."""
+        self._writing = True
+        try:
+            with anyio.CancelScope(shield=True):  # a frame is never half written
+                await self._drain()
+        finally:
+            self._writing = False
 
     def _enqueue_nowait(self, data: bytes) -> None:
         """Queue a control frame from synchronous code; a full queue closes the
