@@ -37,6 +37,8 @@ _UNSET: Any = object()
 # Turns of a method that finish without suspending, in a row, before its turns skip the
 # deadline's cancel scope until they suspend (see run_under_deadline).
 SYNC_METHOD_CALLS = 8
+# Methods counted per table at most (names come off the wire): the rest keep the scope.
+MAX_TRACKED_METHODS = 4096
 
 # The deadline of a turn that has not suspended yet, so no cancel scope carries it; the
 # runtime reads it through koala.current_deadline() and gives it to calls the turn makes.
@@ -170,7 +172,7 @@ async def run_under_deadline(
                 if on_suspend is not None:
                     on_suspend()
                 result = await resume(coro, yielded)
-        if 0 <= count < SYNC_METHOD_CALLS:
+        if 0 <= count < SYNC_METHOD_CALLS and (count or len(seen) < MAX_TRACKED_METHODS):
             seen[method] = count + 1 if finished(yielded) else -1
         return result, scope
     innermost = marker()

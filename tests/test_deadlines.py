@@ -11,6 +11,7 @@ import anyio.lowlevel
 import pytest
 
 from koala import ActorBase, ActorInterface, current_deadline, get_rpc_proxy, one_way
+from koala._drive import MAX_TRACKED_METHODS, run_under_deadline
 from koala.testing import fail_if_hangs, local_runtime, wait_until
 
 pytestmark = pytest.mark.anyio
@@ -244,3 +245,16 @@ async def test_a_turn_suspending_in_its_own_scope_makes_its_method_scoped() -> N
         async with fail_if_hangs():
             with pytest.raises(TimeoutError):
                 await proxy.wait_in_own_scope(True, 30)
+
+
+async def test_the_table_of_methods_seen_is_bounded() -> None:
+    async def quick() -> int:
+        return 1
+
+    seen: dict[object, int] = {}
+    deadline = anyio.current_time() + 10
+    for i in range(MAX_TRACKED_METHODS + 50):
+        result, scope = await run_under_deadline(quick, deadline, ("I", f"m{i}"), seen, None)
+        assert result == 1
+        assert scope is not None
+    assert len(seen) == MAX_TRACKED_METHODS
