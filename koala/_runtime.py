@@ -391,26 +391,32 @@ class Runtime:
         # without a scope of the caller's, the transport enforces the deadline: a scope
         # per call would cost more than the call's own work (see Channel._expire_calls)
         req.expires = own_deadline
-        return await self._send_remote(host, req, spec)
+        try:
+            return await self.remote.call(host, req, spec)
+        except WrongHostError:
+            return await self._send_elsewhere(req, spec)
 
-    async def _send_remote(self, host: str, req: Request, spec: MethodSpec) -> Any:
-        """Send to ``host``; on "wrong host" (a stale placement) re-resolve and retry,
-        a bounded number of times. A wrong-host answer proves the request did not run."""
+    async def _send_elsewhere(self, req: Request, spec: MethodSpec) -> Any:
+        """The host answered "wrong host" (a stale placement, and proof the request did not
+        run there): re-resolve and send again, a bounded number of times."""
         assert self.remote is not None
-        for _ in range(WRONG_HOST_RETRIES):
+        for attempt in range(WRONG_HOST_RETRIES):
+            self.directory.forget(req.actor_type, req.key)
+            host = await self.directory.resolve(req.actor_type, req.key)
+            if host == LOCAL:
+                req.args = spec.decode_args(req.args)
+                call = Call(self, req, spec)
+                self._deliver_local(call, self.impl_for(spec.interface))
+                if req.expires:
+                    with anyio.fail_at(req.deadline):
+                        return await self._await_call(call, spec)
+                return await self._await_call(call, spec)
+            if attempt == WRONG_HOST_RETRIES - 1:
+                break
             try:
                 return await self.remote.call(host, req, spec)
             except WrongHostError:
-                self.directory.forget(req.actor_type, req.key)
-                host = await self.directory.resolve(req.actor_type, req.key)
-                if host == LOCAL:
-                    req.args = spec.decode_args(req.args)
-                    call = Call(self, req, spec)
-                    self._deliver_local(call, self.impl_for(spec.interface))
-                    if req.expires:
-                        with anyio.fail_at(req.deadline):
-                            return await self._await_call(call, spec)
-                    return await self._await_call(call, spec)
+                continue
         return await self.remote.call(host, req, spec)
 
     async def serve_request(self, req: Request) -> Response | None:

@@ -502,7 +502,8 @@ class Channel:
         except LocalProtocolError as exc:  # too large, or a value CBOR cannot carry
             info = error_info(exc, ErrorCode.APPLICATION)
             data = self.conn.send(Response(rid, None, info))
-        await self._enqueue(data)
+        with contextlib.suppress(NotSent):  # the connection closed meanwhile
+            await self._enqueue(data)
 
     # ------------------------------------------------------------ calling
 

@@ -376,7 +376,9 @@ class Transport:
         peer fails with HostUnavailableError and is never sent again.
         """
         for attempt in range(2):
-            ch = await self.channel(host)
+            ch = self._channels.get(host)
+            if ch is None or ch.closed:
+                ch = await self.channel(host)
             try:
                 resp = await ch.request(req)
             except NotSent as exc:
