@@ -422,10 +422,11 @@ class Runtime:
     async def serve_request(self, req: Request) -> Response | None:
         """Run a request that came over the wire; its args and the answer are CBOR data.
 
-        The transport calls this in a task per request, under a cancel scope with the
-        request's deadline (``req.deadline``, on this process's clock), and cancels it when
-        the peer sends a cancel. A free activation runs the turn right here (as local
-        calls do); otherwise the request queues. Returns None for one-way requests.
+        The transport calls this from a serving task, bounded by the request's deadline
+        (``req.deadline``, on this process's clock: a cancel scope, entered at once or at
+        the turn's first suspension, see koala._drive), which the peer's CANCEL also
+        cancels. A free activation runs the turn right here (as local calls do);
+        otherwise the request queues. Returns None for one-way requests.
         """
         token = _current_runtime.set(self)
         try:

@@ -1,10 +1,14 @@
 """One open connection to a peer node: calls out, calls in, heartbeats, one writer.
 
-A :class:`Channel` runs two tasks over one byte stream: the reader (bytes -> protocol
-events -> dispatch) and the heartbeat (PING every interval; a peer silent for
-``heartbeat_timeout`` is dead). Frames go through one bounded queue; the first task
-that finds no writer busy writes the queue, joining the frames queued meanwhile into
-one ``send``. Requests both ways are matched by id. When the
+A :class:`Channel` runs over one byte stream. On asyncio it takes the stream's
+transport over (see ``_pipe``): frames are decoded and dispatched as bytes arrive and
+written with ``transport.write``. Elsewhere (trio) a reader task does the reading, and
+frames go through one bounded queue: the first task that finds no writer busy writes
+it, joining the frames queued meanwhile into one ``send`` (a lone frame goes straight
+to the socket). Beside it run the heartbeat (PING every interval; a peer silent for
+``heartbeat_timeout`` is dead) and the expiry of calls that carry the default deadline.
+Incoming requests queue in arrival order and one serving task at a time starts them
+(see ``_work``). Requests both ways are matched by id. When the
 connection ends for any reason every pending call fails at once: with
 :class:`HostUnavailableError` if its frame may have reached the peer, or with
 :class:`NotSent` (safe to retry elsewhere) if it was still queued here.
