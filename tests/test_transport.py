@@ -490,6 +490,13 @@ async def test_a_burst_of_frames_is_coalesced_into_few_sends() -> None:
         assert counting.sends < 100  # 200 request frames
 
 
+def _first_may_have_run_second_was_sent_again(outcomes: dict[str, object], t1: Transport) -> None:
+    assert isinstance(outcomes["first"], HostUnavailableError)
+    assert "may have run" in str(outcomes["first"])
+    assert outcomes["second"] == "second"  # sent again on a new connection
+    assert t1.statistics().connects == 2
+
+
 async def test_a_request_that_never_left_is_retried_one_that_may_have_run_is_not() -> None:
     async with two_nodes(client_cfg={"direct_io": False}) as (rt1, t1, _, t2):
         assert await echo(rt1).echo("warm") == "warm"
@@ -509,10 +516,7 @@ async def test_a_request_that_never_left_is_retried_one_that_may_have_run_is_not
             tg.start_soon(call, "second")  # queued behind it: surely never sent
             await wait_until(lambda: ch.pending == 2)
             ch.close("closed by the test")
-        assert isinstance(outcomes["first"], HostUnavailableError)
-        assert "may have run" in str(outcomes["first"])
-        assert outcomes["second"] == "second"  # sent again on a new connection
-        assert t1.statistics().connects == 2
+        _first_may_have_run_second_was_sent_again(outcomes, t1)
 
 
 # ---------------------------------------------------------------- direct I/O (asyncio)
@@ -579,10 +583,7 @@ async def test_direct_io_a_frame_held_by_a_full_buffer_is_retried_elsewhere() ->
             tg.start_soon(call, "second", False)  # waits for room: never written
             await wait_until(lambda: ch.pending == 2)
             ch.close("closed by the test")
-        assert isinstance(outcomes["first"], HostUnavailableError)
-        assert "may have run" in str(outcomes["first"])
-        assert outcomes["second"] == "second"  # sent again on a new connection
-        assert t1.statistics().connects == 2
+        _first_may_have_run_second_was_sent_again(outcomes, t1)
 
 
 async def test_direct_io_refuses_control_frames_past_the_bound() -> None:
