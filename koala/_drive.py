@@ -187,8 +187,24 @@ async def run_under_deadline(
     seen[method] = -1
     if on_suspend is not None:
         on_suspend()
+    return await finish_under_deadline(coro, yielded, deadline, innermost, marker, on_scope)
+
+
+async def finish_under_deadline(
+    coro: Coroutine[Any, Any, Any],
+    yielded: Any,
+    deadline: float,
+    innermost: object,
+    marker: Callable[[], object],
+    on_scope: Callable[[anyio.CancelScope], None] | None = None,
+) -> tuple[Any, anyio.CancelScope | None]:
+    """Drive ``coro``, whose first step ran without a scope and suspended on
+    ``yielded``, to its end: under a cancel scope with ``deadline`` if the task's
+    innermost scope is still ``innermost`` (what ``marker()`` named before the first
+    step), else bounded by the scopes it entered itself (see run_under_deadline)."""
     if marker() is not innermost:
         return await resume(coro, yielded), None
+    result: Any = _UNSET
     with anyio.CancelScope(deadline=deadline) as scope:
         if on_scope is not None:
             on_scope(scope)

@@ -63,6 +63,9 @@ class IEcho(ActorInterface):
     async def sleep(self, seconds: float) -> str: ...
 
     @abstractmethod
+    async def sleep_if(self, seconds: float) -> str: ...
+
+    @abstractmethod
     async def fail(self, message: str) -> str: ...
 
     @abstractmethod
@@ -96,6 +99,12 @@ class Echo(IEcho, ActorBase):
             Echo.cancelled += 1
             raise
         return "slept"
+
+    async def sleep_if(self, seconds: float) -> str:
+        """Finishes without suspending when ``seconds`` is 0, else sleeps."""
+        if seconds <= 0:
+            return "quick"
+        return await self.sleep(seconds)
 
     async def fail(self, message: str) -> str:
         raise ValueError(message)

@@ -595,3 +595,32 @@ async def test_direct_io_refuses_control_frames_past_the_bound() -> None:
         ch._enqueue_nowait(b"")  # a control frame (a PONG, a CANCEL) cannot wait
         assert ch.closed
         assert "the peer is not reading" in ch.close_reason
+
+
+async def test_a_request_started_by_the_reader_that_suspends_keeps_the_connection_going() -> None:
+    # in stream mode (trio; asyncio without direct I/O) the reader starts a request of a
+    # method that has kept finishing without suspending itself; when one suspends after
+    # all, another task takes the reading over while this one finishes the request
+    async with two_nodes(server_cfg={"direct_io": False}) as (rt1, _, _, t2):
+        proxy = echo(rt1, "reader")
+        for _ in range(12):  # more than koala._drive.SYNC_METHOD_CALLS
+            assert await proxy.sleep_if(0) == "quick"
+        results: list[str] = []
+
+        async def slow() -> None:
+            results.append(await proxy.sleep_if(0.3))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(slow)
+            await wait_until(lambda: t2.statistics().serving == 1)
+            # the connection still reads and answers while that request sleeps
+            assert await echo(rt1, "other").add(2, 3) == 5
+        assert results == ["slept"]
+        # and a caller's deadline reaches such a request: it is cancelled at the host
+        for _ in range(12):
+            assert await echo(rt1, "again").sleep_if(0) == "quick"
+        before = Echo.cancelled
+        with pytest.raises(TimeoutError), anyio.fail_after(0.3):
+            await echo(rt1, "again").sleep_if(30)
+        await wait_until(lambda: Echo.cancelled == before + 1)
+        await wait_until(lambda: t2.statistics().serving == 0)

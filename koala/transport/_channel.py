@@ -28,7 +28,16 @@ from typing import Any
 import anyio
 from anyio.abc import ByteStream, SocketAttribute, TaskGroup, TaskStatus
 
-from .._drive import fast_clock, run_under_deadline, scope_marker
+from .._drive import (
+    SYNC_METHOD_CALLS,
+    fast_clock,
+    finish_under_deadline,
+    finished,
+    first_step,
+    lazy_deadline,
+    run_under_deadline,
+    scope_marker,
+)
 from .._errors import (
     ActorNotFoundError,
     ArgumentTypeError,
@@ -151,6 +160,9 @@ class Channel:
         self._ready: deque[_Job] = deque()  # accepted, not started yet
         self._drainer = False  # a serving task is starting the ready requests
         self._batching = False  # the drainer runs and holds its answers back (see _work)
+        self._reading = False  # the reader is dispatching (it may start a request itself)
+        # a request the reader started that suspended: (job, coroutine, yielded, scope)
+        self._taken: tuple[_Job, Coroutine[Any, Any, Any], Any, object] | None = None
         self._idle: list[_Worker] = []
         self._next_expiry = 0.0  # when _expire_calls looks next
         self._expiry = anyio.Event()  # set: look now
@@ -205,9 +217,9 @@ class Channel:
                     await anyio.sleep_forever()  # the pipe's callbacks read; _stop ends it
                 else:
                     self._raw = self._raw_socket()
+                    tg.start_soon(self._reader, name="koala-read")
                     task_status.started()
-                    await self._reader()
-                tg.cancel_scope.cancel()
+                    await anyio.sleep_forever()  # _stop ends it
         except Exception as exc:  # a bug here must not take the node down
             log.exception("connection %s failed", self.name)
             self._stop(CloseCode.PROTOCOL_ERROR, f"internal error: {exc!r}")
@@ -321,12 +333,25 @@ class Channel:
                 return False
             assert isinstance(ev, Event)
             self._dispatch(ev)
+            if self._taken is not None:
+                return True  # the reader's task keeps a suspended request: see _reader
 
     async def _reader(self) -> None:
+        """Stream mode: read and dispatch, in whichever task holds the reading role."""
         conn, stream = self.conn, self.stream
         read_size = self.config.read_size
         while True:
-            if not self._process():  # the handshake may have left frames: drain first
+            self._reading = True
+            go_on = self._process()  # the handshake may have left frames: drain first
+            self._reading = False
+            self._write_held()
+            if not go_on:
+                return
+            if self._taken is not None:  # a request started here suspended
+                taken, self._taken = self._taken, None
+                assert self._tg is not None
+                self._tg.start_soon(self._reader, name="koala-read")  # reading goes on
+                await self._finish_taken(*taken)
                 return
             try:
                 data = await stream.receive(read_size)
@@ -389,6 +414,13 @@ class Channel:
         else:
             job = _Job(ev, handler, self._clock() + ev.timeout)
             self._serving[rid] = job
+            if (
+                self._reading
+                and not self._drainer
+                and not self._ready
+                and self._start_in_reader(job)
+            ):
+                return
             self._ready.append(job)
             if not self._drainer:
                 self._start_drainer()
@@ -460,25 +492,29 @@ class Channel:
         """Refuse a request without running it (the code says it was not run)."""
         self._enqueue_nowait(self.conn.send(Response(rid, None, error_info(exc))))
 
+    @staticmethod
+    def _call_of(job: _Job) -> CallRequest:
+        ev = job.ev
+        return CallRequest(
+            ev.request_id,
+            ev.chain_id,
+            job.deadline,
+            ev.actor_type,
+            ev.key,
+            ev.interface,
+            ev.method,
+            tuple(ev.args),
+            ev.one_way,
+        )
+
     async def _serve(self, job: _Job) -> None:
         ev = job.ev
-        rid = ev.request_id
         resp: CallResponse | None = None
         scope: anyio.CancelScope | None = None
         try:
             if job.cancelled or self.closed:
                 return
-            req = CallRequest(
-                rid,
-                ev.chain_id,
-                job.deadline,
-                ev.actor_type,
-                ev.key,
-                ev.interface,
-                ev.method,
-                tuple(ev.args),
-                ev.one_way,
-            )
+            req = self._call_of(job)
             try:
                 resp, scope = await run_under_deadline(
                     lambda: job.handler(req),
@@ -490,24 +526,109 @@ class Channel:
                     on_scope=job.attach,
                 )
             except Exception as exc:
-                log.exception("serving %s.%s failed", ev.interface, ev.method)
-                resp = CallResponse(rid, None, error_info(exc))
+                resp = self._failed(job, exc)
         finally:
-            self._serving.pop(rid, None)
-        if resp is None or ev.one_way or job.cancelled or self.closed:
-            return
+            self._serving.pop(ev.request_id, None)
+        data = self._answer(job, resp, scope)
+        if data:
+            with contextlib.suppress(NotSent):  # the connection closed meanwhile
+                await self._enqueue(data)
+
+    @staticmethod
+    def _failed(job: _Job, exc: Exception) -> CallResponse:
+        log.exception("serving %s.%s failed", job.ev.interface, job.ev.method)
+        return CallResponse(job.ev.request_id, None, error_info(exc))
+
+    def _answer(
+        self, job: _Job, resp: CallResponse | None, scope: anyio.CancelScope | None
+    ) -> bytes:
+        """The frame answering ``job`` (b"": none is due: one-way, cancelled, closed)."""
+        if resp is None or job.ev.one_way or job.cancelled or self.closed:
+            return b""
         if scope is not None and scope.cancel_called:
-            return
+            return b""
+        rid = job.ev.request_id
         try:
             if resp.error is None:
-                data = self.conn.send_result(rid, resp.result)
-            else:
-                data = self.conn.send(Response(rid, resp.result, resp.error))
+                return self.conn.send_result(rid, resp.result)
+            return self.conn.send(Response(rid, resp.result, resp.error))
         except LocalProtocolError as exc:  # too large, or a value CBOR cannot carry
             info = error_info(exc, ErrorCode.APPLICATION)
-            data = self.conn.send(Response(rid, None, info))
-        with contextlib.suppress(NotSent):  # the connection closed meanwhile
-            await self._enqueue(data)
+            return self.conn.send(Response(rid, None, info))
+
+    # ------------------------------------------------------------ serving in the reader
+
+    def _start_in_reader(self, job: _Job) -> bool:
+        """Stream mode: start ``job`` in the reader task itself when nothing is queued
+        before it and its method has proved to finish without suspending (no task
+        switch at all). True if it was taken. If it suspends after all, it keeps this
+        task: _read_loop hands the reading to a new task and finishes it.
+
+        Its answer is written at once when it is the first frame since bytes arrived,
+        else held and written (by a task of its own) once the bytes read are handled.
+        """
+        ev = job.ev
+        marker = self._marker
+        method = (ev.interface, ev.method)
+        if marker is None or self._sync_methods.get(method, 0) < SYNC_METHOD_CALLS:
+            return False
+        req = self._call_of(job)
+        innermost = marker()
+        token = lazy_deadline.set(job.deadline)
+        try:
+            coro = job.handler(req)
+            resp, yielded = first_step(coro)
+        except Exception as exc:
+            resp = self._failed(job, exc)
+        else:
+            if not finished(yielded):
+                self._sync_methods[method] = -1
+                self._taken = (job, coro, yielded, innermost)
+                return True
+        finally:
+            lazy_deadline.reset(token)
+        self._serving.pop(ev.request_id, None)
+        data = self._answer(job, resp, None)
+        if data:
+            self._write_answer_nowait(data)
+        return True
+
+    def _write_answer_nowait(self, data: bytes) -> None:
+        outbox = self._outbox
+        if len(outbox) >= self.config.write_queue_size:
+            self._stop(CloseCode.OVERLOADED, "the write queue is full: the peer is not reading")
+            return
+        outbox.append((data, 0))
+        if self._raw is not None and not self._corked and not self._writing and len(outbox) == 1:
+            self._corked = True
+            self._send_raw()
+
+    def _write_held(self) -> None:
+        """Have a task write the answers the reader held back (the reader never waits to
+        write: two peers both writing and neither reading would deadlock)."""
+        if self._outbox and not self._writing and not self.closed and self._tg is not None:
+            self._writing = True
+            self._tg.start_soon(self._drain_task, name="koala-write")
+
+    async def _finish_taken(
+        self, job: _Job, coro: Coroutine[Any, Any, Any], yielded: Any, innermost: object
+    ) -> None:
+        """Finish a request started in the reader that suspended (now in this task)."""
+        assert self._marker is not None
+        resp: CallResponse | None = None
+        scope: anyio.CancelScope | None = None
+        try:
+            resp, scope = await finish_under_deadline(
+                coro, yielded, job.deadline, innermost, self._marker, job.attach
+            )
+        except Exception as exc:
+            resp = self._failed(job, exc)
+        finally:
+            self._serving.pop(job.ev.request_id, None)
+        data = self._answer(job, resp, scope)
+        if data:
+            with contextlib.suppress(NotSent):
+                await self._enqueue(data)
 
     # ------------------------------------------------------------ calling
 
