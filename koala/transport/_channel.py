@@ -646,7 +646,7 @@ class Channel:
                 "(max_in_flight); retry later"
             )
         rid = next(self._ids)
-        timeout = max(0.0, req.deadline - anyio.current_time())
+        timeout = max(0.0, req.deadline - self._clock())
         data = self.conn.send_request(
             rid,
             req.chain_id,
@@ -665,8 +665,12 @@ class Channel:
         if p.deadline < self._next_expiry:
             self._expiry.set()  # sooner than the expiry task planned to look
         queued = False
+        pipe = self._pipe
         try:
-            await self._enqueue(data, rid)
+            if pipe is not None and not pipe.paused:
+                pipe.write(data, rid)  # what _enqueue does, without a coroutine
+            else:
+                await self._enqueue(data, rid)
             queued = True
             await p.done.wait()
         except BaseException:
