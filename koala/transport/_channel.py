@@ -16,6 +16,7 @@ connection ends for any reason every pending call fails at once: with
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import logging
@@ -26,6 +27,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import anyio
+import sniffio
 from anyio.abc import ByteStream, SocketAttribute, TaskGroup, TaskStatus
 
 from .._drive import (
@@ -82,10 +84,33 @@ class NotSent(KoalaError):
     """Internal: the request never left this process, so retrying it is safe."""
 
 
+class _Signal:
+    """A one-shot event on asyncio: a bare future. anyio's Event wraps an asyncio.Event,
+    which keeps a list of waiter futures; a pending call has one waiter at most."""
+
+    __slots__ = ("_future",)
+
+    def __init__(self) -> None:
+        self._future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def set(self) -> None:
+        if not self._future.done():  # done already: set, or its waiter was cancelled
+            self._future.set_result(None)
+
+    def is_set(self) -> bool:
+        return self._future.done() and not self._future.cancelled()
+
+    def wait(self) -> asyncio.Future[None]:
+        return self._future
+
+
+Signal = anyio.Event | _Signal
+
+
 class _Pending:
     __slots__ = ("deadline", "done", "error", "req", "response", "written")
 
-    def __init__(self, req: CallRequest, new_event: Callable[[], anyio.Event]) -> None:
+    def __init__(self, req: CallRequest, new_event: Callable[[], Signal]) -> None:
         self.req = req
         self.deadline = req.deadline if req.expires else math.inf  # see _expire_calls
         self.done = new_event()
@@ -123,7 +148,7 @@ class _Worker:
 
     __slots__ = ("wake",)
 
-    def __init__(self, new_event: Callable[[], anyio.Event]) -> None:
+    def __init__(self, new_event: Callable[[], Signal]) -> None:
         self.wake = new_event()
 
 
@@ -169,8 +194,9 @@ class Channel:
         self._sync_methods: dict[tuple[str, str], int] = {}  # see _drive.run_under_deadline
         self._marker: Callable[[], object] | None = None
         self._clock: Callable[[], float] = anyio.current_time
-        # the backend's Event class: anyio.Event() looks the backend up on every call
-        self._new_event: Callable[[], anyio.Event] = anyio.Event
+        # the backend's Event class (anyio.Event() looks the backend up on every call),
+        # or on asyncio a bare future
+        self._new_event: Callable[[], Signal] = anyio.Event
         self._outbox: deque[tuple[bytes, int]] = deque()  # frames to write, request id
         self._writing = False  # a task is writing the outbox right now
         self._space: anyio.Event | None = None  # set when a full outbox drains
@@ -209,7 +235,8 @@ class Channel:
                 self._tg = tg
                 self._marker = scope_marker()
                 self._clock = fast_clock()[0]
-                self._new_event = type(anyio.Event())
+                asyncio_loop = sniffio.current_async_library() == "asyncio"
+                self._new_event = _Signal if asyncio_loop else type(anyio.Event())
                 tg.start_soon(self._heartbeat)
                 tg.start_soon(self._expire_calls)
                 if self._take_over():
