@@ -624,3 +624,19 @@ async def test_a_request_started_by_the_reader_that_suspends_keeps_the_connectio
             await echo(rt1, "again").sleep_if(30)
         await wait_until(lambda: Echo.cancelled == before + 1)
         await wait_until(lambda: t2.statistics().serving == 0)
+
+
+async def test_direct_io_a_frame_the_closed_transport_refuses_is_not_written() -> None:
+    if sniffio.current_async_library() == "trio":
+        pytest.skip("the pipe is asyncio's")
+    from koala.transport._pipe import Pipe
+
+    class Closed:
+        def write(self, data: bytes) -> None:
+            raise RuntimeError("the handler is closed")  # as uvloop says it
+
+    written: list[int] = []
+    pipe = Pipe(Closed(), lambda data: None, lambda reason: None, written.append)  # type: ignore[arg-type]
+    pipe.write(b"frame", 5)
+    assert written == []  # so its call fails as not sent, safe to send elsewhere
+    assert pipe.lost

@@ -113,21 +113,27 @@ class Pipe(asyncio.Protocol):
             self._held.append((data, rid))
             return
         self._corked = True
-        self.transport.write(data)
-        if rid:
+        if self._send(data) and rid:
             self._on_written(rid)
+
+    def _send(self, data: bytes) -> bool:
+        """Hand ``data`` to the transport; False if it is closed already (uvloop raises
+        then, before ``connection_lost`` arrives): the bytes were not written."""
+        try:
+            self.transport.write(data)
+        except RuntimeError:
+            self.lost = True
+            return False
+        return True
 
     def _uncork(self) -> None:
         held = self._held
         if held and not self.lost:
-            if len(held) == 1:
-                data, rid = held[0]
-                self.transport.write(data)
-            else:
-                self.transport.write(b"".join([frame for frame, _ in held]))
-            for _, rid in held:
-                if rid:
-                    self._on_written(rid)
+            data = held[0][0] if len(held) == 1 else b"".join([frame for frame, _ in held])
+            if self._send(data):
+                for _, rid in held:
+                    if rid:
+                        self._on_written(rid)
         held.clear()
         self._corked = False
 
@@ -150,7 +156,7 @@ class Pipe(asyncio.Protocol):
         if not self.lost:
             self._uncork()
             if last:
-                self.transport.write(last)
+                self._send(last)
             self.transport.close()
             self.loop.call_later(1.0, self.transport.abort)
 
