@@ -94,6 +94,9 @@ class RemoteDelivery(Protocol):
     ``req.args`` are already encoded to CBOR data by the caller's method spec; ``call``
     returns the decoded result or raises the rebuilt remote error (a one-way request
     returns None once sent). Hosts reach each other's :meth:`Runtime.serve_request`.
+    A request with ``req.expires`` set has a deadline that no cancel scope of its caller
+    enforces (the default one): ``call`` must raise TimeoutError once ``req.deadline``
+    passes without an answer, as the transport's connections do.
     """
 
     async def call(self, host: str, req: Request, spec: MethodSpec) -> Any: ...
