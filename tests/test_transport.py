@@ -640,3 +640,18 @@ async def test_direct_io_a_frame_the_closed_transport_refuses_is_not_written() -
     pipe.write(b"frame", 5)
     assert written == []  # so its call fails as not sent, safe to send elsewhere
     assert pipe.lost
+
+
+async def test_direct_io_a_call_waiting_for_room_ends_at_its_default_deadline() -> None:
+    quick = HostConfig(default_timeout=0.3, collection_interval=0.05, shutdown_grace=2.0)
+    async with node() as (_, t2, _), node({"Echo": t2.address}, host=quick) as (rt1, t1, _):
+        assert await echo(rt1).echo("warm") == "warm"
+        ch = await t1.channel(t2.address)
+        pipe = _pipe_of(ch)
+        pipe.pause_writing()  # the peer is not reading: no room to write
+        async with fail_if_hangs():
+            with pytest.raises(TimeoutError):
+                await echo(rt1).echo("never written")
+        assert ch.pending == 0
+        pipe.resume_writing()
+        assert await echo(rt1).echo("room again") == "room again"

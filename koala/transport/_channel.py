@@ -696,6 +696,9 @@ class Channel:
         try:
             if pipe is not None and not pipe.paused:
                 pipe.write(data, rid)  # what _enqueue does, without a coroutine
+            elif pipe is not None and p.deadline != math.inf:
+                with anyio.fail_at(p.deadline):  # waiting for room is bounded too
+                    await self._enqueue(data, rid)
             else:
                 await self._enqueue(data, rid)
             queued = True
