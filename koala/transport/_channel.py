@@ -371,7 +371,6 @@ class Channel:
             self._reading = True
             go_on = self._process()  # the handshake may have left frames: drain first
             self._reading = False
-            self._write_held()
             if not go_on:
                 return
             if self._taken is not None:  # a request started here suspended
@@ -472,9 +471,7 @@ class Channel:
     def _end_batch(self) -> None:
         """The drainer stops holding its answers back; a task writes what it held."""
         self._batching = False
-        if self._outbox and not self._writing and not self.closed and self._tg is not None:
-            self._writing = True
-            self._tg.start_soon(self._drain_task, name="koala-write")
+        self._write_later()
 
     async def _work(self) -> None:
         """Start ready requests one after another while they finish without suspending:
@@ -592,7 +589,7 @@ class Channel:
         task: _read_loop hands the reading to a new task and finishes it.
 
         Its answer is written at once when it is the first frame since bytes arrived,
-        else held and written (by a task of its own) once the bytes read are handled.
+        else by a task of its own, with the answers that follow it.
         """
         ev = job.ev
         marker = self._marker
@@ -617,25 +614,9 @@ class Channel:
         self._serving.pop(ev.request_id, None)
         data = self._answer(job, resp, None)
         if data:
-            self._write_answer_nowait(data)
+            # never waits: two peers both writing and neither reading would deadlock
+            self._enqueue_nowait(data)
         return True
-
-    def _write_answer_nowait(self, data: bytes) -> None:
-        outbox = self._outbox
-        if len(outbox) >= self.config.write_queue_size:
-            self._stop(CloseCode.OVERLOADED, "the write queue is full: the peer is not reading")
-            return
-        outbox.append((data, 0))
-        if self._raw is not None and not self._corked and not self._writing and len(outbox) == 1:
-            self._corked = True
-            self._send_raw()
-
-    def _write_held(self) -> None:
-        """Have a task write the answers the reader held back (the reader never waits to
-        write: two peers both writing and neither reading would deadlock)."""
-        if self._outbox and not self._writing and not self.closed and self._tg is not None:
-            self._writing = True
-            self._tg.start_soon(self._drain_task, name="koala-write")
 
     async def _finish_taken(
         self, job: _Job, coro: Coroutine[Any, Any, Any], yielded: Any, innermost: object
@@ -743,14 +724,7 @@ class Channel:
                 if self.closed:
                     raise NotSent(self.close_reason)
                 outbox.append((data, rid))
-                if (
-                    self._raw is not None
-                    and not self._corked
-                    and not self._writing  # bytes of a send in progress come first
-                    and len(outbox) == 1
-                ):
-                    self._corked = True
-                    self._send_raw()  # the first one leaves at once
+                self._write_lone()  # the first one leaves at once
                 return
         while len(outbox) >= limit and not self.closed:
             if self._space is None:
@@ -759,11 +733,7 @@ class Channel:
         if self.closed:
             raise NotSent(self.close_reason)
         outbox.append((data, rid))
-        if not self._writing:
-            if self._raw is not None and not self._corked and len(outbox) == 1:
-                self._corked = True  # until bytes arrive, frames go through _drain
-                if self._send_raw():
-                    return
+        if not self._writing and not self._write_lone():
             await self._flush()
 
     async def _flush(self) -> None:
@@ -788,7 +758,12 @@ class Channel:
             self._stop(CloseCode.OVERLOADED, "the write queue is full: the peer is not reading")
             return
         self._outbox.append((data, 0))
-        if not self._writing and self._tg is not None:
+        self._write_lone()
+        self._write_later()
+
+    def _write_later(self) -> None:
+        """Have a task of its own write the outbox, unless one is writing already."""
+        if self._outbox and not self._writing and not self.closed and self._tg is not None:
             self._writing = True
             self._tg.start_soon(self._drain_task, name="koala-write")
 
@@ -797,6 +772,16 @@ class Channel:
             await self._drain()
         finally:
             self._writing = False
+
+    def _write_lone(self) -> bool:
+        """Stream mode (trio): write the outbox's only frame straight to the socket, if no
+        send is in progress (its bytes come first) and none went this way since bytes
+        last arrived (the frames that follow it wait to leave together). True if nothing
+        is left to write."""
+        if self._raw is None or self._corked or self._writing or len(self._outbox) != 1:
+            return False
+        self._corked = True
+        return self._send_raw()
 
     def _send_raw(self) -> bool:
         """Write the one queued frame straight to the (non-blocking) socket: no
