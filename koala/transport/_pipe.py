@@ -144,11 +144,9 @@ class Pipe(asyncio.Protocol):
                 self._resumed = anyio.Event()
             await self._resumed.wait()
 
-    def drop_held(self) -> list[int]:
-        """Forget the frames not written yet; their request ids."""
-        rids = [rid for _, rid in self._held if rid]
+    def drop_held(self) -> None:
+        """Forget the frames not written yet."""
         self._held.clear()
-        return rids
 
     def close(self, last: bytes = b"") -> None:
         """Write ``last`` after what is buffered, then close: the buffer is flushed, for
