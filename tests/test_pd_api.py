@@ -360,13 +360,17 @@ async def test_concurrent_requests_share_store_batches() -> None:
                 await driver.find_positions([("Player", "abandoned")])
 
         async with anyio.create_task_group() as tg:
-            for n in range(20):
-                tg.start_soon(find, n)
-            tg.start_soon(abandoned)
-            await wait_until(lambda: len(driver.creates._queue) == 19)
-            cancelled.cancel()  # a waiting caller gives up: nothing else is affected
-            await wait_until(lambda: len(driver.creates._queue) == 18)
-            store.gate.set()
+            try:
+                for n in range(20):
+                    tg.start_soon(find, n)
+                # two callers hold the two slots; the other 18 wait in the queue
+                await wait_until(lambda: len(driver.creates._queue) == 18)
+                tg.start_soon(abandoned)  # after them, so that it waits too (trio's order varies)
+                await wait_until(lambda: len(driver.creates._queue) == 19)
+                cancelled.cancel()  # a waiting caller gives up: nothing else is affected
+                await wait_until(lambda: len(driver.creates._queue) == 18)
+            finally:
+                store.gate.set()  # even when a wait failed: the senders' store calls are shielded
         assert store.batches[:2] == [3, 3]  # the first two went alone (two slots) ...
         assert len(store.batches) < 20  # ... the others waited and went together
         placed: dict[str, set[int]] = {}
