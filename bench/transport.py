@@ -63,6 +63,9 @@ class _Directory:
     def forget(self, actor_type: str, key: Key) -> None:
         pass
 
+    def claim(self, actor_type: str, key: Key, server_id: int) -> bool:
+        return False
+
 
 def _run(func: Callable[..., Awaitable[Any]], backend: str, *args: Any) -> Any:
     name = "trio" if backend == "trio" else "asyncio"
@@ -132,6 +135,9 @@ class _Callers:
 
     def forget(self, actor_type: str, key: Key) -> None:
         pass
+
+    def claim(self, actor_type: str, key: Key, server_id: int) -> bool:
+        return False
 
 
 async def _serve_koala() -> None:
@@ -243,6 +249,9 @@ class _Split:
 
     def forget(self, actor_type: str, key: Key) -> None:
         pass
+
+    def claim(self, actor_type: str, key: Key, server_id: int) -> bool:
+        return False
 
 
 async def _koala_client(port: int, n_seq: int, n_conc: int) -> dict[str, Any]:

@@ -77,6 +77,9 @@ class Request:
     # no cancel scope of the caller carries the deadline (it is the default one): the
     # transport fails the call when it passes
     expires: bool = False
+    # the server id the caller's directory says the actor is placed on (0: unknown);
+    # the target host trusts it only when it names the target itself (Directory.claim)
+    placed_on: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -87,6 +87,11 @@ class Directory(Protocol):
     def forget(self, actor_type: str, key: Key) -> None:
         """Drop a cached answer that proved wrong (the host said "wrong host")."""
 
+    def claim(self, actor_type: str, key: Key, server_id: int) -> bool:
+        """A peer's request says the authority placed the actor on ``server_id``
+        (``Request.placed_on``): True if that names this host as it is now, which then
+        serves the actor without asking (and caches the answer); False: ask."""
+
 
 class RemoteDelivery(Protocol):
     """The transport's side of the seam: send a request to another host.
@@ -113,6 +118,9 @@ class LocalDirectory:
 
     def forget(self, actor_type: str, key: Key) -> None:
         pass
+
+    def claim(self, actor_type: str, key: Key, server_id: int) -> bool:
+        return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -445,7 +453,12 @@ class Runtime:
             if not self._local_only:
                 owner = self.directory.lookup(req.actor_type, req.key)
                 if owner is None:
-                    owner = await self.directory.resolve(req.actor_type, req.key)
+                    if req.placed_on and self.directory.claim(
+                        req.actor_type, req.key, req.placed_on
+                    ):
+                        owner = LOCAL
+                    else:
+                        owner = await self.directory.resolve(req.actor_type, req.key)
                 if owner != LOCAL:
                     raise WrongHostError(
                         f"{req.actor_type}/{req.key!r} is not placed on this host "

@@ -68,5 +68,5 @@ async def stats() -> dict[str, Any]:
     if hasattr(directory, "statistics"):
         s = directory.statistics()
         out.update(server_id=s.server_id, serving=s.serving, fences=s.fences)
-        out.update(registrations=s.registrations, cached=s.cached)
+        out.update(registrations=s.registrations, cached=s.cached, resolves=s.resolves)
     return out

@@ -48,6 +48,9 @@ class StaticDirectory:
     def forget(self, actor_type: str, key: Key) -> None:
         """Nothing is cached: placements here never change."""
 
+    def claim(self, actor_type: str, key: Key, server_id: int) -> bool:
+        return False  # no server ids here: look it up
+
 
 # ---------------------------------------------------------------- actors
 

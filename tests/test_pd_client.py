@@ -12,6 +12,7 @@ import anyio
 import pytest
 
 from koala import ActorBase, ActorInterface, ConfigError, HostConfig, Runtime, WrongHostError
+from koala._messages import Request
 from koala._proxy import make_proxy
 from koala._runtime import LOCAL
 from koala.pd import (
@@ -100,6 +101,37 @@ async def test_registers_and_owns_its_positions() -> None:
         assert directory.lookup("Thing", "a") is None
         assert await directory.resolve("Thing", "a") == LOCAL
         assert directory.statistics().resolves == 2
+
+
+async def test_a_request_naming_this_host_is_served_without_asking_the_pd() -> None:
+    async with cluster(MemberConfig(ttl=5)) as (_, rt, directory):
+        me = directory.server_id
+        for key in ("x", "y"):  # placed (on the only host), as a peer's lookup would
+            assert (await directory.pd.find_position("Thing", key)).server_id == me
+
+        def touch(key: str, placed_on: int) -> Request:
+            deadline = anyio.current_time() + 5
+            return Request(1, 1, deadline, "Thing", key, "IThing", "touch", (), placed_on=placed_on)
+
+        # the peer says "placed on you": trusted, since it names this host's server id
+        resp = await rt.serve_request(touch("x", me))
+        assert resp is not None
+        assert resp.error is None
+        assert resp.result == 1
+        assert directory.statistics().resolves == 0
+        assert directory.lookup("Thing", "x") == LOCAL  # remembered
+        # another server id (stale, or another host's): this host asks the PD
+        resp = await rt.serve_request(touch("y", me + 1))
+        assert resp is not None
+        assert resp.error is None
+        assert resp.result == 1
+        assert directory.statistics().resolves == 1
+        assert not directory.claim("Thing", "z", me + 1)
+        assert directory.lookup("Thing", "z") is None
+        # a host that stopped serving trusts no one (after a fence it is a new node)
+        directory.serving = False
+        assert not directory.claim("Thing", "z", me)
+        directory.serving = True
 
 
 async def test_position_cache_is_bounded_lru_with_a_ttl() -> None:

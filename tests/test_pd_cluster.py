@@ -79,6 +79,25 @@ async def test_racing_first_calls_activate_each_key_exactly_once(cluster: Cluste
     assert len(holders) >= 2  # placement spreads load, it does not pile onto one host
 
 
+async def test_the_host_a_first_call_lands_on_does_not_ask_the_pd_again(
+    cluster: Cluster,
+) -> None:
+    """The caller's host asks the PD; the chosen host trusts the server id the request
+    carries (REQUEST's placed_on), so it serves its new actors without a lookup."""
+    pd = cluster.pd()
+    a, b = cluster.host(url(pd), "asyncio"), cluster.host(url(pd), "trio")
+    async with httpx.AsyncClient(timeout=30) as client:
+        on_b = [
+            key
+            for key in (f"first-{i}" for i in range(30))
+            if (await hit(client, a, key))[0] == b.pid
+        ]
+    assert on_b, "no actor was placed on the second host"
+    assert stats(b)["activations"] == len(on_b)
+    assert stats(b)["resolves"] == 0
+    assert stats(a)["resolves"] == 30
+
+
 async def test_killed_host_actors_come_back_elsewhere(cluster: Cluster) -> None:
     pd = cluster.pd()
     a, b = cluster.host(url(pd), "asyncio"), cluster.host(url(pd), "trio")

@@ -496,6 +496,7 @@ def test_short_secret_is_refused() -> None:
         lambda: Request(1, 0, 1.0, "", "k", "I", "m"),
         lambda: Request(1, 0, 1.0, "T", 1.5, "I", "m"),  # type: ignore[arg-type]
         lambda: Request(1, 0, 1.0, "T", "k", "I", "m", one_way=1),  # type: ignore[arg-type]
+        lambda: Request(1, 0, 1.0, "T", "k", "I", "m", placed_on=-3),
         lambda: Response(1, "x", ErrorInfo(ErrorCode.APPLICATION, "a:B", "m")),
         lambda: Hello(1, "c", "n", "", b"short"),
         lambda: ClientOpened(1, "T", "k", {"a": 1}),  # type: ignore[dict-item]
@@ -557,6 +558,7 @@ app_events: st.SearchStrategy[Event] = st.one_of(
         name,
         st.lists(data, max_size=4),
         st.booleans(),
+        u64,
     ),
     st.builds(Response, u64, data),
     st.builds(Response, u64, st.none(), error),
@@ -659,7 +661,16 @@ def test_gateway_trailing_fields_are_left_out_at_their_defaults() -> None:
 
 
 @given(
-    u64, u64, st.floats(0, 1e9), name, key, name, name, st.lists(data, max_size=4), st.booleans()
+    u64,
+    u64,
+    st.floats(0, 1e9),
+    name,
+    key,
+    name,
+    name,
+    st.lists(data, max_size=4),
+    st.booleans(),
+    u64,
 )
 def test_the_request_fast_path_frames_what_the_checked_path_frames(
     rid: int,
@@ -671,10 +682,13 @@ def test_the_request_fast_path_frames_what_the_checked_path_frames(
     method: str,
     args: list[Any],
     one_way: bool,
+    placed_on: int,
 ) -> None:
     c, s = open_pair()
-    fast = c.send_request(rid, chain, timeout, actor_type, k, interface, method, args, one_way)
-    ev = Request(rid, chain, timeout, actor_type, k, interface, method, args, one_way)
+    fast = c.send_request(
+        rid, chain, timeout, actor_type, k, interface, method, args, one_way, placed_on
+    )
+    ev = Request(rid, chain, timeout, actor_type, k, interface, method, args, one_way, placed_on)
     assert fast == c.send(ev)
     s.receive_data(fast)
     assert s.next_event() == ev

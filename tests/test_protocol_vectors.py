@@ -56,6 +56,9 @@ def test_request_vector_means_what_the_doc_says() -> None:
     assert decode(VECTORS["request"][4:]) == Request(
         1, 4242, 30.0, "Player", "p1", "IPlayer", "echo", ["hello"], False
     )
+    assert decode(VECTORS["request-placed"][4:]) == Request(
+        1, 4242, 30.0, "Player", "p1", "IPlayer", "echo", ["hello"], False, placed_on=7
+    )
     err = decode(VECTORS["error"][4:])
     assert err == Response(
         1,

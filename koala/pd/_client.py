@@ -492,6 +492,24 @@ class ClusterDirectory:
     def forget(self, actor_type: str, key: Key) -> None:
         self._cache.pop((actor_type, key), None)
 
+    def server_of(self, actor_type: str, key: Key) -> int:
+        """The server id of the cached position (0: none cached), for
+        ``Request.placed_on``; stale is harmless, as only the named host trusts it."""
+        entry = self._cache.get((actor_type, key))
+        return 0 if entry is None else entry[0]
+
+    def claim(self, actor_type: str, key: Key, server_id: int) -> bool:
+        """True if ``server_id`` is this host's, in its current registration.
+
+        Safe without asking the PD: positions are deleted only with their host's lease
+        (never one by one), and this server id is this lease's (a host that rejoins
+        gets a new one). So a position that named this server id when the peer learned
+        it still exists now, and the peer is trusted (it passed the handshake)."""
+        if not self.serving or server_id != self.server_id:
+            return False
+        self._remember((actor_type, key), server_id, self.address)
+        return True
+
     def _finish(
         self,
         pending: _Pending,
@@ -720,6 +738,7 @@ class PlacementRemote:
             raise WrongHostError(
                 f"{req.actor_type}/{req.key!r} moved from {host}, which cannot be reached"
             ) from None
+        req.placed_on = self.directory.server_of(req.actor_type, req.key)
         try:
             return await self.transport.call(host, req, spec)
         except (HostUnavailableError, ShuttingDownError, WrongHostError):

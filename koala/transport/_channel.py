@@ -529,6 +529,7 @@ class Channel:
             ev.method,
             tuple(ev.args),
             ev.one_way,
+            placed_on=ev.placed_on,
         )
 
     async def _serve(self, job: _Job) -> None:
@@ -665,6 +666,7 @@ class Channel:
             req.method,
             list(req.args),
             req.one_way,
+            req.placed_on,
         )
         if req.one_way:
             await self._enqueue(data)

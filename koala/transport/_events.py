@@ -241,6 +241,9 @@ class Request(Event):
     method: str
     args: tuple[Any, ...] | list[Any] = ()
     one_way: bool = False
+    # the server id the placement driver placed the actor on, as the sender knows it
+    # (0: not given); a host that finds its own id here needs not ask the PD
+    placed_on: int = 0
 
     def __post_init__(self) -> None:
         _check_u64("request_id", self.request_id)
@@ -257,6 +260,7 @@ class Request(Event):
             _fail(f"args must be an array, got {type(self.args).__name__}")
         if type(self.one_way) is not bool:
             _fail(f"one_way must be a boolean, got {self.one_way!r}")
+        _check_u64("placed_on", self.placed_on)
 
 
 @dataclass(frozen=True, slots=True)

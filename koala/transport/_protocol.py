@@ -202,6 +202,7 @@ class Connection:
         method: str,
         args: list[Any],
         one_way: bool,
+        placed_on: int = 0,
     ) -> bytes:
         """``send(Request(...))`` for a request made by this node (see request_frame)."""
         if self.state is not State.OPEN:
@@ -220,6 +221,7 @@ class Connection:
             args,
             one_way,
             self.max_frame_size,
+            placed_on,
         )
 
     def send_result(self, request_id: int, result: Any) -> bytes:

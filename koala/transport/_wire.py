@@ -122,7 +122,7 @@ def dumps(item: Any) -> bytes:
 def _to_array(ev: Event) -> list[Any]:
     match ev:
         case Request():
-            return [
+            item = [
                 Kind.REQUEST,
                 ev.request_id,
                 ev.chain_id,
@@ -134,6 +134,9 @@ def _to_array(ev: Event) -> list[Any]:
                 list(ev.args),
                 ev.one_way,
             ]
+            if ev.placed_on:  # an optional last field, left out when not given
+                item.append(ev.placed_on)
+            return item
         case Response(error=None):
             return [Kind.RESULT, ev.request_id, ev.result]
         case Response(error=ErrorInfo() as err):
@@ -212,6 +215,7 @@ def request_frame(
     args: list[Any],
     one_way: bool,
     max_frame_size: int,
+    placed_on: int = 0,
 ) -> bytes:
     """The frame of a REQUEST from this node's runtime, whose fields are valid by
     construction (ids it made, names of its classes, a finite timeout, args encoded by
@@ -220,7 +224,16 @@ def request_frame(
     the event, which refuses it."""
     if type(key) is not str and type(key) is not int:
         ev = Request(
-            request_id, chain_id, timeout, actor_type, key, interface, method, args, one_way
+            request_id,
+            chain_id,
+            timeout,
+            actor_type,
+            key,
+            interface,
+            method,
+            args,
+            one_way,
+            placed_on,
         )
         return frame(ev, max_frame_size)
     item = [
@@ -235,6 +248,8 @@ def request_frame(
         args,
         one_way,
     ]
+    if placed_on:
+        item.append(placed_on)
     return _framed(dumps(item), "Request", max_frame_size)
 
 
@@ -248,7 +263,8 @@ def result_frame(request_id: int, result: Any, max_frame_size: int) -> bytes:
 
 
 def _request(a: list[Any]) -> Event:
-    return Request(a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9])
+    placed_on = a[10] if len(a) > 10 else 0
+    return Request(a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], placed_on)
 
 
 _ERROR_CODES = frozenset(int(c) for c in ErrorCode)
