@@ -326,7 +326,7 @@ class Channel:
         raw = self.stream.extra(SocketAttribute.raw_socket, None)
         return raw if isinstance(raw, socket.socket) else None
 
-    def _received(self, data: bytes) -> None:
+    def _received(self, data: bytes | bytearray | memoryview) -> None:
         """The pipe's bytes (b"": the peer closed its side)."""
         assert self._pipe is not None
         self.last_received = self._pipe.loop.time()

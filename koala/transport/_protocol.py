@@ -243,7 +243,7 @@ class Connection:
 
     # ------------------------------------------------------------ receiving
 
-    def receive_data(self, data: bytes | None) -> None:
+    def receive_data(self, data: bytes | bytearray | memoryview | None) -> None:
         """Feed bytes read from the peer; ``None`` (or b"") means the stream ended."""
         if self._eof:
             if data:
