@@ -32,7 +32,8 @@ import anyio
 import httpx
 
 from bench._measure import concurrent_calls
-from tests._etcd import EtcdProcess, free_port
+from koala.testing import free_port
+from koala.testing.etcd import EtcdProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 CONCURRENCY = 100

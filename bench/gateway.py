@@ -23,7 +23,7 @@ import anyio
 from koala import ActorBase, HostConfig, Runtime
 from koala.gateway import ClientHandler, ClientSession, Gateway, GatewayConfig, LocalLink
 from koala.http import serve_asgi
-from tests._gateway_client import KEY, WSClient, connect, first_packet
+from koala.testing.websocket import KEY, WSClient, connect, first_packet
 
 LOOPS = {
     "asyncio": ("asyncio", {}),

@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
         if "postgresql" in wanted:
             pg_url = args.postgres_url
             if pg_url is None:
-                from tests._postgres import start_server
+                from koala.testing.postgres import start_server
 
                 pg_url = start_server().url
 

@@ -1,8 +1,7 @@
-"""A real etcd for the tests: one process per test session, on free loopback ports.
+"""The tests' etcd: one process per test session (``koala.testing.etcd``), on free
+loopback ports.
 
-Test modules import the ``etcd_url`` fixture. etcd cannot take port 0 for its client
-URL, so free ports are picked first (bind to 0, read, close). The server runs in a
-temporary data directory with short raft timings, and is stopped (and its directory
+Test modules import the ``etcd_url`` fixture. The server is stopped (and its directory
 removed) when the session ends. If etcd cannot start, the tests that need it fail with
 the reason: they are never skipped.
 """
@@ -11,93 +10,11 @@ from __future__ import annotations
 
 import atexit
 import os
-import shutil
-import subprocess
-import tempfile
-import time
 
-import httpx
 import pytest
 
 from koala.testing import free_port as free_port
-
-ETCD_ENV = "KOALA_TEST_ETCD"  # path of the etcd binary (default: etcd on PATH)
-
-
-def etcd_binary() -> str:
-    found = os.environ.get(ETCD_ENV) or shutil.which("etcd") or "/usr/bin/etcd"
-    if not os.path.exists(found):
-        raise RuntimeError(
-            "etcd is not installed: run `make services` (Debian: apt-get install etcd-server) "
-            f"or point {ETCD_ENV} at an etcd binary"
-        )
-    return found
-
-
-class EtcdProcess:
-    """One etcd member on loopback, in its own temporary directory."""
-
-    def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="koala-etcd-")
-        self.client_port = free_port()
-        self.peer_port = free_port()
-        self.url = f"http://127.0.0.1:{self.client_port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = os.path.join(self.dir, "etcd.log")
-
-    def start(self, timeout: float = 20.0) -> None:
-        peer = f"http://127.0.0.1:{self.peer_port}"
-        cmd = [
-            etcd_binary(),
-            "--name=koala-test",
-            f"--data-dir={os.path.join(self.dir, 'data')}",
-            f"--listen-client-urls={self.url}",
-            f"--advertise-client-urls={self.url}",
-            f"--listen-peer-urls={peer}",
-            f"--initial-advertise-peer-urls={peer}",
-            f"--initial-cluster=koala-test={peer}",
-            "--heartbeat-interval=10",
-            "--election-timeout=100",
-            "--log-level=error",
-        ]
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"etcd exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                resp = httpx.post(f"{self.url}/v3/kv/range", json={"key": "AA=="}, timeout=1)
-                if resp.status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"etcd did not answer within {timeout} s:\n{self.log()}")
-
-    def log(self) -> str:
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as f:
-                return f.read()[-4000:]
-        except OSError:
-            return "(no log)"
-
-    def stop(self) -> None:
-        """Stop the process (the data directory stays, so it can start again)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def destroy(self) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
+from koala.testing.etcd import EtcdProcess as EtcdProcess
 
 _shared: list[EtcdProcess] = []
 
