@@ -23,6 +23,7 @@ from koala.transport import (
     ConnectionClosed,
     Event,
     HandshakeComplete,
+    Ping,
     Request,
     Role,
     Transport,
@@ -517,6 +518,39 @@ async def test_a_request_that_never_left_is_retried_one_that_may_have_run_is_not
             await wait_until(lambda: ch.pending == 2)
             ch.close("closed by the test")
         _first_may_have_run_second_was_sent_again(outcomes, t1)
+
+
+async def test_bursts_of_large_frames_and_heartbeats_keep_the_connection() -> None:
+    # 100 calls of 100 kB each at once (10 MB), then a control frame, which cannot
+    # wait: writers waited for room instead of queueing without bound, so it fits. And
+    # a PING or PONG that finds the queue backed up by one large frame is dropped (the
+    # frames ahead of it show the peer this side is alive), never a reason to close
+    async with two_nodes() as (rt1, t1, _, t2):
+        assert await echo(rt1).echo("warm") == "warm"
+        ch = await t1.channel(t2.address)
+        big = "x" * 100_000
+
+        async def one(i: int) -> None:
+            assert await echo(rt1, f"b{i}").echo(f"{i}{big}") == f"{i}{big}"
+
+        async with anyio.create_task_group() as tg:
+            for i in range(100):
+                tg.start_soon(one, i)
+            await wait_until(lambda: ch.pending >= 50)
+            ch._enqueue_nowait(ch.conn.send(Ping(1)))
+            assert not ch.closed, ch.close_reason
+        huge = "y" * 12_000_000  # one frame of more than four times the buffer's bound
+
+        async def large() -> None:
+            assert await echo(rt1, "huge").echo(huge) == huge
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(large)
+            await wait_until(lambda: ch.pending == 1)
+            ch._ping(2)  # what the heartbeat sends
+            ch._dispatch(Ping(3))  # the peer's: answered with a PONG
+            assert not ch.closed, ch.close_reason
+        assert not ch.closed, ch.close_reason
 
 
 # ---------------------------------------------------------------- direct I/O (asyncio)

@@ -11,8 +11,8 @@ through ``transport.write``, which never blocks and never writes half a frame.
 Writes are corked: the first frame written since bytes last arrived goes out at once
 (a lone call, or the answer to one, pays no delay), and frames written after it leave
 together in one ``write`` at the next iteration of the event loop. Memory is bounded
-by the transport's write-buffer limits: above them the protocol is paused and writers
-wait.
+by the transport's write-buffer limits, with the frames held for the next write
+counted in: above them the pipe is paused and writers wait.
 
 Taking the transport over relies on where anyio keeps it (``_transport``,
 ``_protocol.read_queue``); :func:`takeover` returns None when those are not there, and
@@ -62,6 +62,7 @@ class Pipe(asyncio.BufferedProtocol):
         self._on_written = on_written  # a request's frame has left: its id
         self._corked = False
         self._held: deque[tuple[bytes, int]] = deque()
+        self._held_bytes = 0
         self._paused = False
         self._resumed: anyio.Event | None = None
         self.lost = False
@@ -107,15 +108,15 @@ class Pipe(asyncio.BufferedProtocol):
 
     @property
     def paused(self) -> bool:
-        """Whether the transport holds more than its high-water mark."""
-        return self._paused
+        """Whether writers must wait: the transport holds more than its high-water
+        mark, or the frames held for the next write come to that much."""
+        return self._paused or self._held_bytes >= HIGH_WATER
 
     def overfull(self, max_frames: int) -> bool:
         """Whether a frame that cannot wait must be refused: ``max_frames`` are held
-        for the next write, or the transport holds four times its high-water mark."""
-        return (
-            len(self._held) >= max_frames or self.transport.get_write_buffer_size() > 4 * HIGH_WATER
-        )
+        for the next write, or four times the high-water mark waits to be written."""
+        waiting = self._held_bytes + self.transport.get_write_buffer_size()
+        return len(self._held) >= max_frames or waiting > 4 * HIGH_WATER
 
     def write(self, data: bytes, rid: int = 0) -> None:
         """Send a frame: at once if nothing was written since bytes last arrived, else
@@ -127,6 +128,7 @@ class Pipe(asyncio.BufferedProtocol):
             if not self._held:
                 self.loop.call_soon(self._uncork, context=self._context)
             self._held.append((data, rid))
+            self._held_bytes += len(data)
             return
         self._corked = True
         if self._send(data) and rid:
@@ -151,11 +153,15 @@ class Pipe(asyncio.BufferedProtocol):
                     if rid:
                         self._on_written(rid)
         held.clear()
+        self._held_bytes = 0
         self._corked = False
+        if not self._paused and self._resumed is not None:  # writers waited for these
+            self._resumed.set()
+            self._resumed = None
 
     async def writable(self) -> None:
         """Return once the transport's buffer is below its high-water mark."""
-        while self._paused and not self.lost:
+        while self.paused and not self.lost:
             if self._resumed is None:
                 self._resumed = anyio.Event()
             await self._resumed.wait()
@@ -163,6 +169,7 @@ class Pipe(asyncio.BufferedProtocol):
     def drop_held(self) -> None:
         """Forget the frames not written yet."""
         self._held.clear()
+        self._held_bytes = 0
 
     def close(self, last: bytes = b"") -> None:
         """Write ``last`` after what is buffered, then close: the buffer is flushed, for
