@@ -546,20 +546,22 @@ error = st.builds(
     text,
     st.tuples(leaf, leaf) | st.just(()),
 )
+# REQUEST's fields in order: ids, timeout, actor type, key, interface, method, args,
+# one_way, placed_on
+request_fields = (
+    u64,
+    u64,
+    st.floats(0, 1e9),
+    name,
+    key,
+    name,
+    name,
+    st.lists(data, max_size=4),
+    st.booleans(),
+    u64,
+)
 app_events: st.SearchStrategy[Event] = st.one_of(
-    st.builds(
-        Request,
-        u64,
-        u64,
-        st.floats(0, 1e9),
-        name,
-        key,
-        name,
-        name,
-        st.lists(data, max_size=4),
-        st.booleans(),
-        u64,
-    ),
+    st.builds(Request, *request_fields),
     st.builds(Response, u64, data),
     st.builds(Response, u64, st.none(), error),
     st.builds(Cancel, u64),
@@ -660,18 +662,7 @@ def test_gateway_trailing_fields_are_left_out_at_their_defaults() -> None:
         decode(cbor2.dumps([25, 5]))
 
 
-@given(
-    u64,
-    u64,
-    st.floats(0, 1e9),
-    name,
-    key,
-    name,
-    name,
-    st.lists(data, max_size=4),
-    st.booleans(),
-    u64,
-)
+@given(*request_fields)
 def test_the_request_fast_path_frames_what_the_checked_path_frames(
     rid: int,
     chain: int,
