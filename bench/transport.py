@@ -66,6 +66,9 @@ class _Directory:
     def claim(self, actor_type: str, key: Key, server_id: int) -> bool:
         return False
 
+    def released(self, actor_type: str, key: Key) -> None:
+        pass
+
 
 def _run(func: Callable[..., Awaitable[Any]], backend: str, *args: Any) -> Any:
     name = "trio" if backend == "trio" else "asyncio"
@@ -138,6 +141,9 @@ class _Callers:
 
     def claim(self, actor_type: str, key: Key, server_id: int) -> bool:
         return False
+
+    def released(self, actor_type: str, key: Key) -> None:
+        pass
 
 
 async def _serve_koala() -> None:
@@ -252,6 +258,9 @@ class _Split:
 
     def claim(self, actor_type: str, key: Key, server_id: int) -> bool:
         return False
+
+    def released(self, actor_type: str, key: Key) -> None:
+        pass
 
 
 async def _koala_client(port: int, n_seq: int, n_conc: int) -> dict[str, Any]:

@@ -92,6 +92,12 @@ class Directory(Protocol):
         (``Request.placed_on``): True if that names this host as it is now, which then
         serves the actor without asking (and caches the answer); False: ask."""
 
+    def released(self, actor_type: str, key: Key) -> None:
+        """The activation of (actor_type, key) on this host ended (it left the catalog):
+        its position may be given back to the authority. Called synchronously; must not
+        block. A new activation of the same key may start right after (calls that
+        queued meanwhile), which :meth:`Runtime.is_active` tells."""
+
 
 class RemoteDelivery(Protocol):
     """The transport's side of the seam: send a request to another host.
@@ -121,6 +127,9 @@ class LocalDirectory:
 
     def claim(self, actor_type: str, key: Key, server_id: int) -> bool:
         return True
+
+    def released(self, actor_type: str, key: Key) -> None:
+        pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,6 +290,10 @@ class Runtime:
     def activation_of(self, impl: type[ActorBase], key: Key) -> Activation | None:
         """The live activation of (impl, key) on this host, if any (for tests and tools)."""
         return self._catalog.get((impl.actor_type, key))
+
+    def is_active(self, actor_type: str, key: Key) -> bool:
+        """Whether this host holds an activation of (actor_type, key) right now."""
+        return (actor_type, key) in self._catalog
 
     # ------------------------------------------------------------ resolving
 
@@ -541,6 +554,8 @@ class Runtime:
     def _forget(self, act: Activation) -> None:
         if self._catalog.get(act.ident) is act:
             del self._catalog[act.ident]
+            if not self._local_only:
+                self.directory.released(*act.ident)
         bucket = self._buckets.get(act.bucket)
         if bucket is not None:
             bucket.discard(act)

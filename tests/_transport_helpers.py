@@ -51,6 +51,9 @@ class StaticDirectory:
     def claim(self, actor_type: str, key: Key, server_id: int) -> bool:
         return False  # no server ids here: look it up
 
+    def released(self, actor_type: str, key: Key) -> None:
+        pass
+
 
 # ---------------------------------------------------------------- actors
 

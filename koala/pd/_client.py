@@ -510,6 +510,9 @@ class ClusterDirectory:
         self._remember((actor_type, key), server_id, self.address)
         return True
 
+    def released(self, actor_type: str, key: Key) -> None:
+        """Positions are not given back yet: they live as long as this host's lease."""
+
     def _finish(
         self,
         pending: _Pending,
