@@ -63,7 +63,7 @@ class _Directory:
     def forget(self, actor_type: str, key: Key) -> None:
         pass
 
-    def claim(self, actor_type: str, key: Key, server_id: int) -> bool:
+    def claim(self, actor_type: str, key: Key, ticket: bytes) -> bool:
         return False
 
     def released(self, actor_type: str, key: Key) -> None:
@@ -139,7 +139,7 @@ class _Callers:
     def forget(self, actor_type: str, key: Key) -> None:
         pass
 
-    def claim(self, actor_type: str, key: Key, server_id: int) -> bool:
+    def claim(self, actor_type: str, key: Key, ticket: bytes) -> bool:
         return False
 
     def released(self, actor_type: str, key: Key) -> None:
@@ -256,7 +256,7 @@ class _Split:
     def forget(self, actor_type: str, key: Key) -> None:
         pass
 
-    def claim(self, actor_type: str, key: Key, server_id: int) -> bool:
+    def claim(self, actor_type: str, key: Key, ticket: bytes) -> bool:
         return False
 
     def released(self, actor_type: str, key: Key) -> None:

@@ -77,9 +77,9 @@ class Request:
     # no cancel scope of the caller carries the deadline (it is the default one): the
     # transport fails the call when it passes
     expires: bool = False
-    # the server id the caller's directory says the actor is placed on (0: unknown);
-    # the target host trusts it only when it names the target itself (Directory.claim)
-    placed_on: int = 0
+    # the placement ticket of the caller's directory for this actor (empty: none); the
+    # target host trusts it only when it is its own and not stale (Directory.claim)
+    placement: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)

@@ -87,10 +87,10 @@ class Directory(Protocol):
     def forget(self, actor_type: str, key: Key) -> None:
         """Drop a cached answer that proved wrong (the host said "wrong host")."""
 
-    def claim(self, actor_type: str, key: Key, server_id: int) -> bool:
-        """A peer's request says the authority placed the actor on ``server_id``
-        (``Request.placed_on``): True if that names this host as it is now, which then
-        serves the actor without asking (and caches the answer); False: ask."""
+    def claim(self, actor_type: str, key: Key, ticket: bytes) -> bool:
+        """A peer's request carries the placement ticket its PD lookup returned
+        (``Request.placement``): True if it proves the actor is placed on this host as it
+        is now, which then serves the actor without asking (and records it); False: ask."""
 
     def released(self, actor_type: str, key: Key) -> None:
         """The activation of (actor_type, key) on this host ended (it left the catalog):
@@ -125,7 +125,7 @@ class LocalDirectory:
     def forget(self, actor_type: str, key: Key) -> None:
         pass
 
-    def claim(self, actor_type: str, key: Key, server_id: int) -> bool:
+    def claim(self, actor_type: str, key: Key, ticket: bytes) -> bool:
         return True
 
     def released(self, actor_type: str, key: Key) -> None:
@@ -466,8 +466,8 @@ class Runtime:
             if not self._local_only:
                 owner = self.directory.lookup(req.actor_type, req.key)
                 if owner is None:
-                    if req.placed_on and self.directory.claim(
-                        req.actor_type, req.key, req.placed_on
+                    if req.placement and self.directory.claim(
+                        req.actor_type, req.key, req.placement
                     ):
                         owner = LOCAL
                     else:

@@ -48,7 +48,7 @@ class StaticDirectory:
     def forget(self, actor_type: str, key: Key) -> None:
         """Nothing is cached: placements here never change."""
 
-    def claim(self, actor_type: str, key: Key, server_id: int) -> bool:
+    def claim(self, actor_type: str, key: Key, ticket: bytes) -> bool:
         return False  # no server ids here: look it up
 
     def released(self, actor_type: str, key: Key) -> None:

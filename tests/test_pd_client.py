@@ -97,52 +97,115 @@ async def test_registers_and_owns_its_positions() -> None:
         assert await make_proxy(IThing, "a", rt).touch() == 1
         assert directory.lookup("Thing", "a") == LOCAL
         assert await make_proxy(IThing, "a", rt).touch() == 2
-        directory.forget("Thing", "a")
-        assert directory.lookup("Thing", "a") is None
+        directory.forget("Thing", "a")  # its own positions are not a cache: kept
+        assert directory.lookup("Thing", "a") == LOCAL
         assert await directory.resolve("Thing", "a") == LOCAL
-        assert directory.statistics().resolves == 2
+        stats = directory.statistics()
+        assert (stats.resolves, stats.owned) == (1, 1)
 
 
-async def test_a_request_naming_this_host_is_served_without_asking_the_pd() -> None:
+def touch(key: str, ticket: bytes) -> Request:
+    deadline = anyio.current_time() + 5
+    return Request(1, 1, deadline, "Thing", key, "IThing", "touch", (), placement=ticket)
+
+
+async def test_a_request_with_this_hosts_ticket_is_served_without_asking_the_pd() -> None:
     async with cluster(MemberConfig(ttl=5)) as (_, rt, directory):
         me = directory.server_id
-        for key in ("x", "y"):  # placed (on the only host), as a peer's lookup would
-            assert (await directory.pd.find_position("Thing", key)).server_id == me
-
-        def touch(key: str, placed_on: int) -> Request:
-            deadline = anyio.current_time() + 5
-            return Request(1, 1, deadline, "Thing", key, "IThing", "touch", (), placed_on=placed_on)
-
-        # the peer says "placed on you": trusted, since it names this host's server id
-        resp = await rt.serve_request(touch("x", me))
+        tickets = {}
+        for key in ("x", "y", "z"):  # placed (on the only host), as a peer's lookup would
+            pos = await directory.pd.find_position("Thing", key)
+            assert pos.server_id == me
+            assert pos.revision > 0
+            tickets[key] = pos.ticket
+        # the peer forwards the PD's ticket: trusted, it is this host's and not stale
+        resp = await rt.serve_request(touch("x", tickets["x"]))
         assert resp is not None
-        assert resp.error is None
-        assert resp.result == 1
-        assert directory.statistics().resolves == 0
-        assert directory.lookup("Thing", "x") == LOCAL  # remembered
-        # another server id (stale, or another host's): this host asks the PD
-        resp = await rt.serve_request(touch("y", me + 1))
+        assert (resp.error, resp.result) == (None, 1)
+        stats = directory.statistics()
+        assert (stats.resolves, stats.claims) == (0, 1)
+        assert directory.lookup("Thing", "x") == LOCAL  # owned now
+        # a forged ticket (one bit changed), or another actor's: this host asks the PD
+        forged = tickets["y"][:-1] + bytes([tickets["y"][-1] ^ 1])
+        resp = await rt.serve_request(touch("y", forged))
         assert resp is not None
-        assert resp.error is None
-        assert resp.result == 1
+        assert (resp.error, resp.result) == (None, 1)
         assert directory.statistics().resolves == 1
-        assert not directory.claim("Thing", "z", me + 1)
+        assert not directory.claim("Thing", "z", tickets["x"])
+        assert not directory.claim("Thing", "z", b"\0" * 32)
         assert directory.lookup("Thing", "z") is None
         # a host that stopped serving trusts no one (after a fence it is a new node)
         directory.serving = False
-        assert not directory.claim("Thing", "z", me)
+        assert not directory.claim("Thing", "z", tickets["z"])
         directory.serving = True
+        assert directory.claim("Thing", "z", tickets["z"])
 
 
-async def test_position_cache_is_bounded_lru_with_a_ttl() -> None:
-    async with cluster(MemberConfig(ttl=5, cache_size=3, cache_ttl=0.3)) as (_, _, directory):
-        for key in "abcd":
-            await directory.resolve("Thing", key)
-        assert directory.statistics().cached == 3
-        assert directory.lookup("Thing", "a") is None  # the least recently used went
-        assert directory.lookup("Thing", "d") == LOCAL
-        await anyio.sleep(0.4)
-        assert directory.lookup("Thing", "d") is None  # expired
+async def test_a_deactivated_actor_gives_its_position_back() -> None:
+    async with cluster(MemberConfig(ttl=5)) as (pd, rt, directory):
+        assert await make_proxy(IThing, "a", rt).touch() == 1
+        first = await directory.pd.find_position("Thing", "a")
+        assert not first.created
+        act = rt.activation_of(Thing, "a")
+        assert act is not None
+        act.deactivate_on_idle()
+        assert await make_proxy(IThing, "a", rt).touch() == 2  # the turn that ends it
+        with anyio.fail_after(5):
+            while directory.statistics().releases < 1:
+                await anyio.sleep(0.01)
+        assert rt.statistics().activations == 0
+        assert directory.lookup("Thing", "a") is None
+        stored = await pd.store.get("/koala/placement/Thing/a")
+        assert stored is None  # etcd holds live actors only
+        # the released position's ticket is stale now: not trusted, the PD is asked
+        assert not directory.claim("Thing", "a", first.ticket)
+        resp = await rt.serve_request(touch("a", first.ticket))
+        assert resp is not None
+        assert (resp.error, resp.result) == (None, 1)  # a fresh activation, placed anew
+        again = await directory.pd.find_position("Thing", "a")
+        assert again.revision > first.revision
+        assert directory.statistics().owned == 1
+
+
+async def test_an_actor_back_before_its_release_leaves_keeps_its_position() -> None:
+    async with cluster(MemberConfig(ttl=5)) as (pd, rt, directory):
+        assert await make_proxy(IThing, "b", rt).touch() == 1
+        first = await directory.pd.find_position("Thing", "b")
+        act = rt.activation_of(Thing, "b")
+        assert act is not None
+        act.deactivate_on_idle()
+        async with anyio.create_task_group() as tg:
+            # the turn that ends it, and a call right behind it: no PD request between
+            tg.start_soon(make_proxy(IThing, "b", rt).touch)
+            tg.start_soon(make_proxy(IThing, "b", rt).touch)
+        await anyio.sleep(0.2)
+        assert rt.statistics().activations == 1
+        stored = await pd.store.get("/koala/placement/Thing/b")
+        assert stored is not None
+        assert stored.mod_revision == first.revision  # never deleted, never placed anew
+        assert directory.lookup("Thing", "b") == LOCAL
+
+
+async def test_other_hosts_positions_are_a_bounded_lru_with_a_ttl() -> None:
+    config = MemberConfig(ttl=5, cache_size=3, cache_ttl=0.3)
+    async with cluster() as (pd, _, host):
+        client = PDClient(pd.url, timeout=1.0)
+        # a second host in this process that serves nothing: every position is elsewhere
+        caller = ClusterDirectory(client, "127.0.0.1:2", {}, config)
+        async with anyio.create_task_group() as tg:
+            await tg.start(caller.run)
+            for key in "abcd":
+                assert await caller.resolve("Thing", key) == "127.0.0.1:1"
+            assert caller.statistics().cached == 3
+            assert caller.lookup("Thing", "a") is None  # the least recently used went
+            assert caller.lookup("Thing", "d") == "127.0.0.1:1"
+            assert caller.ticket_of("Thing", "d") != b""
+            assert caller.ticket_of("Thing", "a") == b""
+            await anyio.sleep(0.4)
+            assert caller.lookup("Thing", "d") is None  # expired
+            assert host.statistics().owned == 0  # placed on it, never activated there
+            tg.cancel_scope.cancel()
+        await client.aclose()
 
 
 async def test_concurrent_resolves_of_one_key_ask_the_pd_once() -> None:

@@ -83,7 +83,7 @@ async def test_the_host_a_first_call_lands_on_does_not_ask_the_pd_again(
     cluster: Cluster,
 ) -> None:
     """The caller's host asks the PD; the chosen host trusts the server id the request
-    carries (REQUEST's placed_on), so it serves its new actors without a lookup."""
+    carries (REQUEST's placement), so it serves its new actors without a lookup."""
     pd = cluster.pd()
     a, b = cluster.host(url(pd), "asyncio"), cluster.host(url(pd), "trio")
     async with httpx.AsyncClient(timeout=30) as client:

@@ -301,6 +301,27 @@ async def test_batches_reject_duplicate_keys(store: Store, p: str) -> None:
         await store.create_many([("", b"1", 0)])
     assert await store.create_many([]) == []
     assert await store.get_many([]) == []
+    with pytest.raises(StoreError, match="distinct"):
+        await store.delete_many([(p + "a", 1), (p + "a", 2)])
+    assert await store.delete_many([]) == []
+
+
+async def test_delete_many_deletes_only_the_revision_asked(store: Store, p: str) -> None:
+    lease = await store.grant(30)
+    revs = [await store.put(f"{p}k{i}", b"v", lease=lease) for i in range(4)]
+    newer = await store.put(p + "k1", b"replaced")  # a newer value than the one asked for
+    done = await store.delete_many(
+        [(p + "k0", revs[0]), (p + "k1", revs[1]), (p + "none", 5), (p + "k3", revs[3])]
+    )
+    assert done == [True, False, False, True]
+    found = await store.get_many([f"{p}k{i}" for i in range(4)])
+    assert [kv.value if kv else None for kv in found] == [None, b"replaced", b"v", None]
+    assert found[1] is not None
+    assert found[1].mod_revision == newer
+    # a late repeat deletes nothing, and the lease still holds what is left
+    assert await store.delete_many([(p + "k0", revs[0]), (p + "k3", revs[3])]) == [False, False]
+    assert await store.revoke(lease)
+    assert await store.get(p + "k2") is None
 
 
 # ---------------------------------------------------------------- etcd only
@@ -331,6 +352,15 @@ async def test_batches_larger_than_etcds_txn_limit_are_split(etcd_url: str, p: s
             assert all(kv is not None for kv in await default.get_many([k for k, _, _ in big]))
         finally:
             await default.aclose()
+        # guarded deletes are split the same way
+        stored = await store.get_many([f"{p}k{i}" for i in range(50)])
+        asked = [(kv.key, kv.mod_revision) for kv in stored if kv is not None]
+        asked[3] = (asked[3][0], asked[3][1] + 1000)  # not its revision: left alone
+        done = await store.delete_many(asked)
+        assert done == [i != 3 for i in range(50)]
+        assert [kv is not None for kv in await store.get_many([k for k, _ in asked])] == [
+            i == 3 for i in range(50)
+        ]
         await store.revoke(lease)
     finally:
         await store.aclose()

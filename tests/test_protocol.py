@@ -496,7 +496,8 @@ def test_short_secret_is_refused() -> None:
         lambda: Request(1, 0, 1.0, "", "k", "I", "m"),
         lambda: Request(1, 0, 1.0, "T", 1.5, "I", "m"),  # type: ignore[arg-type]
         lambda: Request(1, 0, 1.0, "T", "k", "I", "m", one_way=1),  # type: ignore[arg-type]
-        lambda: Request(1, 0, 1.0, "T", "k", "I", "m", placed_on=-3),
+        lambda: Request(1, 0, 1.0, "T", "k", "I", "m", placement=b"short"),
+        lambda: Request(1, 0, 1.0, "T", "k", "I", "m", placement=0),  # type: ignore[arg-type]
         lambda: Response(1, "x", ErrorInfo(ErrorCode.APPLICATION, "a:B", "m")),
         lambda: Hello(1, "c", "n", "", b"short"),
         lambda: ClientOpened(1, "T", "k", {"a": 1}),  # type: ignore[dict-item]
@@ -547,7 +548,7 @@ error = st.builds(
     st.tuples(leaf, leaf) | st.just(()),
 )
 # REQUEST's fields in order: ids, timeout, actor type, key, interface, method, args,
-# one_way, placed_on
+# one_way, placement
 request_fields = (
     u64,
     u64,
@@ -558,7 +559,7 @@ request_fields = (
     name,
     st.lists(data, max_size=4),
     st.booleans(),
-    u64,
+    st.just(b"") | st.binary(min_size=32, max_size=32),
 )
 app_events: st.SearchStrategy[Event] = st.one_of(
     st.builds(Request, *request_fields),
@@ -673,13 +674,13 @@ def test_the_request_fast_path_frames_what_the_checked_path_frames(
     method: str,
     args: list[Any],
     one_way: bool,
-    placed_on: int,
+    placement: bytes,
 ) -> None:
     c, s = open_pair()
     fast = c.send_request(
-        rid, chain, timeout, actor_type, k, interface, method, args, one_way, placed_on
+        rid, chain, timeout, actor_type, k, interface, method, args, one_way, placement
     )
-    ev = Request(rid, chain, timeout, actor_type, k, interface, method, args, one_way, placed_on)
+    ev = Request(rid, chain, timeout, actor_type, k, interface, method, args, one_way, placement)
     assert fast == c.send(ev)
     s.receive_data(fast)
     assert s.next_event() == ev

@@ -28,6 +28,7 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 SECRET = b"koala-test-vector-secret"
 NONCE_C = bytes(range(32))
 NONCE_S = bytes(range(32, 64))
+TICKET = bytes(range(64, 96))  # the placement ticket of request-placed (any 32 bytes)
 
 
 def _block(name: str) -> dict[str, bytes]:
@@ -57,7 +58,7 @@ def test_request_vector_means_what_the_doc_says() -> None:
         1, 4242, 30.0, "Player", "p1", "IPlayer", "echo", ["hello"], False
     )
     assert decode(VECTORS["request-placed"][4:]) == Request(
-        1, 4242, 30.0, "Player", "p1", "IPlayer", "echo", ["hello"], False, placed_on=7
+        1, 4242, 30.0, "Player", "p1", "IPlayer", "echo", ["hello"], False, placement=TICKET
     )
     err = decode(VECTORS["error"][4:])
     assert err == Response(

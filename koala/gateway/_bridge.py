@@ -8,11 +8,13 @@ the session's owner (so session ids of different gateways never collide), and wh
 actors push goes back on the same connection as PUSH_TO_CLIENT / CLOSE_CLIENT. When a
 gateway's connection ends, its sessions end with it (``on_client_close`` runs).
 
-Placement: the gateway names, in CLIENT_OPENED's metadata (``koala.server_id``), the
-server id the PD answered for the actor. The bridge opens the session only if this
-host's directory is serving under that very id, and checks it again before each frame's
-turn (a host fenced since then has re-registered under a new id, or not yet). Otherwise
-it runs nothing, answers CLOSE_CLIENT marked ``misplaced`` once, and drops the session's
+Placement: the gateway puts, in CLIENT_OPENED's metadata (``koala.placement``), the
+placement ticket the PD answered for the actor (hex). The bridge opens the session only
+if this host's directory holds the actor's position or takes it on that ticket
+(``ClusterDirectory.claim``: its own, current, not given back), and checks it again
+before each frame's turn (the position may have been given back since, when the actor
+was deactivated, or the host fenced and re-registered). Otherwise it runs nothing,
+answers CLOSE_CLIENT marked ``misplaced`` once, and drops the session's
 frames until the gateway binds it again (they are unacknowledged, so the gateway sends
 them again after the re-bind): a stale PD answer never opens a second activation.
 
@@ -30,6 +32,8 @@ from typing import TYPE_CHECKING
 
 import anyio
 
+from .._messages import Key
+from .._runtime import LOCAL
 from ..pd._client import ClusterDirectory
 from ..transport import (
     Channel,
@@ -51,7 +55,7 @@ log = logging.getLogger("koala.gateway")
 
 # CLIENT_OPENED metadata the bridge removes (actors never see them):
 REBIND_KEY = "koala.rebind"  # "1" on a re-bind
-PLACEMENT_KEY = "koala.server_id"  # the server id the PD answered for the actor
+PLACEMENT_KEY = "koala.placement"  # the PD's placement ticket for the actor (hex)
 DEFAULT_BRIDGE_QUEUE = 1024  # refusals and new connections waiting for the bridge's task
 MAX_MISPLACED = 4096  # sessions per gateway connection whose frames are being dropped
 
@@ -125,7 +129,7 @@ class HostBridge:
             metadata = dict(ev.metadata)
             rebind = metadata.pop(REBIND_KEY, "") == "1"
             placement = metadata.pop(PLACEMENT_KEY, "")
-            why = self._misplacement(placement)
+            why = self._misplacement(ev.actor_type, ev.key, placement)
             if why is not None:
                 self._misplace(channel, ev.session_id, why)
                 return
@@ -147,7 +151,7 @@ class HostBridge:
                 return  # not run, not acknowledged: the gateway sends it again after re-binding
             sess = self.hub.session(channel, ev.session_id)
             if sess is not None and not sess.closed:
-                why = self._misplacement(sess._placement)
+                why = self._misplacement(sess.actor_type, sess.key, sess._placement)
                 if why is not None:
                     self.hub.closed(channel, ev.session_id, "the actor is not placed on this host")
                     self._misplace(channel, ev.session_id, why)
@@ -167,21 +171,27 @@ class HostBridge:
 
     # ------------------------------------------------------------ placement
 
-    def _misplacement(self, placement: str) -> str | None:
-        """Why this host must not run turns of a session bound under ``placement`` (the
-        server id the PD answered), or None if it may. A host without a cluster
+    def _misplacement(self, actor_type: str, key: Key, placement: str) -> str | None:
+        """Why this host must not run turns of a session of (actor_type, key) bound under
+        ``placement`` (the PD's ticket), or None if it may. A host without a cluster
         directory (a single process) places every actor on itself."""
         directory = self.runtime.directory
         if not isinstance(directory, ClusterDirectory):
             return None
         if not directory.serving:
             return "this host is not serving (fenced, or not registered yet)"
-        if placement != str(directory.server_id):
-            return (
-                f"the actor was placed on server {placement or '(none named)'}; "
-                f"this host is server {directory.server_id}"
-            )
-        return None
+        if directory.lookup(actor_type, key) == LOCAL:
+            return None
+        try:
+            ticket = bytes.fromhex(placement)
+        except ValueError:
+            ticket = b""
+        if directory.claim(actor_type, key, ticket):
+            return None
+        return (
+            f"{actor_type}/{key!r} is not placed on this host (server {directory.server_id}), "
+            "or its position was given back since the session was bound"
+        )
 
     def _misplace(self, channel: Channel, session_id: int, why: str) -> None:
         """Refuse the session once (CLOSE_CLIENT marked misplaced); drop its frames."""

@@ -15,8 +15,9 @@ reader waits meanwhile, so frames back up in hypercorn's bounded queue and in TC
 in an unbounded buffer here, and none is dropped. If no host takes the session within
 ``failover_timeout`` the client is closed with 4011 (UNAVAILABLE).
 
-Placement: CLIENT_OPENED names the server id the PD answered (``koala.server_id``); a
-host that is not serving under that id refuses the session (CLOSE_CLIENT marked
+Placement: CLIENT_OPENED carries the placement ticket the PD answered
+(``koala.placement``, hex); a host that does not hold the actor's position, and cannot
+take it on that ticket, refuses the session (CLOSE_CLIENT marked
 ``misplaced``), and the session is re-bound exactly as in a failover.
 
 No frame is lost: each frame gets a sequence number (per session, from 1) and stays in
@@ -72,11 +73,12 @@ MAX_CONCURRENT_REBINDS = 64  # PD lookups at once while many sessions fail over
 @dataclass(frozen=True, slots=True)
 class HostBinding:
     """Where a session lives now: its host's address and server id (as the PD
-    answered), and the connection to it."""
+    answered), the PD's placement ticket for the host, and the connection to it."""
 
     address: str
     channel: Channel
     server_id: int = 0
+    ticket: bytes = b""
 
 
 class Unacked:
@@ -214,7 +216,7 @@ class ClusterLink:
         assert spec is not None
         args = tuple(spec.encode_args((packet.server_id,)))
         for attempt in range(3):
-            address, _, _ = await self._locate(self._account_type, packet.open_id)
+            binding = await self._locate(self._account_type, packet.open_id)
             req = Request(
                 0,
                 new_chain_id(),
@@ -225,9 +227,10 @@ class ClusterLink:
                 spec.name,
                 args,
                 False,
+                placement=binding.ticket,
             )
             try:
-                return account_target(await self.transport.call(address, req, spec))
+                return account_target(await self.transport.call(binding.address, req, spec))
             except (WrongHostError, HostUnavailableError):
                 if attempt == 2:
                     raise
@@ -237,8 +240,8 @@ class ClusterLink:
     async def open(self, conn: ClientConnection) -> None:
         self._unacked[conn.session_id] = Unacked(self.unacked_frames, self.unacked_bytes)
         while True:
-            address, channel, server_id = await self._locate(conn.actor_type, conn.key)
-            if await self._open_on(conn, HostBinding(address, channel, server_id), rebind=False):
+            binding = await self._locate(conn.actor_type, conn.key)
+            if await self._open_on(conn, binding, rebind=False):
                 return
 
     async def message(self, conn: ClientConnection, data: Data) -> None:
@@ -318,9 +321,9 @@ class ClusterLink:
 
     async def _locate(
         self, actor_type: str, key: Key, *, failing_over: bool = False
-    ) -> tuple[str, Channel, int]:
-        """The host of the actor (placing it if needed), an open connection to it, and
-        its server id as the PD answered.
+    ) -> HostBinding:
+        """The host of the actor (placing it if needed) as the PD answered (address,
+        server id, ticket), with an open connection to it.
 
         Retries while the PD names a host that cannot be reached or is draining (its
         lease has not expired yet); the caller bounds the wait. Raises BindError when no
@@ -333,7 +336,7 @@ class ClusterLink:
                 pos = await self.pd.find_position(actor_type, str(key))
                 channel = await self.transport.channel(pos.server_address)
                 if not channel.peer_draining:
-                    return pos.server_address, channel, pos.server_id
+                    return HostBinding(pos.server_address, channel, pos.server_id, pos.ticket)
                 why = f"the host at {pos.server_address} is draining"
             except PDRequestError as exc:
                 if exc.code == "bad_request" or (exc.code == "no_host" and not failing_over):
@@ -360,7 +363,7 @@ class ClusterLink:
         metadata = {
             **conn.metadata,
             REBIND_KEY: "1" if rebind else "0",
-            PLACEMENT_KEY: str(binding.server_id),
+            PLACEMENT_KEY: binding.ticket.hex(),
         }
         unacked = self._unacked.get(conn.session_id)
         try:
@@ -425,10 +428,7 @@ class ClusterLink:
             with anyio.move_on_after(self.failover_timeout):
                 while not conn.closing:
                     async with self._limiter:
-                        address, channel, server_id = await self._locate(
-                            conn.actor_type, conn.key, failing_over=True
-                        )
-                    binding = HostBinding(address, channel, server_id)
+                        binding = await self._locate(conn.actor_type, conn.key, failing_over=True)
                     if await self._open_on(conn, binding, rebind=True):
                         self._failovers += 1
                         log.info(
@@ -437,7 +437,7 @@ class ClusterLink:
                             conn.actor_type,
                             conn.key,
                             lost.address,
-                            address,
+                            binding.address,
                         )
                         return
             if not conn.closing:

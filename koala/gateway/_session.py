@@ -85,7 +85,7 @@ class ClientSession:
         self._outlet = outlet
         self._closed = False
         self._opened_on: Activation | None = None
-        self._placement = placement  # the host's server id the session was opened under
+        self._placement = placement  # the PD's ticket (hex) the session was opened under
         self.session_id = session_id
         self.actor_type = actor_type
         self.key = key
@@ -239,7 +239,7 @@ class ClientHub:
     ) -> tuple[int, str] | None:
         """Bind a session and queue its open turn; (close code, reason) if refused.
 
-        ``placement`` is the server id of this host the gateway bound the session to
+        ``placement`` is the PD's placement ticket (hex) the gateway bound the session under
         (checked by the host bridge before each turn; "" in-process)."""
         impl = self._impl(actor_type)
         if impl is None:

@@ -37,6 +37,7 @@ class RegisterRequest(BaseModel):
     services: Labels = {}
     desc: Annotated[str, Field(max_length=4096)] = ""
     labels: Labels = {}
+    placement_key: Annotated[str, Field(max_length=64)] = ""
 
 
 class RegisterResponse(BaseModel):
@@ -103,6 +104,8 @@ class FindPositionResponse(BaseModel):
     server_address: str
     lease_id: int
     created: bool
+    revision: int
+    ticket: str
 
 
 class ActorName(BaseModel):
@@ -114,6 +117,21 @@ class ActorName(BaseModel):
 class FindPositionsRequest(BaseModel):
     positions: Annotated[list[ActorName], Field(max_length=MAX_BATCH)]
     ttl: Int64 = 0
+
+
+class ReleasedPosition(BaseModel):
+    actor_type: Name
+    actor_id: Name
+    revision: Int64
+
+
+class ReleaseRequest(BaseModel):
+    server_id: Int64
+    positions: Annotated[list[ReleasedPosition], Field(max_length=MAX_BATCH)]
+
+
+class ReleaseResponse(BaseModel):
+    released: list[bool]
 
 
 class VersionResponse(BaseModel):
@@ -224,6 +242,11 @@ def create_app(pd: PlacementDriver) -> FastAPI:
             else:
                 out.append(_fields(answer))
         return JSONResponse({"positions": out})
+
+    @app.post("/pd/api/v1/placement/release")
+    async def release(body: ReleaseRequest) -> ReleaseResponse:
+        items = [(p.actor_type, p.actor_id, p.revision) for p in body.positions]
+        return ReleaseResponse(released=await pd.release(body.server_id, items))
 
     return app
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ from .._errors import (
 )
 from .._messages import Key, Request
 from .._runtime import LOCAL
+from ._positions import Ident, OwnPositions
+from ._ticket import PLACEMENT_KEY_SIZE, check_ticket
 
 if TYPE_CHECKING:
     from .._interface import MethodSpec
@@ -61,6 +64,11 @@ MAX_DEPARTED = 10_000  # ids of hosts seen leaving, remembered to drop their pos
 LOOKUP_BATCHES = 2
 LOOKUP_BATCH = 256
 LOOKUP_QUEUE = 10_000
+# Positions whose activation ended go back to the PD in batches of RELEASE_BATCH, from
+# RELEASE_TASKS tasks; a failed release is sent again (after RELEASE_RETRY_MAX at most).
+RELEASE_TASKS = 2
+RELEASE_BATCH = 256
+RELEASE_RETRY_MAX = 2.0
 
 
 class PDRequestError(KoalaError):
@@ -120,6 +128,8 @@ class ActorPosition:
     server_address: str
     create_time: int
     created: bool = False
+    revision: int = 0  # the position's revision in the store (what a release names)
+    ticket: bytes = b""  # the named host's proof of this answer (koala.pd._ticket)
 
 
 class PDClient:
@@ -213,7 +223,10 @@ class PDClient:
         load: int = 0,
         desc: str = "",
         labels: dict[str, str] | None = None,
+        placement_key: bytes = b"",
     ) -> int:
+        """``placement_key``: the secret the PD keys this host's placement tickets with
+        (koala.pd._ticket); a new one per registration."""
         body = {
             "server_id": server_id,
             "address": address,
@@ -222,6 +235,7 @@ class PDClient:
             "load": load,
             "desc": desc,
             "labels": labels or {},
+            "placement_key": placement_key.hex(),
         }
         return int((await self._post("/pd/api/v1/membership/register", body))["lease_id"])
 
@@ -271,6 +285,24 @@ class PDClient:
                 ) from None
         return out
 
+    async def release(
+        self, server_id: int, positions: Sequence[tuple[str, str, int]]
+    ) -> list[bool]:
+        """Give back positions whose activation ended on this host: each
+        ``(actor_type, actor_id, revision)`` is deleted only if it is still that revision;
+        one answer per position, True if it was deleted."""
+        body = {
+            "server_id": server_id,
+            "positions": [{"actor_type": t, "actor_id": a, "revision": r} for t, a, r in positions],
+        }
+        data = await self._post("/pd/api/v1/placement/release", body)
+        released = data.get("released")
+        if not isinstance(released, list) or len(released) != len(positions):
+            raise PDUnavailableError(
+                f"the PD answered a release of {len(positions)} positions with {released!r:.200}"
+            )
+        return [bool(x) for x in released]
+
     async def find_position(self, actor_type: str, actor_id: str, ttl: int = 0) -> ActorPosition:
         data = await self._post(
             "/pd/api/v1/placement/find_position",
@@ -287,6 +319,8 @@ def _position(actor_type: str, actor_id: str, data: dict[str, Any]) -> ActorPosi
         server_address=str(data["server_address"]),
         create_time=int(data.get("create_time", 0)),
         created=bool(data.get("created", False)),
+        revision=int(data.get("revision", 0)),
+        ticket=bytes.fromhex(str(data.get("ticket", ""))),
     )
 
 
@@ -348,6 +382,11 @@ class DirectoryStatistics:
     failed_renewals: int
     resolves: int  # positions asked of the PD
     lookup_batches: int = 0  # requests they took
+    owned: int = 0  # positions this host holds (its live activations, mostly)
+    unreleased: int = 0  # positions whose activation ended, not yet deleted
+    releases: int = 0  # positions given back to the PD
+    release_batches: int = 0  # requests they took
+    claims: int = 0  # first calls served on a peer's ticket, without a lookup
 
 
 class _Pending:
@@ -358,7 +397,7 @@ class _Pending:
     def __init__(self, ident: tuple[str, Key]) -> None:
         self.ident = ident
         self.done = anyio.Event()
-        self.result: tuple[int, str] | None = None
+        self.result: ActorPosition | None = None
         self.error: KoalaError | None = None
 
     def failure(self) -> KoalaError:
@@ -399,7 +438,15 @@ class ClusterDirectory:
         self.lease_id = 0
         self.serving = False
         self.members: dict[int, Member] = {}
-        self._cache: OrderedDict[tuple[str, Key], tuple[int, str, float]] = OrderedDict()
+        # positions on other hosts: ident -> (server id, address, expiry, ticket)
+        self._cache: OrderedDict[Ident, tuple[int, str, float, bytes]] = OrderedDict()
+        self._positions = OwnPositions()  # this host's own, and those it gives back
+        self._placement_key = b""  # this registration's (koala.pd._ticket)
+        self._release_wanted = anyio.Event()
+        self._releases_moved = anyio.Event()  # set (and renewed) as each release returns
+        self._releases = 0
+        self._release_batches = 0
+        self._claims = 0
         self._departed: OrderedDict[int, None] = OrderedDict()
         self._pending: dict[tuple[str, Key], _Pending] = {}
         self._lookups_in: MemoryObjectSendStream[_Pending] | None = None  # while run() runs
@@ -427,6 +474,11 @@ class ClusterDirectory:
             failed_renewals=self._failed_renewals,
             resolves=self._resolves,
             lookup_batches=self._lookup_batches,
+            owned=len(self._positions),
+            unreleased=self._positions.unreleased,
+            releases=self._releases,
+            release_batches=self._release_batches,
+            claims=self._claims,
         )
 
     # ------------------------------------------------------------ Directory
@@ -435,10 +487,12 @@ class ClusterDirectory:
         if not self.serving:
             return None
         ident = (actor_type, key)
+        if self._positions.owned(ident) is not None:
+            return LOCAL
         entry = self._cache.get(ident)
         if entry is None:
             return None
-        server_id, address, expires = entry
+        server_id, address, expires, _ = entry
         if expires <= anyio.current_time() or server_id in self._departed:
             del self._cache[ident]
             return None
@@ -455,6 +509,20 @@ class ClusterDirectory:
                     "the cluster yet; retry shortly"
                 )
         ident = (actor_type, key)
+        positions = self._positions
+        if positions.owned(ident) is not None or positions.take_back(ident):
+            return LOCAL
+        if positions.sending(ident):  # ended here: ask once the PD has deleted it
+            with anyio.move_on_after(self.pd.timeout):
+                while positions.sending(ident):
+                    await self._releases_moved.wait()
+            if positions.sending(ident):
+                raise PDUnavailableError(
+                    f"{actor_type}/{key!r} is being given back to the PD, which does not "
+                    "answer; retry shortly"
+                )
+            if positions.owned(ident) is not None or positions.take_back(ident):
+                return LOCAL
         pending = self._pending.get(ident)
         if pending is None:
             pending = self._pending[ident] = _Pending(ident)
@@ -478,45 +546,133 @@ class ClusterDirectory:
         if pending.error is not None:
             raise pending.failure()
         assert pending.result is not None
-        server_id, address = pending.result
+        position = pending.result
+        server_id = position.server_id
         if not self.serving:
             raise WrongHostError("this host was fenced while the placement was looked up; retry")
+        if server_id == self.server_id:
+            return self._own_answer(ident, position.revision)
         if server_id in self._departed:
             raise HostUnavailableError(
                 f"{actor_type}/{key!r} is placed on server {server_id}, which is gone; its "
                 "lease has not expired yet, after which the actor is placed again: retry shortly"
             )
-        self._remember(ident, server_id, address)
-        return LOCAL if server_id == self.server_id else address
+        self._remember(ident, server_id, position.server_address, position.ticket)
+        return position.server_address
+
+    def _own_answer(self, ident: Ident, revision: int) -> str:
+        """The PD placed ``ident`` on this host at ``revision``. While the lookup was out,
+        no release of ``ident`` was unconfirmed (resolve waits for them first) and no
+        claim took it (claims wait for a lookup in flight), so the position is live, even
+        below the watermark: a release confirmed before the lookup left cannot be in the
+        PD's answer."""
+        positions = self._positions
+        if positions.owned(ident) is not None or positions.take_back(ident, revision):
+            return LOCAL
+        if positions.sending(ident) or revision <= 0 or positions.given_back(ident, revision):
+            raise HostUnavailableError(
+                f"{ident[0]}/{ident[1]!r}: the PD answered a position this host gave back "
+                f"(revision {revision}); retry shortly"
+            )
+        positions.own(ident, revision)
+        return LOCAL
 
     def forget(self, actor_type: str, key: Key) -> None:
         self._cache.pop((actor_type, key), None)
 
-    def server_of(self, actor_type: str, key: Key) -> int:
-        """The server id of the cached position (0: none cached), for
-        ``Request.placed_on``; stale is harmless, as only the named host trusts it."""
+    def ticket_of(self, actor_type: str, key: Key) -> bytes:
+        """The ticket of the cached position on another host (empty: none), for
+        ``Request.placement``; a stale one is harmless (the named host checks it)."""
         entry = self._cache.get((actor_type, key))
-        return 0 if entry is None else entry[0]
+        return b"" if entry is None else entry[3]
 
-    def claim(self, actor_type: str, key: Key, server_id: int) -> bool:
-        """True if ``server_id`` is this host's, in its current registration.
+    def claim(self, actor_type: str, key: Key, ticket: bytes) -> bool:
+        """True if ``ticket`` proves that the PD placed the actor on this host, in its
+        current registration, at a revision that is still live (docs/pd.md, "Fencing").
 
-        Safe without asking the PD: positions are deleted only with their host's lease
-        (never one by one), and this server id is this lease's (a host that rejoins
-        gets a new one). So a position that named this server id when the peer learned
-        it still exists now, and the peer is trusted (it passed the handshake)."""
-        if not self.serving or server_id != self.server_id:
+        The ticket is checked with this registration's placement key (a fenced host
+        rejoins with a new one, so its old tickets fail). A position is deleted only by
+        this host's own release, and every release is remembered (OwnPositions.stale),
+        so a valid ticket whose revision was not released names a live position."""
+        if not self.serving or not ticket:
             return False
-        self._remember((actor_type, key), server_id, self.address)
+        ident = (actor_type, key)
+        if ident in self._pending:  # a lookup is out: its answer decides
+            return False
+        checked = check_ticket(self._placement_key, ticket, actor_type, str(key))
+        if checked is None or checked[0] != self.server_id:
+            return False
+        revision = checked[1]
+        positions = self._positions
+        if positions.owned(ident) is not None or positions.take_back(ident, revision):
+            return True
+        if positions.sending(ident) or positions.stale(ident, revision):
+            return False
+        positions.own(ident, revision)
+        self._claims += 1
         return True
 
     def released(self, actor_type: str, key: Key) -> None:
-        """Positions are not given back yet: they live as long as this host's lease."""
+        """The activation ended: its position goes back to the PD (in a batch, soon),
+        unless the actor is active here again before the batch leaves."""
+        if self._positions.ended((actor_type, key)):
+            self._release_wanted.set()
+
+    def _releases_changed(self) -> None:
+        self._releases_moved.set()
+        self._releases_moved = anyio.Event()
+
+    def _active(self, ident: Ident) -> bool:
+        return self.runtime is not None and self.runtime.is_active(*ident)
+
+    async def _release_positions(self) -> None:
+        """Send ended positions to the PD (guarded deletes), until cancelled."""
+        while True:
+            await self._release_wanted.wait()
+            self._release_wanted = anyio.Event()
+            while self.serving:
+                batch = self._positions.take_batch(RELEASE_BATCH, self._active)
+                if not batch:
+                    break
+                try:
+                    await self._send_release(batch)
+                finally:
+                    self._positions.sent(batch)
+                    self._releases_changed()
+
+    async def _send_release(self, batch: list[tuple[Ident, int]]) -> None:
+        """One release request, sent again until the PD answers or the lease is gone (the
+        positions went with it). Until then the actors wait: resolve() does not ask the
+        PD for a position whose delete may still land."""
+        server_id = self.server_id
+        items = [(t, str(k), revision) for (t, k), revision in batch]
+        delay = 0.05
+        while True:
+            try:
+                await self.pd.release(server_id, items)
+            except LeaseExpiredError:
+                return
+            except PDRequestError as exc:
+                if exc.status >= 500:
+                    pass
+                else:  # refused as malformed: a bug; the positions stay until the lease ends
+                    log.error("server %d: the PD refused a release: %s", server_id, exc)
+                    return
+            except PDUnavailableError as exc:
+                log.warning("server %d: releasing positions failed: %s", server_id, exc)
+            else:
+                self._releases += len(batch)
+                self._release_batches += 1
+                return
+            if not self.serving or self.server_id != server_id:
+                return  # fenced meanwhile: the positions died with the lease
+            await anyio.sleep(delay)
+            delay = min(delay * 2, RELEASE_RETRY_MAX)
 
     def _finish(
         self,
         pending: _Pending,
-        result: tuple[int, str] | None = None,
+        result: ActorPosition | None = None,
         error: KoalaError | None = None,
     ) -> None:
         if pending.done.is_set():
@@ -556,7 +712,7 @@ class ClusterDirectory:
                 if isinstance(answer, PDRequestError):
                     self._finish(pending, error=answer)
                 else:
-                    self._finish(pending, result=(answer.server_id, answer.server_address))
+                    self._finish(pending, result=answer)
 
     def _fail_queued(self, queue: MemoryObjectReceiveStream[_Pending]) -> None:
         """The directory stops: no lookup still queued will be answered."""
@@ -569,8 +725,13 @@ class ClusterDirectory:
         for pending in list(self._pending.values()):
             self._finish(pending, error=PDUnavailableError("the directory stopped"))
 
-    def _remember(self, ident: tuple[str, Key], server_id: int, address: str) -> None:
-        self._cache[ident] = (server_id, address, anyio.current_time() + self.config.cache_ttl)
+    def _remember(self, ident: Ident, server_id: int, address: str, ticket: bytes) -> None:
+        self._cache[ident] = (
+            server_id,
+            address,
+            anyio.current_time() + self.config.cache_ttl,
+            ticket,
+        )
         self._cache.move_to_end(ident)
         while len(self._cache) > self.config.cache_size:
             self._cache.popitem(last=False)
@@ -601,6 +762,7 @@ class ClusterDirectory:
             try:
                 server_id = await self.pd.new_server_id()
                 load, _ = self._load()
+                key = secrets.token_bytes(PLACEMENT_KEY_SIZE)
                 sent = anyio.current_time()
                 lease = await self.pd.register(
                     server_id,
@@ -610,6 +772,7 @@ class ClusterDirectory:
                     load=load,
                     desc=self.config.desc,
                     labels=self.labels,
+                    placement_key=key,
                 )
             except (PDUnavailableError, PDRequestError) as exc:
                 log.warning("cannot register with the PD (%s); retrying in %.1f s", exc, delay)
@@ -617,6 +780,7 @@ class ClusterDirectory:
                 delay = min(delay * 2, 2.0)
                 continue
             self.server_id, self.lease_id = server_id, lease
+            self._placement_key = key
             self._registrations += 1
             log.info(
                 "registered as server %d (lease %d, TTL %d s)", server_id, lease, self.config.ttl
@@ -634,6 +798,8 @@ class ClusterDirectory:
             async with anyio.create_task_group() as tg:
                 for _ in range(LOOKUP_BATCHES):
                     tg.start_soon(self._lookups, receive)
+                for _ in range(RELEASE_TASKS):
+                    tg.start_soon(self._release_positions)
                 await self._membership(task_status)
         finally:
             self._lookups_in = None
@@ -695,6 +861,8 @@ class ClusterDirectory:
         self.serving = False
         self._rejoined = anyio.Event()
         self._cache.clear()
+        self._positions.clear()  # they die with the lease; evict_all's ends are no-ops
+        self._releases_changed()
         self._fences += 1
         if self.server_id:
             self._departed[self.server_id] = None
@@ -707,6 +875,8 @@ class ClusterDirectory:
         """Deregister (after the runtime drained): the PD may place our actors at once."""
         self.serving = False
         self._cache.clear()
+        self._positions.clear()  # revoking the lease deletes what was not released yet
+        self._releases_changed()
         if self.server_id:
             try:
                 await self.pd.delete(self.server_id)
@@ -741,7 +911,7 @@ class PlacementRemote:
             raise WrongHostError(
                 f"{req.actor_type}/{req.key!r} moved from {host}, which cannot be reached"
             ) from None
-        req.placed_on = self.directory.server_of(req.actor_type, req.key)
+        req.placement = self.directory.ticket_of(req.actor_type, req.key)
         try:
             return await self.transport.call(host, req, spec)
         except (HostUnavailableError, ShuttingDownError, WrongHostError):

@@ -340,6 +340,52 @@ class EtcdStore:
         data = await self._call("/v3/kv/deleterange", {"key": _b64(key)})
         return _int(data, "deleted") > 0
 
+    async def delete_many(self, items: Sequence[tuple[str, int]]) -> list[bool]:
+        check_distinct([key for key, _ in items])
+        done = [False] * len(items)
+        step = self.max_txn_ops
+
+        async def chunk(start: int) -> None:
+            await self._delete_chunk(items, list(range(start, min(start + step, len(items)))), done)
+
+        await self._each_chunk(len(items), chunk)
+        return done
+
+    async def _delete_chunk(
+        self, items: Sequence[tuple[str, int]], todo: list[int], done: list[bool]
+    ) -> None:
+        """Delete ``items[i]`` for i in ``todo`` (at most max_txn_ops): one txn compares
+        every key's mod revision with the one given and deletes them all; if any differs,
+        the failure branch reads them all, the ones that differ (or are gone) are answered
+        False and the txn runs again for the rest. Each round answers at least one key.
+        A txn of deletes only is accepted even when etcd is out of space (NOSPACE)."""
+        while todo:
+            keys = [_b64(items[i][0]) for i in todo]
+            txn = {
+                "compare": [
+                    {"key": k, "target": "MOD", "result": "EQUAL", "mod_revision": str(items[i][1])}
+                    for k, i in zip(keys, todo, strict=True)
+                ],
+                "success": [{"request_delete_range": {"key": k}} for k in keys],
+                "failure": [{"request_range": {"key": k}} for k in keys],
+            }
+            data = await self._call("/v3/kv/txn", txn)
+            if data.get("succeeded", False):
+                for i in todo:
+                    done[i] = True
+                return
+            responses = data.get("responses") or []
+            if len(responses) != len(todo):
+                raise StoreError(f"etcd answered a txn of {len(todo)} reads with {len(responses)}")
+            left = []
+            for i, response in zip(todo, responses, strict=True):
+                kvs = response.get("response_range", {}).get("kvs")
+                if kvs and _kv(kvs[0]).mod_revision == items[i][1]:
+                    left.append(i)  # still the one asked: deleted in the next round
+            if len(left) == len(todo):
+                raise StoreError("etcd refused a guarded delete whose revisions all match")
+            todo = left
+
     # ------------------------------------------------------------ leases
 
     async def grant(self, ttl: int) -> int:

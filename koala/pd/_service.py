@@ -32,7 +32,8 @@ from typing import Any
 import anyio
 
 from .._errors import KoalaError
-from ._store import CreateOutcome, LeaseNotFoundError, Store
+from ._store import CreateOutcome, KeyValue, LeaseNotFoundError, Store
+from ._ticket import PLACEMENT_KEY_SIZE, make_ticket
 
 log = logging.getLogger("koala.pd")
 
@@ -85,6 +86,8 @@ class HostInfo:
     lease_id: int = 0
     activations: int = 0
     renew_time: int = 0  # the last keep-alive, ms since the epoch
+    # hex; keys the host's placement tickets (koala.pd._ticket). Never sent to anyone.
+    placement_key: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -105,6 +108,8 @@ class Position:
     lease_id: int
     ttl: int = 0
     created: bool = False  # True when this request made the placement
+    revision: int = 0  # the position's revision in the store: what a release names
+    ticket: str = ""  # hex; the named host's proof of this answer ("" if not known)
 
 
 class _Creates:
@@ -312,6 +317,12 @@ class PlacementDriver:
             raise PDError(400, "bad_request", f"ttl must be from 1 to {MAX_HOST_TTL} seconds")
         if not info.address:
             raise PDError(400, "bad_request", "address (host:port of the host) is required")
+        if info.placement_key and not _is_placement_key(info.placement_key):
+            raise PDError(
+                400,
+                "bad_request",
+                f"placement_key must be {2 * PLACEMENT_KEY_SIZE} hexadecimal digits",
+            )
         lease = await self.store.grant(info.ttl)
         info.start_time = info.renew_time = now_ms()
         info.lease_id = lease
@@ -519,10 +530,7 @@ class PlacementDriver:
                 for key, kv in zip(homeless, await self.store.get_many(homeless), strict=True):
                     actor_type, actor_id = names[key]
                     if kv is not None:
-                        answer(
-                            key,
-                            self._position(actor_type, actor_id, ttl, kv.value, False, kv.lease),
-                        )
+                        answer(key, self._position(actor_type, actor_id, ttl, kv, False, hosts))
                     elif attempt == 0:
                         again.append(key)  # read the store again: a host may have just registered
                     else:
@@ -538,9 +546,7 @@ class PlacementDriver:
                     if created:
                         self._count_placement(chosen[key])
                     actor_type, actor_id = names[key]
-                    answer(
-                        key, self._position(actor_type, actor_id, ttl, kv.value, created, kv.lease)
-                    )
+                    answer(key, self._position(actor_type, actor_id, ttl, kv, created, hosts))
             todo = again
         for key in todo:
             actor_type, actor_id = names[key]
@@ -555,19 +561,73 @@ class PlacementDriver:
         return done
 
     def _position(
-        self, actor_type: str, actor_id: str, ttl: int, raw: bytes, created: bool, lease: int = 0
+        self,
+        actor_type: str,
+        actor_id: str,
+        ttl: int,
+        kv: KeyValue,
+        created: bool,
+        hosts: dict[int, HostInfo],
     ) -> Position:
-        record = json.loads(raw)
+        record = json.loads(kv.value)
+        server_id = int(record["server_id"])
+        host = hosts.get(server_id)
+        ticket = ""
+        if host is not None and host.placement_key and host.lease_id == kv.lease:
+            key = bytes.fromhex(host.placement_key)
+            ticket = make_ticket(key, actor_type, actor_id, server_id, kv.mod_revision).hex()
         return Position(
             actor_type=actor_type,
             actor_id=actor_id,
-            server_id=int(record["server_id"]),
+            server_id=server_id,
             server_address=str(record["server_address"]),
             create_time=int(record["create_time"]),
-            lease_id=lease,
+            lease_id=kv.lease,
             ttl=ttl,
             created=created,
+            revision=kv.mod_revision,
+            ticket=ticket,
         )
+
+    async def release(
+        self, server_id: int, positions: Sequence[tuple[str, str, int]]
+    ) -> list[bool]:
+        """Delete positions whose activation ended on host ``server_id``: each
+        ``(actor_type, actor_id, revision)`` only if the stored position is still that
+        revision (a newer placement of the same actor is never touched); one answer per
+        position, True if it was deleted (False: already gone, or placed anew)."""
+        if len(positions) > MAX_BATCH:
+            raise PDError(400, "bad_request", f"at most {MAX_BATCH} positions per request")
+        wanted: dict[str, int] = {}
+        keys: list[str] = []
+        for actor_type, actor_id, revision in positions:
+            error = _check_names(actor_type, actor_id)
+            if error is not None:
+                raise error
+            if isinstance(revision, bool) or not isinstance(revision, int) or revision <= 0:
+                raise PDError(400, "bad_request", "revision must be a positive integer")
+            key = self._position_key(actor_type, actor_id)
+            keys.append(key)
+            if wanted.setdefault(key, revision) != revision:
+                raise PDError(400, "bad_request", f"{actor_type}/{actor_id} is named twice")
+        items = list(wanted.items())
+        done = dict(zip(wanted, await self.store.delete_many(items), strict=True))
+        released = sum(done.values())
+        if released:
+            seen = self._placed.get(server_id)
+            if seen is not None:  # placements counted since its report are fewer now
+                self._placed[server_id] = (seen[0], max(0, seen[1] - released))
+        return [done[key] for key in keys]
+
+
+def _is_placement_key(text: str) -> bool:
+    if len(text) != 2 * PLACEMENT_KEY_SIZE:
+        return False
+    try:
+        bytes.fromhex(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _no_host(actor_type: str) -> PDError:

@@ -101,6 +101,13 @@ class Store(Protocol):
         """Delete the key; True if it existed."""
         ...
 
+    async def delete_many(self, items: Sequence[tuple[str, int]]) -> list[bool]:
+        """Delete each ``(key, mod_revision)`` only if the key's mod revision is still
+        that one, in as few round trips as the store allows; one answer per item, True
+        if it was deleted. A key written again since (a newer value) is left alone, so a
+        late delete never removes what replaced it. Keys must be distinct."""
+        ...
+
     async def grant(self, ttl: int) -> int:
         """A new lease of ``ttl`` seconds; its id."""
         ...
@@ -281,6 +288,24 @@ class MemoryStore:
         if old.lease in self._leases:
             self._leases[old.lease].keys.discard(key)
         return True
+
+    async def delete_many(self, items: Sequence[tuple[str, int]]) -> list[bool]:
+        check_distinct([key for key, _ in items])
+        await anyio.lowlevel.checkpoint()
+        self._expire()
+        done: list[bool] = []
+        for key, revision in items:
+            old = self._data.get(key)
+            if old is None or old.mod_revision != revision:
+                done.append(False)
+                continue
+            del self._data[key]
+            if old.lease in self._leases:
+                self._leases[old.lease].keys.discard(key)
+            done.append(True)
+        if any(done):
+            self._revision += 1  # one transaction, as etcd's
+        return done
 
     async def grant(self, ttl: int) -> int:
         check_ttl(ttl)

@@ -534,7 +534,7 @@ class Channel:
             ev.method,
             tuple(ev.args),
             ev.one_way,
-            placed_on=ev.placed_on,
+            placement=ev.placement,
         )
 
     async def _serve(self, job: _Job) -> None:
@@ -671,7 +671,7 @@ class Channel:
             req.method,
             list(req.args),
             req.one_way,
-            req.placed_on,
+            req.placement,
         )
         if req.one_way:
             await self._enqueue(data)

@@ -97,6 +97,9 @@ def _check_text(name: str, value: object, *, empty: bool = True) -> None:
         _fail(f"{name} must not be empty")
 
 
+TICKET_SIZE = 32  # a placement ticket (koala.pd._ticket), opaque to the transport
+
+
 def _check_bytes(name: str, value: object, size: int) -> None:
     if type(value) is not bytes or len(value) != size:
         _fail(f"{name} must be {size} bytes, got {value!r:.80}")
@@ -241,9 +244,9 @@ class Request(Event):
     method: str
     args: tuple[Any, ...] | list[Any] = ()
     one_way: bool = False
-    # the server id the placement driver placed the actor on, as the sender knows it
-    # (0: not given); a host that finds its own id here needs not ask the PD
-    placed_on: int = 0
+    # the placement ticket the sender's PD lookup returned (empty: not given): a host
+    # that finds a valid ticket of its own here needs not ask the PD (koala.pd._ticket)
+    placement: bytes = b""
 
     def __post_init__(self) -> None:
         _check_u64("request_id", self.request_id)
@@ -260,7 +263,8 @@ class Request(Event):
             _fail(f"args must be an array, got {type(self.args).__name__}")
         if type(self.one_way) is not bool:
             _fail(f"one_way must be a boolean, got {self.one_way!r}")
-        _check_u64("placed_on", self.placed_on)
+        if self.placement != b"":  # anything else than bytes of a ticket is refused
+            _check_bytes("placement", self.placement, TICKET_SIZE)
 
 
 @dataclass(frozen=True, slots=True)

@@ -202,7 +202,7 @@ class Connection:
         method: str,
         args: list[Any],
         one_way: bool,
-        placed_on: int = 0,
+        placement: bytes = b"",
     ) -> bytes:
         """``send(Request(...))`` for a request made by this node (see request_frame)."""
         if self.state is not State.OPEN:
@@ -221,7 +221,7 @@ class Connection:
             args,
             one_way,
             self.max_frame_size,
-            placed_on,
+            placement,
         )
 
     def send_result(self, request_id: int, result: Any) -> bytes:

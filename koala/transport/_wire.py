@@ -134,8 +134,8 @@ def _to_array(ev: Event) -> list[Any]:
                 list(ev.args),
                 ev.one_way,
             ]
-            if ev.placed_on:  # an optional last field, left out when not given
-                item.append(ev.placed_on)
+            if ev.placement:  # an optional last field, left out when not given
+                item.append(ev.placement)
             return item
         case Response(error=None):
             return [Kind.RESULT, ev.request_id, ev.result]
@@ -215,7 +215,7 @@ def request_frame(
     args: list[Any],
     one_way: bool,
     max_frame_size: int,
-    placed_on: int = 0,
+    placement: bytes = b"",
 ) -> bytes:
     """The frame of a REQUEST from this node's runtime, whose fields are valid by
     construction (ids it made, names of its classes, a finite timeout, args encoded by
@@ -233,7 +233,7 @@ def request_frame(
             method,
             args,
             one_way,
-            placed_on,
+            placement,
         )
         return frame(ev, max_frame_size)
     item = [
@@ -248,8 +248,8 @@ def request_frame(
         args,
         one_way,
     ]
-    if placed_on:
-        item.append(placed_on)
+    if placement:
+        item.append(placement)
     return _framed(dumps(item), "Request", max_frame_size)
 
 
@@ -263,8 +263,8 @@ def result_frame(request_id: int, result: Any, max_frame_size: int) -> bytes:
 
 
 def _request(a: list[Any]) -> Event:
-    placed_on = a[10] if len(a) > 10 else 0
-    return Request(a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], placed_on)
+    placement = a[10] if len(a) > 10 else b""
+    return Request(a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], placement)
 
 
 _ERROR_CODES = frozenset(int(c) for c in ErrorCode)
