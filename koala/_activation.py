@@ -368,7 +368,10 @@ class Activation:
             current_chain.reset(t_chain)
             current_activation.reset(t_act)
             inline_depth.reset(t_depth)
-            self.chain = outer
+            # turns of one chain may end out of order (a call back into this actor that
+            # outlives the turn whose call gave up): only the holder's exit frees it
+            if self.chain == chain:
+                self.chain = outer
             rt._inflight -= 1
             if rt._inflight == 0 and rt._draining:
                 rt._drained.set()

@@ -180,3 +180,35 @@ async def test_random_call_graphs_never_deadlock_nor_interleave(roots: list[Plan
                     tg.start_soon(start, i, plan)
     assert violations == []
     assert results == {i: _size(plan) for i, plan in enumerate(roots)}
+
+
+async def test_turns_of_one_chain_that_end_out_of_order_leave_the_actor_free() -> None:
+    """Two turns of one chain run at once on one activation (a call back into it from
+    another host, still running after the turn that made the chain's call gave up on
+    its deadline). The first to start ends first: the activation must end up held by
+    nobody, so a call of another chain runs, instead of queueing behind a chain that no
+    turn holds any more."""
+    from koala._activation import current_chain
+
+    _gates[10] = anyio.Event()
+    _gates[11] = anyio.Event()
+    _log.clear()
+    async with local_runtime(NodeImpl):
+        node = get_rpc_proxy(INode, "X")
+
+        async def in_chain(label: str, gate: int) -> None:
+            current_chain.set(4242)  # this task's calls belong to chain 4242
+            await node.slow(label, gate)
+
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(in_chain, "outer", 10)
+                await wait_until(lambda: "start outer" in _log)
+                tg.start_soon(in_chain, "inner", 11)  # same chain: runs at once, inside
+                await wait_until(lambda: "start inner" in _log)
+                _gates[10].set()  # the outer turn ends first
+                await wait_until(lambda: "end outer" in _log)
+                _gates[11].set()
+            _gates[12] = anyio.Event()
+            _gates[12].set()
+            assert await node.slow("other chain", 12) == "other chain"
