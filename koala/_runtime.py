@@ -465,12 +465,14 @@ class Runtime:
             impl, spec = self._target_of(req)
             if not self._local_only:
                 owner = self.directory.lookup(req.actor_type, req.key)
-                if owner is None:
+                if owner != LOCAL:
                     if req.placement and self.directory.claim(
                         req.actor_type, req.key, req.placement
                     ):
                         owner = LOCAL
                     else:
+                        if owner is not None:  # the sender thinks otherwise: ask, once
+                            self.directory.forget(req.actor_type, req.key)
                         owner = await self.directory.resolve(req.actor_type, req.key)
                 if owner != LOCAL:
                     raise WrongHostError(

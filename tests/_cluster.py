@@ -34,6 +34,7 @@ class Proc:
         self.log = log
         self.popen: subprocess.Popen[bytes] | None = None
         self.port = 0
+        self.address = ""  # a host's transport address, once started
 
     def start(self, ready: str) -> re.Match[str]:
         with open(self.log, "ab") as out:
@@ -122,7 +123,8 @@ class Cluster:
         proc = Proc(f"host:{port}:{backend}", cmd, self.env(backend), self.tmp / f"host-{port}.log")
         proc.port = port
         self.procs.append(proc)
-        proc.start(r"koala host: server \d+ on ")
+        found = proc.start(r"koala host: server \d+ on ([^;\s]+);")
+        proc.address = found.group(1)
         return proc
 
     def activations(self) -> Counter[str]:

@@ -34,6 +34,9 @@ class ICounter(ActorInterface):
     @abstractmethod
     async def hit(self) -> list[int]: ...
 
+    @abstractmethod
+    async def bye(self) -> int: ...
+
 
 class Counter(ICounter, ActorBase):
     def __init__(self) -> None:
@@ -51,6 +54,11 @@ class Counter(ICounter, ActorBase):
         self.hits += 1
         return [os.getpid(), self.hits]
 
+    async def bye(self) -> int:
+        """Deactivate after this turn; the pid of this process."""
+        self.deactivate_on_idle()
+        return os.getpid()
+
 
 app = FastAPI()
 
@@ -58,6 +66,11 @@ app = FastAPI()
 @app.get("/hit/{key}")
 async def hit(key: str) -> list[int]:
     return await get_rpc_proxy(ICounter, key).hit()
+
+
+@app.get("/bye/{key}")
+async def bye(key: str) -> int:
+    return await get_rpc_proxy(ICounter, key).bye()
 
 
 @app.get("/stats")
@@ -69,4 +82,5 @@ async def stats() -> dict[str, Any]:
         s = directory.statistics()
         out.update(server_id=s.server_id, serving=s.serving, fences=s.fences)
         out.update(registrations=s.registrations, cached=s.cached, resolves=s.resolves)
+        out.update(owned=s.owned, unreleased=s.unreleased, releases=s.releases, claims=s.claims)
     return out

@@ -575,6 +575,7 @@ class ClusterDirectory:
                 f"(revision {revision}); retry shortly"
             )
         positions.own(ident, revision)
+        self._cache.pop(ident, None)
         return LOCAL
 
     def forget(self, actor_type: str, key: Key) -> None:
@@ -609,6 +610,7 @@ class ClusterDirectory:
         if positions.sending(ident) or positions.stale(ident, revision):
             return False
         positions.own(ident, revision)
+        self._cache.pop(ident, None)  # what this host thought of it was stale
         self._claims += 1
         return True
 

@@ -1,0 +1,168 @@
+"""Positions for real: `koala host` processes on a real etcd give positions back when
+their activations end, and a forged or stale placement ticket sent over the real wire
+never makes a second activation. Activations are counted by the actors themselves."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from koala import WrongHostError
+from koala._messages import Request, new_chain_id, new_request_id
+from koala.pd import EtcdStore, PDClient
+from koala.pd._ticket import make_ticket
+from koala.transport import Transport, TransportConfig
+from tests._cluster import Cluster, Proc, double_activations, stats, url
+from tests._cluster_app import ICounter
+from tests._etcd import etcd_url, unique_prefix
+
+__all__ = ["etcd_url"]
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+SETTLE = 20.0  # a bound for background work under load (releases), not a speed claim
+
+
+@pytest.fixture
+def anyio_backend() -> tuple[str, dict[str, Any]]:
+    """The test process only drives HTTP and one peer connection; the hosts run the
+    backends."""
+    return ("asyncio", {})
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, etcd_url: str) -> Iterator[Cluster]:
+    c = Cluster(tmp_path, etcd_url, unique_prefix("positions"))
+    try:
+        yield c
+    except BaseException:
+        print(c.dump())
+        raise
+    finally:
+        c.close()
+
+
+@pytest.fixture
+async def peer() -> AsyncIterator[Transport]:
+    """A node of the cluster's wire protocol in this process (no secret: loopback)."""
+    async with Transport(TransportConfig(node_id="test-peer")) as transport:
+        yield transport
+
+
+async def placement_keys(c: Cluster) -> int:
+    store = EtcdStore(c.etcd_url)
+    try:
+        return len(await store.get_prefix(c.prefix + "placement/"))
+    finally:
+        await store.aclose()
+
+
+async def get(client: httpx.AsyncClient, host: Proc, path: str) -> Any:
+    resp = await client.get(f"{url(host)}{path}")
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+async def wait_for(what: Any, within: float = SETTLE) -> None:
+    with anyio.fail_after(within):
+        while not await what():
+            await anyio.sleep(0.05)
+
+
+async def test_positions_live_as_long_as_their_activations(cluster: Cluster) -> None:
+    """etcd holds one key per live activation: keys go when actors are deactivated
+    (their hosts give them back in batches), and come back when they are called again."""
+    pd = cluster.pd()
+    a, b = cluster.host(url(pd), "asyncio"), cluster.host(url(pd), "trio")
+    keys = [f"live-{i}" for i in range(40)]
+    async with httpx.AsyncClient(timeout=30) as client:
+        for i, key in enumerate(keys):
+            await get(client, (a, b)[i % 2], f"/hit/{key}")
+        assert await placement_keys(cluster) == 40
+        for key in keys[:30]:
+            await get(client, a, f"/bye/{key}")
+
+        async def given_back() -> bool:
+            return await placement_keys(cluster) == 10
+
+        await wait_for(given_back)
+        assert sum(stats(h)["releases"] for h in (a, b)) == 30
+        assert sum(stats(h)["activations"] for h in (a, b)) == 10
+        for key in keys:  # called again: placed anew, wherever the PD puts them
+            pid, hits = await get(client, b, f"/hit/{key}")
+            assert hits == (2 if key in keys[30:] else 1)
+        assert await placement_keys(cluster) == 40
+    assert double_activations(cluster.event_lines()) == []
+    activations = cluster.activations()
+    assert all(activations[k] == (2 if k in keys[:30] else 1) for k in keys), activations
+
+
+async def call_with_ticket(peer: Transport, host: Proc, key: str, ticket: bytes) -> Any:
+    spec = ICounter.__koala_methods__["hit"]
+    req = Request(
+        new_request_id(),
+        new_chain_id(),
+        anyio.current_time() + 10,
+        "Counter",
+        key,
+        "ICounter",
+        "hit",
+        (),
+        placement=ticket,
+    )
+    with anyio.fail_after(15):
+        return await peer.call(host.address, req, spec)
+
+
+async def test_forged_and_stale_tickets_never_make_a_second_activation(
+    cluster: Cluster, peer: Transport
+) -> None:
+    pd = cluster.pd()
+    a, b = cluster.host(url(pd), "asyncio"), cluster.host(url(pd), "trio")
+    hosts = {a.pid: a, b.pid: b}
+    pd_client = PDClient(url(pd))
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+            pid, _ = await get(client, a, "/hit/target")
+            home, other = hosts[pid], hosts[a.pid if pid == b.pid else b.pid]
+            first = await pd_client.find_position("Counter", "target")
+            assert first.ticket
+            # forged: a well-formed ticket naming the other host, made with a made-up key
+            forged = make_ticket(
+                secrets.token_bytes(32), "Counter", "target", stats(other)["server_id"], 10**9
+            )
+            with pytest.raises(WrongHostError):
+                await call_with_ticket(peer, other, "target", forged)
+            # the home host's real ticket, sent to the other host: not its own, refused
+            with pytest.raises(WrongHostError):
+                await call_with_ticket(peer, other, "target", first.ticket)
+            # and to the home host it is fine: the actor is there
+            assert (await call_with_ticket(peer, home, "target", first.ticket))[0] == home.pid
+            assert stats(other)["claims"] == 0
+            # stale: the actor is deactivated (its position given back) and placed again
+            # on the other host; the old ticket, replayed to its old host, is refused
+            for _ in range(40):
+                await get(client, home, "/bye/target")
+
+                async def released() -> bool:
+                    return await placement_keys(cluster) == 0
+
+                await wait_for(released)
+                pid, _ = await get(client, other, "/hit/target")
+                if pid == other.pid:
+                    break
+            else:
+                raise AssertionError("the PD never placed the actor on the other host")
+            with pytest.raises(WrongHostError):
+                await call_with_ticket(peer, home, "target", first.ticket)
+            pid, _ = await get(client, a, "/hit/target")
+            assert pid == other.pid
+    finally:
+        await pd_client.aclose()
+    assert double_activations(cluster.event_lines()) == []
