@@ -95,7 +95,7 @@ async def test_positions_live_as_long_as_their_activations(cluster: Cluster) -> 
         assert sum(stats(h)["releases"] for h in (a, b)) == 30
         assert sum(stats(h)["activations"] for h in (a, b)) == 10
         for key in keys:  # called again: placed anew, wherever the PD puts them
-            pid, hits = await get(client, b, f"/hit/{key}")
+            _, hits = await get(client, b, f"/hit/{key}")
             assert hits == (2 if key in keys[30:] else 1)
         assert await placement_keys(cluster) == 40
     assert double_activations(cluster.event_lines()) == []
