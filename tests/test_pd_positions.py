@@ -5,6 +5,7 @@ never makes a second activation. Activations are counted by the actors themselve
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ __all__ = ["etcd_url"]
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 SETTLE = 20.0  # a bound for background work under load (releases), not a speed claim
+RECOVERY = 30.0  # a bound for liveness under load (TTL is 2 s), not a speed claim
 
 
 @pytest.fixture
@@ -166,3 +168,68 @@ async def test_forged_and_stale_tickets_never_make_a_second_activation(
     finally:
         await pd_client.aclose()
     assert double_activations(cluster.event_lines()) == []
+
+
+async def test_a_host_with_many_positions_killed_under_load(cluster: Cluster) -> None:
+    """SIGKILL a host holding hundreds of positions while the others serve a steady load:
+    calls to actors on the survivors keep succeeding, and the dead host's actors come
+    back elsewhere once its lease is gone, once each. New actors the PD placed on the
+    dead host before its lease ran out fail fast (HostUnavailable), as documented."""
+    pd = cluster.pd()
+    a, b = cluster.host(url(pd), "asyncio"), cluster.host(url(pd), "trio")
+    victim = cluster.host(url(pd), "uvloop")
+    survivors = {a.pid: a, b.pid: b}
+    where: dict[str, int] = {}
+    async with httpx.AsyncClient(timeout=30) as client:
+        for i in range(300):
+            key = f"load-{i}"
+            where[key], _ = await get(client, a, f"/hit/{key}")
+        on_victim = [k for k, pid in where.items() if pid == victim.pid]
+        on_survivors = [k for k, pid in where.items() if pid in survivors]
+        assert len(on_victim) > 30, "placement did not spread onto the third host"
+        failures: list[str] = []
+        new_failures: list[str] = []
+        slowest = 0.0
+        stop = anyio.Event()
+
+        async def steady(host: Proc, keys: list[str]) -> None:
+            nonlocal slowest
+            n = 0
+            while not stop.is_set():
+                key = keys[n % len(keys)] if n % 4 else f"new-{host.pid}-{n}"
+                n += 1
+                started = time.monotonic()
+                resp = await client.get(f"{url(host)}/hit/{key}")
+                slowest = max(slowest, time.monotonic() - started)
+                if resp.status_code != 200:
+                    why = f"{key}: {resp.status_code} {resp.text[:200]}"
+                    (new_failures if key.startswith("new-") else failures).append(why)
+
+        async with anyio.create_task_group() as tg:
+            for host in (a, b):
+                for _ in range(4):
+                    tg.start_soon(steady, host, on_survivors)
+            await anyio.sleep(1.0)
+            victim.kill()
+            killed = time.monotonic()
+            back: dict[str, int] = {}
+            while len(back) < len(on_victim):  # the dead host's actors, placed again
+                assert time.monotonic() - killed < RECOVERY, (len(back), cluster.dump())
+
+                async def again(key: str) -> None:
+                    resp = await client.get(f"{url(a)}/hit/{key}")
+                    if resp.status_code == 200:
+                        back[key] = resp.json()[0]
+
+                async with anyio.create_task_group() as round_tg:
+                    for key in on_victim:
+                        if key not in back:
+                            round_tg.start_soon(again, key)
+                await anyio.sleep(0.1)
+            stop.set()
+    assert failures == []
+    assert all(victim.address in why for why in new_failures), new_failures
+    assert slowest < 10.0  # no call to a live actor waited for the dead host
+    assert set(back.values()) <= set(survivors)
+    lines = [line for line in cluster.event_lines() if not line.endswith(f" {victim.pid}")]
+    assert double_activations(lines) == []
