@@ -1,0 +1,63 @@
+"""The rebalancer's rule: how many activations a host gives up so that hosts even out.
+
+Placement already follows the load: a new actor, or one placed again after it was
+deactivated (its position given back), goes to the less loaded of two hosts. What that
+cannot fix alone is a host holding more than its share of actors that stay active (a host
+joined, or one restarted, while the rest kept theirs). So at each renewal a host compares
+its activations with the cluster's mean (as the PD reports it) and, when it is above the
+mean by more than ``threshold``, deactivates a few of its least recently used idle
+activations (``Runtime.shed``: at a turn boundary, like collection). Their next call
+places them anew, by load. At most ``fraction`` of the host's activations go per
+renewal, so a rebalance never becomes a storm of re-placements.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .._errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class RebalanceConfig:
+    """When a host gives activations up, and how fast. Validated on construction.
+
+    - ``threshold``: give up activations when above the mean by more than this fraction
+      of it (0: never; the rebalancer is off).
+    - ``fraction``: at most this fraction of the host's activations per renewal.
+    - ``minimum``: an excess smaller than this many activations is left alone (noise),
+      and at least this many may go per renewal.
+    """
+
+    threshold: float = 0.2
+    fraction: float = 0.01
+    minimum: int = 16
+
+    def __post_init__(self) -> None:
+        for name in ("threshold", "fraction"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ConfigError(f"RebalanceConfig.{name} must be a number >= 0, got {value!r}")
+        if not 0 <= self.fraction <= 1:
+            raise ConfigError(f"RebalanceConfig.fraction must be from 0 to 1, got {self.fraction}")
+        if isinstance(self.minimum, bool) or not isinstance(self.minimum, int) or self.minimum < 1:
+            raise ConfigError(
+                f"RebalanceConfig.minimum must be an integer >= 1, got {self.minimum!r}"
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return self.threshold > 0 and self.fraction > 0
+
+
+def to_shed(mine: int, mean: float, config: RebalanceConfig) -> int:
+    """How many of its ``mine`` activations a host gives up now, the cluster's mean
+    being ``mean``: down towards the mean, in steps of at most ``fraction``."""
+    if not config.enabled or mean <= 0 or mine <= mean * (1 + config.threshold):
+        return 0
+    excess = mine - math.ceil(mean)
+    if excess < config.minimum:
+        return 0
+    step = max(config.minimum, int(mine * config.fraction))
+    return min(excess, step)
