@@ -52,6 +52,12 @@ HTTP_POOL = 16
 log = logging.getLogger("koala.pd.client")
 
 DEFAULT_PD_TIMEOUT = 5.0
+# An idle pooled connection is dropped after this long, well before the PD server closes
+# it (hypercorn's keep_alive_timeout, 5 s): a renewal never reuses a connection the
+# server is closing. Whatever still breaks is retried (PDClient._post).
+KEEPALIVE_EXPIRY = 2.0
+RETRY_PAUSE = 0.05  # first pause between two attempts of a repeatable request; doubles
+MAX_RETRY_PAUSE = 0.5
 MAX_DEPARTED = 10_000  # ids of hosts seen leaving, remembered to drop their positions
 
 # Position lookups of a host go to the PD in batches: while LOOKUP_BATCHES batches are
@@ -105,11 +111,17 @@ class Member:
 
 @dataclass(frozen=True, slots=True)
 class Membership:
-    """The hosts of the cluster, and the adds and removes the PD saw recently."""
+    """The hosts of the cluster as a PD answered them: the whole table (``full``), or
+    the hosts added and the server ids ``removed`` since the version the caller sent;
+    ``version`` is what to send next time. ``events``: adds and removes the PD saw
+    recently (with the whole table only)."""
 
     hosts: dict[int, Member]
     events: list[dict[str, Any]]
     now: int  # the PD's clock, ms since the epoch
+    version: int = 0
+    full: bool = True
+    removed: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,8 +134,18 @@ class ActorPosition:
     created: bool = False
 
 
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+
 class PDClient:
-    """The PD's HTTP API. Every request has a deadline (``timeout``)."""
+    """The PD's HTTP API. Every request has a deadline (``timeout``).
+
+    Requests that are safe to repeat (renewal, lookups, fetch_all, delete) are retried
+    on a fresh connection, then the next PD, until one answers or the deadline passes:
+    a connection that broke (e.g. a pooled one the server closed) never fails them.
+    The others (new ids, register) are retried only when they surely were not sent
+    (the connection could not be opened): a repeat would burn an id, or register a
+    host twice."""
 
     def __init__(
         self,
@@ -153,28 +175,60 @@ class PDClient:
         self._http = httpx.AsyncClient(
             transport=transport,
             timeout=httpx.Timeout(timeout),
-            limits=httpx.Limits(max_connections=HTTP_POOL, max_keepalive_connections=HTTP_POOL),
+            limits=httpx.Limits(
+                max_connections=HTTP_POOL,
+                max_keepalive_connections=HTTP_POOL,
+                keepalive_expiry=KEEPALIVE_EXPIRY,
+            ),
         )
+        self.retries = 0  # attempts made again after a failure (statistics, tests)
 
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _post(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        """POST to the current PD; on a connection failure, to the next one (each once)."""
+    async def _post(
+        self, path: str, body: dict[str, Any] | None = None, *, repeatable: bool = False
+    ) -> dict[str, Any]:
+        """POST to the current PD; after a failure, to the next (see the class docstring).
+
+        Repeatable: attempts until ``timeout`` has passed, the first again at once, then
+        with growing pauses; a PD that answers 502-504 (it cannot reach its store, or is
+        overloaded) counts as a failure too. Otherwise: each PD once, and only while the
+        request surely was not sent."""
         failures: list[str] = []
-        for _ in range(len(self.urls)):
+        deadline = anyio.current_time() + self.timeout
+        pause = 0.0
+        tries = len(self.urls)
+        while True:
             url = self.urls[self._current]
+            left = deadline - anyio.current_time() if repeatable else self.timeout
+            sent = True
             try:
-                with anyio.fail_after(self.timeout):
+                if left <= 0:
+                    raise TimeoutError
+                with anyio.fail_after(left):
                     async with self._slots:  # queue here, not in httpx's pool (slow scans)
                         resp = await self._http.post(url + path, json=body or {})
+                return self._answer(url, path, resp)
             except (httpx.TransportError, TimeoutError) as exc:
                 failures.append(f"{url}: {type(exc).__name__} {exc}".rstrip())
-                self._current = (self._current + 1) % len(self.urls)
-                continue
-            return self._answer(url, path, resp)
+                sent = not isinstance(exc, _NOT_SENT)
+            except PDUnavailableError as exc:
+                if not repeatable:
+                    raise
+                failures.append(str(exc))
+            self._current = (self._current + 1) % len(self.urls)
+            tries -= 1
+            if repeatable:
+                if anyio.current_time() + pause >= deadline:
+                    break
+                await anyio.sleep(pause)
+                pause = min(MAX_RETRY_PAUSE, max(RETRY_PAUSE, pause * 2))
+            elif sent or tries <= 0:
+                break
+            self.retries += 1
         raise PDUnavailableError(
-            f"no PD can be reached ({'; '.join(failures)}); is `koala pd` running there?"
+            f"no PD can be reached ({'; '.join(failures[-4:])}); is `koala pd` running there?"
         )
 
     def _answer(self, url: str, path: str, resp: httpx.Response) -> dict[str, Any]:
@@ -226,18 +280,31 @@ class PDClient:
         return int((await self._post("/pd/api/v1/membership/register", body))["lease_id"])
 
     async def keep_alive(
-        self, server_id: int, lease_id: int, load: int, activations: int | None = None
+        self,
+        server_id: int,
+        lease_id: int,
+        load: int,
+        activations: int | None = None,
+        *,
+        version: int | None = None,
     ) -> Membership:
+        """Renew; the membership since ``version`` (None: the whole table)."""
         body: dict[str, Any] = {"server_id": server_id, "lease_id": lease_id, "load": load}
         if activations is not None:
             body["activations"] = activations
-        return _membership(await self._post("/pd/api/v1/membership/keep_alive", body))
+        if version is not None:
+            body["version"] = version
+        path = "/pd/api/v1/membership/keep_alive"
+        return _membership(await self._post(path, body, repeatable=True))
 
     async def fetch_all(self) -> Membership:
-        return _membership(await self._post("/pd/api/v1/membership/fetch_all"))
+        return _membership(await self._post("/pd/api/v1/membership/fetch_all", repeatable=True))
 
     async def delete(self, server_id: int) -> None:
-        await self._post("/pd/api/v1/membership/delete", {"server_id": server_id})
+        """Deregister; repeated after a broken connection, a delete that had landed
+        answers not_registered (LeaseExpiredError): the host is gone either way."""
+        path = "/pd/api/v1/membership/delete"
+        await self._post(path, {"server_id": server_id}, repeatable=True)
 
     async def find_positions(
         self, actors: Sequence[tuple[str, str]], ttl: int = 0
@@ -249,7 +316,7 @@ class PDClient:
             "positions": [{"actor_type": t, "actor_id": a} for t, a in actors],
             "ttl": ttl,
         }
-        data = await self._post("/pd/api/v1/placement/find_positions", body)
+        data = await self._post("/pd/api/v1/placement/find_positions", body, repeatable=True)
         answers = data.get("positions")
         if not isinstance(answers, list) or len(answers) != len(actors):
             raise PDUnavailableError(
@@ -275,6 +342,7 @@ class PDClient:
         data = await self._post(
             "/pd/api/v1/placement/find_position",
             {"actor_type": actor_type, "actor_id": actor_id, "ttl": ttl},
+            repeatable=True,
         )
         return _position(actor_type, actor_id, data)
 
@@ -291,8 +359,20 @@ def _position(actor_type: str, actor_id: str, data: dict[str, Any]) -> ActorPosi
 
 
 def _membership(data: dict[str, Any]) -> Membership:
-    hosts = {int(k): Member.from_json(v) for k, v in (data.get("hosts") or {}).items()}
-    return Membership(hosts, list(data.get("events") or []), int(data.get("now", 0)))
+    try:
+        hosts = {int(k): Member.from_json(v) for k, v in (data.get("hosts") or {}).items()}
+        return Membership(
+            hosts,
+            list(data.get("events") or []),
+            int(data.get("now", 0)),
+            version=int(data.get("version", 0)),
+            full=bool(data.get("full", True)),  # a PD without deltas sends the whole table
+            removed=[int(s) for s in data.get("removed") or []],
+        )
+    except (TypeError, ValueError, AttributeError):
+        raise PDUnavailableError(
+            f"the PD answered with a malformed membership: {data!r:.200}"
+        ) from None
 
 
 # ---------------------------------------------------------------- the directory
@@ -399,6 +479,7 @@ class ClusterDirectory:
         self.lease_id = 0
         self.serving = False
         self.members: dict[int, Member] = {}
+        self._version: int | None = None  # of the membership the PD last answered
         self._cache: OrderedDict[tuple[str, Key], tuple[int, str, float]] = OrderedDict()
         self._departed: OrderedDict[int, None] = OrderedDict()
         self._pending: dict[tuple[str, Key], _Pending] = {}
@@ -584,15 +665,24 @@ class ClusterDirectory:
         return stats.activations + stats.inflight, stats.activations
 
     def _update_view(self, view: Membership) -> None:
-        for server_id in self.members:
-            if server_id not in view.hosts:
-                self._departed[server_id] = None
+        """Apply a renewal's answer: the whole table replaces the view, a delta adds the
+        hosts it names and drops the ones it removes."""
+        if view.full:
+            gone = [server_id for server_id in self.members if server_id not in view.hosts]
+            self.members = dict(view.hosts)
+        else:
+            gone = list(view.removed)
+            for server_id in gone:
+                self.members.pop(server_id, None)
+            self.members.update(view.hosts)
+        for server_id in gone:
+            self._departed[server_id] = None
         for event in view.events:
             for server_id in event.get("remove") or []:
                 self._departed[int(server_id)] = None
         while len(self._departed) > MAX_DEPARTED:
             self._departed.popitem(last=False)
-        self.members = view.hosts
+        self._version = view.version
 
     async def _register(self) -> float:
         """Register as a new node, retrying until the PD answers; when the lease began."""
@@ -675,7 +765,7 @@ class ClusterDirectory:
             with anyio.move_on_after(fence_at - now):
                 try:
                     view = await self.pd.keep_alive(
-                        self.server_id, self.lease_id, load, activations
+                        self.server_id, self.lease_id, load, activations, version=self._version
                     )
                 except LeaseExpiredError as exc:
                     log.error("server %d: %s; fencing itself", self.server_id, exc.message)
