@@ -72,8 +72,13 @@ async def serve_pd(
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(pd.maintain)
-            await serve_asgi(app, host, port, shutdown, task_status=task_status)
-            tg.cancel_scope.cancel()
+            try:
+                await serve_asgi(app, host, port, shutdown, task_status=task_status)
+            finally:
+                # maintenance ends by its own scope: cancelling this task group instead
+                # left one of hypercorn's connections open on uvloop (the loop then
+                # refused to close)
+                pd.stop_maintenance()
     finally:
         with anyio.CancelScope(shield=True):
             await store.aclose()

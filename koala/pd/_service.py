@@ -347,6 +347,7 @@ class PlacementDriver:
         self._changes: deque[tuple[int, frozenset[int]]] = deque(maxlen=MAX_VERSIONS)
         # store maintenance
         self._wake = anyio.Event()
+        self._maintaining = anyio.CancelScope()
         self._full_logged = -1e18
         self._full = False
         self._compactions = 0
@@ -572,6 +573,17 @@ class PlacementDriver:
         marks: deque[tuple[float, int]] = deque(maxlen=4096)
         next_compaction = anyio.current_time() + cfg.compact_interval
         task_status.started()
+        with self._maintaining:
+            await self._maintain(period, marks, next_compaction)
+
+    def stop_maintenance(self) -> None:
+        """End :meth:`maintain` (it returns; nothing else is cancelled)."""
+        self._maintaining.cancel()
+
+    async def _maintain(
+        self, period: float, marks: deque[tuple[float, int]], next_compaction: float
+    ) -> None:
+        cfg = self.maintenance
         while True:
             with anyio.move_on_after(period):
                 await self._wake.wait()
