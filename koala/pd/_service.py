@@ -352,6 +352,7 @@ class PlacementDriver:
         self._full = False
         self._compactions = 0
         self._compacted = 0
+        self._defragmented = 0  # the revision of the last defragmentation
         self._recoveries = 0
         self._disarms = 0
 
@@ -621,7 +622,12 @@ class PlacementDriver:
             await self.store.compact(revision)
             self._compacted = revision
             self._compactions += 1
-        await self.store.defragment()
+        # defragmenting blocks the store meanwhile: only when something was deleted
+        # since the last time (etcd counts freed pages only at its next write, which a
+        # full etcd refuses, so its "in use" figure cannot tell)
+        if revision != self._defragmented:
+            await self.store.defragment()
+            self._defragmented = revision
         after = await self.store.status()
         quota = self.maintenance.quota_bytes
         if quota and after.db_size >= quota * ROOM:
