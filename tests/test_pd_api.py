@@ -634,4 +634,4 @@ def test_maintenance_config_is_validated() -> None:
         {"compact_interval": "60"},
     ):
         with pytest.raises(ConfigError, match="MaintenanceConfig"):
-            MaintenanceConfig(**bad)  # type: ignore[arg-type]
+            MaintenanceConfig(**bad)
