@@ -137,6 +137,24 @@ class ActorPosition:
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
 
+class _OneChunk(httpx.AsyncByteStream):
+    """A request body sent in one chunk, by an iterator rather than httpx's async
+    generator: a send that breaks half-way leaves no generator to finalize (trio warns
+    about each one, and the retries make that common)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data: bytes | None = data
+
+    def __aiter__(self) -> _OneChunk:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._data is None:
+            raise StopAsyncIteration
+        data, self._data = self._data, None
+        return data
+
+
 class PDClient:
     """The PD's HTTP API. Every request has a deadline (``timeout``).
 
@@ -206,9 +224,11 @@ class PDClient:
             try:
                 if left <= 0:
                     raise TimeoutError
+                request = self._http.build_request("POST", url + path, json=body or {})
+                request.stream = _OneChunk(request.content)
                 with anyio.fail_after(left):
                     async with self._slots:  # queue here, not in httpx's pool (slow scans)
-                        resp = await self._http.post(url + path, json=body or {})
+                        resp = await self._http.send(request)
                 return self._answer(url, path, resp)
             except (httpx.TransportError, TimeoutError) as exc:
                 failures.append(f"{url}: {type(exc).__name__} {exc}".rstrip())
