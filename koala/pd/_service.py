@@ -348,12 +348,13 @@ class PlacementDriver:
         # store maintenance
         self._wake = anyio.Event()
         self._maintaining = anyio.CancelScope()
-        self._full_logged = -1e18
+        self._logged: dict[str, float] = {}  # topic -> when last logged (rate limit)
         self._full = False
         self._compactions = 0
         self._compacted = 0
         self._defragmented = 0  # the revision of the last defragmentation
         self._recoveries = 0
+        self._recovering = False
         self._disarms = 0
 
     # ------------------------------------------------------------ keys
@@ -543,12 +544,17 @@ class PlacementDriver:
     def store_full(self, exc: StoreFullError) -> None:
         """A write was refused for lack of space: say so loudly (at most every 30 s) and
         have :meth:`maintain` look at the store now."""
-        self._full = True
-        self._wake.set()
+        if not self._full:
+            self._full = True
+            self._wake.set()
+        self._loudly("full", "%s (%s)", STORE_FULL_FIX, exc)
+
+    def _loudly(self, topic: str, message: str, *args: object) -> None:
+        """An error line, at most one per ``topic`` every FULL_LOG_EVERY seconds."""
         now = anyio.current_time()
-        if now - self._full_logged >= FULL_LOG_EVERY:
-            self._full_logged = now
-            log.error("%s (%s)", STORE_FULL_FIX, exc)
+        if now - self._logged.get(topic, -1e18) >= FULL_LOG_EVERY:
+            self._logged[topic] = now
+            log.error(message, *args)
 
     def maintenance_statistics(self) -> MaintenanceStatistics:
         return MaintenanceStatistics(
@@ -586,8 +592,11 @@ class PlacementDriver:
     ) -> None:
         cfg = self.maintenance
         while True:
-            with anyio.move_on_after(period):
-                await self._wake.wait()
+            if self._full:  # being recovered: once a period, however many writes fail
+                await anyio.sleep(period)
+            else:
+                with anyio.move_on_after(period):
+                    await self._wake.wait()
             self._wake = anyio.Event()
             try:
                 status = await self.store.status()
@@ -596,7 +605,7 @@ class PlacementDriver:
                 if NOSPACE in status.alarms:
                     await self._recover(status.revision)
                     continue
-                self._full = False
+                self._full = self._recovering = False
                 if cfg.compact_interval and now >= next_compaction:
                     next_compaction = now + cfg.compact_interval
                     kept = [rev for t, rev in marks if t <= now - cfg.history]
@@ -611,12 +620,14 @@ class PlacementDriver:
     async def _recover(self, revision: int) -> None:
         """The store is full: compact all its history (nothing is worth keeping then),
         defragment it so the file shrinks, and clear the alarm if there is room."""
+        if not self._recovering:  # a new episode
+            self._recoveries += 1
+            self._recovering = True
         self._full = True
-        self._recoveries += 1
-        log.error(
-            "the store's NOSPACE alarm is raised: compacting, defragmenting and disarming "
-            "it when there is room. %s",
-            STORE_FULL_FIX,
+        self._loudly(
+            "recover",
+            "the store's NOSPACE alarm is raised (new placements and registrations fail): "
+            "compacting and defragmenting it, and disarming the alarm when there is room",
         )
         if revision > self._compacted:
             await self.store.compact(revision)
@@ -631,17 +642,18 @@ class PlacementDriver:
         after = await self.store.status()
         quota = self.maintenance.quota_bytes
         if quota and after.db_size >= quota * ROOM:
-            log.error(
+            self._loudly(
+                "still full",
                 "the store is still full after compaction and defragmentation (%d of %d "
                 "bytes): live data fills it; delete keys or raise etcd's "
-                "--quota-backend-bytes (and koala pd --etcd-quota)",
+                "--quota-backend-bytes (and koala pd --etcd-quota-bytes)",
                 after.db_size,
                 quota,
             )
             return
         await self.store.disarm()
         self._disarms += 1
-        self._full = False
+        self._full = self._recovering = False
         log.warning(
             "the store's NOSPACE alarm is disarmed (database %d bytes, %d in use): writes resume",
             after.db_size,
