@@ -56,8 +56,8 @@ DEFAULT_PD_TIMEOUT = 5.0
 # it (hypercorn's keep_alive_timeout, 5 s): a renewal never reuses a connection the
 # server is closing. Whatever still breaks is retried (PDClient._post).
 KEEPALIVE_EXPIRY = 2.0
-RETRY_PAUSE = 0.05  # first pause between two attempts of a repeatable request; doubles
-MAX_RETRY_PAUSE = 0.5
+RETRY_ROUNDS = 3  # rounds over the PDs for a repeatable request after transient failures
+RETRY_PAUSE = 0.05  # seconds between two rounds; doubles
 MAX_DEPARTED = 10_000  # ids of hosts seen leaving, remembered to drop their positions
 
 # Position lookups of a host go to the PD in batches: while LOOKUP_BATCHES batches are
@@ -159,11 +159,13 @@ class PDClient:
     """The PD's HTTP API. Every request has a deadline (``timeout``).
 
     Requests that are safe to repeat (renewal, lookups, fetch_all, delete) are retried
-    on a fresh connection, then the next PD, until one answers or the deadline passes:
-    a connection that broke (e.g. a pooled one the server closed) never fails them.
-    The others (new ids, register) are retried only when they surely were not sent
-    (the connection could not be opened): a repeat would burn an id, or register a
-    host twice."""
+    on a fresh connection and the other PDs, a few rounds within the deadline: a
+    connection that broke (e.g. a pooled one the server closed) or a PD that could not
+    reach its store does not fail them at once. PDs that all refuse the connection do:
+    nobody listens, and waiting would only delay the error. The other requests (new
+    ids, register) go to the next PD only when they surely were not sent (the
+    connection could not be opened): a repeat would burn an id, or register a host
+    twice."""
 
     def __init__(
         self,
@@ -209,44 +211,46 @@ class PDClient:
     ) -> dict[str, Any]:
         """POST to the current PD; after a failure, to the next (see the class docstring).
 
-        Repeatable: attempts until ``timeout`` has passed, the first again at once, then
-        with growing pauses; a PD that answers 502-504 (it cannot reach its store, or is
-        overloaded) counts as a failure too. Otherwise: each PD once, and only while the
-        request surely was not sent."""
+        Every PD is tried once per round. A request that is not repeatable moves on only
+        while it surely was not sent. A repeatable one also moves on after a connection
+        that broke and after a PD's 502-504 (it cannot reach its store, or is
+        overloaded), and when a round saw such a transient failure, another round
+        follows after a short pause (at most RETRY_ROUNDS, within ``timeout``); a round
+        where every PD refused the connection ends it: nobody is listening."""
         failures: list[str] = []
         deadline = anyio.current_time() + self.timeout
-        pause = 0.0
-        tries = len(self.urls)
-        while True:
-            url = self.urls[self._current]
-            left = deadline - anyio.current_time() if repeatable else self.timeout
-            sent = True
-            try:
+        pause = RETRY_PAUSE
+        for _ in range(RETRY_ROUNDS if repeatable else 1):
+            transient = False
+            for _ in range(len(self.urls)):
+                url = self.urls[self._current]
+                left = deadline - anyio.current_time() if repeatable else self.timeout
                 if left <= 0:
-                    raise TimeoutError
-                request = self._http.build_request("POST", url + path, json=body or {})
-                request.stream = _OneChunk(request.content)
-                with anyio.fail_after(left):
-                    async with self._slots:  # queue here, not in httpx's pool (slow scans)
-                        resp = await self._http.send(request)
-                return self._answer(url, path, resp)
-            except (httpx.TransportError, TimeoutError) as exc:
-                failures.append(f"{url}: {type(exc).__name__} {exc}".rstrip())
-                sent = not isinstance(exc, _NOT_SENT)
-            except PDUnavailableError as exc:
-                if not repeatable:
-                    raise
-                failures.append(str(exc))
-            self._current = (self._current + 1) % len(self.urls)
-            tries -= 1
-            if repeatable:
-                if anyio.current_time() + pause >= deadline:
                     break
-                await anyio.sleep(pause)
-                pause = min(MAX_RETRY_PAUSE, max(RETRY_PAUSE, pause * 2))
-            elif sent or tries <= 0:
+                try:
+                    request = self._http.build_request("POST", url + path, json=body or {})
+                    request.stream = _OneChunk(request.content)
+                    with anyio.fail_after(left):
+                        async with self._slots:  # queue here, not in httpx's pool (slow scans)
+                            resp = await self._http.send(request)
+                    return self._answer(url, path, resp)
+                except (httpx.TransportError, TimeoutError) as exc:
+                    failures.append(f"{url}: {type(exc).__name__} {exc}".rstrip())
+                    if not isinstance(exc, _NOT_SENT):
+                        if not repeatable:
+                            break  # it may have run: the caller decides
+                        transient = True
+                except PDUnavailableError as exc:
+                    if not repeatable:
+                        raise
+                    failures.append(str(exc))
+                    transient = True
+                self._current = (self._current + 1) % len(self.urls)
+                self.retries += 1
+            if not transient or anyio.current_time() + pause >= deadline:
                 break
-            self.retries += 1
+            await anyio.sleep(pause)
+            pause *= 2
         raise PDUnavailableError(
             f"no PD can be reached ({'; '.join(failures[-4:])}); is `koala pd` running there?"
         )
