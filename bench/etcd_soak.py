@@ -91,11 +91,12 @@ async def soak(
         started = time.perf_counter()
 
         async def record() -> None:
+            count, seconds = done, time.perf_counter() - started
             status = await store.status()
             samples.append(
                 Sample(
-                    done,
-                    time.perf_counter() - started,
+                    count,
+                    seconds,
                     status.db_size,
                     status.db_size_in_use,
                     status.revision,
@@ -123,7 +124,7 @@ async def soak(
                     batch = [("Player", str(actors + i)) for i in range(ACTORS_PER_CHURN)]
                     actors += ACTORS_PER_CHURN
                     await pd.find_positions(batch)
-                if done % sample == 0:
+                if done % sample == 0 and done < renewals:
                     await record()
 
         await record()
@@ -134,6 +135,7 @@ async def soak(
                 for first in range(WORKERS):
                     workers.start_soon(worker, first)
             rate = done / (time.perf_counter() - started)
+            await record()
             if mode == "now":
                 await anyio.sleep(2.5)  # one more compaction past the history kept
                 await record()
