@@ -576,8 +576,9 @@ class PlacementDriver:
         period = cfg.check_interval
         if cfg.compact_interval:
             period = min(period, cfg.compact_interval)
-        # (time, revision) seen at each check: a compaction keeps `history` seconds of them
-        marks: deque[tuple[float, int]] = deque(maxlen=4096)
+        # (time, revision) seen at the checks: a compaction keeps `history` seconds of
+        # them; at most ~1 000 are kept within the history, and one older
+        marks: deque[tuple[float, int]] = deque()
         next_compaction = anyio.current_time() + cfg.compact_interval
         task_status.started()
         with self._maintaining:
@@ -601,19 +602,22 @@ class PlacementDriver:
             try:
                 status = await self.store.status()
                 now = anyio.current_time()
-                marks.append((now, status.revision))
+                if not marks or now - marks[-1][0] >= cfg.history / 1000:
+                    marks.append((now, status.revision))
+                while len(marks) > 1 and marks[1][0] <= now - cfg.history:
+                    marks.popleft()  # the next one is old enough already
                 if NOSPACE in status.alarms:
                     await self._recover(status.revision)
                     continue
                 self._full = self._recovering = False
                 if cfg.compact_interval and now >= next_compaction:
                     next_compaction = now + cfg.compact_interval
-                    kept = [rev for t, rev in marks if t <= now - cfg.history]
-                    if kept and kept[-1] > self._compacted:
-                        await self.store.compact(kept[-1])
-                        self._compacted = kept[-1]
+                    seen, revision = marks[0]
+                    if seen <= now - cfg.history and revision > self._compacted:
+                        await self.store.compact(revision)
+                        self._compacted = revision
                         self._compactions += 1
-                        log.debug("compacted the store's history up to revision %d", kept[-1])
+                        log.debug("compacted the store's history up to revision %d", revision)
             except StoreError as exc:
                 log.warning("store maintenance failed (%s); trying again in %g s", exc, period)
 
