@@ -90,8 +90,9 @@ async def soak(
         actors = 0
         started = time.perf_counter()
 
-        async def record() -> None:
-            count, seconds = done, time.perf_counter() - started
+        async def record(count: int | None = None) -> None:
+            count = done if count is None else count
+            seconds = time.perf_counter() - started
             status = await store.status()
             samples.append(
                 Sample(
@@ -116,7 +117,8 @@ async def soak(
                 if mode == "before":
                     await _rewrite_record(pd, host, n % 100)
                 done += 1
-                if done % churn == 0:  # a host leaves, another joins, new actors arrive
+                count = done  # `done` moves on while this task awaits below
+                if count % churn == 0:  # a host leaves, another joins, new actors arrive
                     gone = members.pop(0)
                     await pd.delete(gone.server_id)
                     members.append(await _register(pd, joined))
@@ -124,8 +126,8 @@ async def soak(
                     batch = [("Player", str(actors + i)) for i in range(ACTORS_PER_CHURN)]
                     actors += ACTORS_PER_CHURN
                     await pd.find_positions(batch)
-                if done % sample == 0 and done < renewals:
-                    await record()
+                if count % sample == 0 and count < renewals:
+                    await record(count)
 
         await record()
         async with anyio.create_task_group() as tg:
