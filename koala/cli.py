@@ -118,6 +118,32 @@ def _add_cluster_commands(sub: Any) -> None:
     pd.add_argument("--store", default=None, help="'etcd' (default with --etcd) or 'memory'")
     pd.add_argument("--listen", default="127.0.0.1:9000", help="HOST:PORT of the HTTP API")
     pd.add_argument("--prefix", default="/koala/", help="key prefix in etcd (default /koala/)")
+    pd.add_argument(
+        "--compact-interval",
+        type=float,
+        default=60.0,
+        help="seconds between two compactions of etcd's history (default 60; 0: never)",
+    )
+    pd.add_argument(
+        "--compact-history",
+        type=float,
+        default=300.0,
+        help="seconds of etcd's history a compaction keeps (default 300)",
+    )
+    pd.add_argument(
+        "--store-check-interval",
+        type=float,
+        default=10.0,
+        help="seconds between two checks of etcd's alarms, e.g. NOSPACE (default 10)",
+    )
+    pd.add_argument(
+        "--etcd-quota-bytes",
+        type=int,
+        default=0,
+        help="etcd's --quota-backend-bytes, if known: after NOSPACE the alarm is disarmed "
+        "once the database is below 90%% of it (default 0: unknown, disarm and let etcd "
+        "check)",
+    )
     pd.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     host = sub.add_parser("host", help="join a cluster as a host of the app's actors")
     host.add_argument("app", help="a file (examples/echo.py) or module (examples.echo)")
@@ -166,6 +192,7 @@ def _run_cluster_command(args: argparse.Namespace, backend: _backend.Backend) ->
     if args.command == "pd":
         host, port = parse_hostport(args.listen, "--listen")
         check_bind(host, "--listen")
+        maintenance = _maintenance_config(args)
         store = _run.open_store(args.store or ("etcd" if args.etcd else ""), args.etcd)
 
         def started(bound: tuple[str, int]) -> None:
@@ -174,7 +201,9 @@ def _run_cluster_command(args: argparse.Namespace, backend: _backend.Backend) ->
 
         async def pd_main(shutdown: anyio.Event) -> None:
             async with anyio.create_task_group() as tg:
-                started(await tg.start(_serve_pd, store, host, port, shutdown, args.prefix))
+                started(
+                    await tg.start(_serve_pd, store, host, port, shutdown, args.prefix, maintenance)
+                )
 
         _backend.run(lambda: _until_signal(pd_main), backend)
         print("koala pd: stopped", flush=True)
@@ -228,18 +257,44 @@ def _run_cluster_command(args: argparse.Namespace, backend: _backend.Backend) ->
     return 0
 
 
+def _maintenance_config(args: argparse.Namespace) -> Any:
+    from .pd._service import MaintenanceConfig
+
+    try:
+        return MaintenanceConfig(
+            compact_interval=args.compact_interval,
+            history=args.compact_history,
+            check_interval=args.store_check_interval,
+            quota_bytes=args.etcd_quota_bytes,
+        )
+    except KoalaError as exc:  # a bad flag: say which
+        raise ConfigError(
+            f"{exc} (flags --compact-interval, --compact-history, --store-check-interval, "
+            "--etcd-quota-bytes)"
+        ) from None
+
+
 async def _serve_pd(
     store: Any,
     host: str,
     port: int,
     shutdown: anyio.Event,
     prefix: str,
+    maintenance: Any,
     *,
     task_status: Any = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     from .pd import _run
 
-    await _run.serve_pd(store, host, port, shutdown, prefix=prefix, task_status=task_status)
+    await _run.serve_pd(
+        store,
+        host,
+        port,
+        shutdown,
+        prefix=prefix,
+        maintenance=maintenance,
+        task_status=task_status,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -102,13 +102,21 @@ class Cluster:
         env.pop("KOALA_CLUSTER_SECRET", None)
         return env
 
-    def pd(self, port: int = 0, backend: str = "asyncio", store: str = "etcd") -> Proc:
+    def pd(
+        self,
+        port: int = 0,
+        backend: str = "asyncio",
+        store: str = "etcd",
+        extra: tuple[str, ...] = (),
+    ) -> Proc:
+        """A `koala pd` process; ``extra``: more flags."""
         port = port or free_port()
         cmd = [sys.executable, "-m", "koala.cli", "pd", "--listen", f"127.0.0.1:{port}"]
         if store == "etcd":
             cmd += ["--etcd", self.etcd_url, "--prefix", self.prefix]
         else:
             cmd += ["--store", "memory"]
+        cmd += list(extra)
         proc = Proc(f"pd:{port}", cmd, self.env(backend), self.tmp / f"pd-{port}.log")
         proc.port = port
         self.procs.append(proc)

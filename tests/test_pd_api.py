@@ -11,11 +11,12 @@ import anyio
 import httpx
 import pytest
 
-from koala.pd import EtcdStore, MemoryStore, Store, StoreUnavailableError
-from koala.pd._service import MAX_BATCH, Position
+from koala.pd import EtcdStore, MemoryStore, Store, StoreFullError, StoreUnavailableError
+from koala.pd import _service as service
+from koala.pd._service import MAX_BATCH, MaintenanceConfig, Position
 from koala.pd._store import CreateOutcome
 from koala.pd.server import PlacementDriver, create_app
-from tests._etcd import etcd_url, unique_prefix
+from tests._etcd import EtcdProcess, etcd_url, unique_prefix
 
 __all__ = ["etcd_url"]
 
@@ -410,3 +411,227 @@ async def wait_until(condition: Callable[[], bool]) -> None:
     with anyio.fail_after(5):
         while not condition():
             await anyio.sleep(0.001)
+
+
+# ---------------------------------------------------------------- renewals, deltas, store
+
+
+async def test_renewals_make_no_store_write(store: Store) -> None:
+    pd = PlacementDriver(store, prefix=unique_prefix("renew"))
+    async with client_for(pd) as client:
+        a, lease_a = await register(client, ["Player"], load=4)
+        b, _ = await register(client, ["Player"])
+        before = (await store.status()).revision
+        for n in range(5):
+            body = {"server_id": a, "lease_id": lease_a, "load": 10 + n, "activations": n}
+            await post(client, "/membership/keep_alive", body)
+        # a host not registered under that lease: refused, without a write either
+        wrong = {"server_id": b, "lease_id": lease_a}
+        assert (await post(client, "/membership/keep_alive", wrong, 404))["error"] == (
+            "not_registered"
+        )
+        assert (await store.status()).revision == before
+        # the loads are this PD's memory: fetch_all shows the last report, the record in
+        # the store still holds the load of the registration
+        host = (await post(client, "/membership/fetch_all"))["hosts"][str(a)]
+        assert (host["load"], host["activations"]) == (14, 4)
+        assert host["renew_time"] >= host["start_time"]
+        kv = await store.get(f"{pd.prefix}hosts/{a}")
+        assert kv is not None
+        assert b'"load": 4' in kv.value
+        # another PD has no report of a: it uses the load of the registration
+        async with client_for(PlacementDriver(store, prefix=pd.prefix)) as other:
+            assert (await post(other, "/membership/fetch_all"))["hosts"][str(a)]["load"] == 4
+
+
+async def test_keep_alive_answers_membership_deltas(store: Store) -> None:
+    prefix = unique_prefix("delta")
+    async with (
+        client_for(PlacementDriver(store, prefix=prefix)) as pd,
+        client_for(PlacementDriver(store, prefix=prefix)) as other,
+    ):
+        a, lease_a = await register(pd, ["Player"])
+
+        async def renew(version: int | None, client: httpx.AsyncClient = pd) -> Any:
+            body: dict[str, Any] = {"server_id": a, "lease_id": lease_a}
+            if version is not None:
+                body["version"] = version
+            return await post(client, "/membership/keep_alive", body)
+
+        first = await renew(None)  # no version: the whole table
+        assert (first["full"], set(first["hosts"]), first["removed"]) == (True, {str(a)}, [])
+        v1 = first["version"]
+        same = await renew(v1)
+        assert (same["full"], same["hosts"], same["removed"], same["version"]) == (
+            False,
+            {},
+            [],
+            v1,
+        )
+        b, _ = await register(pd, ["Room"])
+        joined = await renew(v1)
+        assert (joined["full"], set(joined["hosts"]), joined["removed"]) == (False, {str(b)}, [])
+        assert joined["hosts"][str(b)]["services"] == {"Room": "app.Room"}  # in full
+        assert joined["events"] == []  # a delta names its changes itself
+        v2 = joined["version"]
+        assert v2 > v1
+        await post(pd, "/membership/delete", {"server_id": b})
+        left = await renew(v2)
+        assert (left["full"], left["hosts"], left["removed"]) == (False, {}, [b])
+        # from v1, b came and went: it is reported removed (the caller may have missed it)
+        both = await renew(v1)
+        assert (both["hosts"], both["removed"]) == ({}, [b])
+        # a version this PD never gave: the whole table
+        for unknown in (v1 - 1, left["version"] + 1, 0, -5):
+            answer = await renew(unknown)
+            assert (answer["full"], set(answer["hosts"])) == (True, {str(a)}), unknown
+        # versions are per PD: another PD answers the whole table to this one's version
+        elsewhere = await renew(left["version"], other)
+        assert (elsewhere["full"], set(elsewhere["hosts"])) == (True, {str(a)})
+        assert (await renew(elsewhere["version"], other))["full"] is False
+        # fetch_all: always the whole table, with the version
+        everything = await post(pd, "/membership/fetch_all")
+        assert (everything["full"], everything["version"]) == (True, left["version"])
+        bad = await post(pd, "/membership/keep_alive", {**{"server_id": a}, "version": "x"}, 400)
+        assert bad["error"] == "bad_request"
+
+
+async def test_old_version_horizon_answers_the_whole_table(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(service, "MAX_VERSIONS", 8)  # changes a PD remembers
+    pd = PlacementDriver(MemoryStore(), prefix="/h/")
+    async with client_for(pd) as client:
+        a, lease_a = await register(client, ["Player"])
+        body = {"server_id": a, "lease_id": lease_a}
+        start = (await post(client, "/membership/keep_alive", body))["version"]
+        for _ in range(9):  # each one a change the PD sees
+            await register(client, ["Player"])
+            await post(client, "/membership/fetch_all")
+        answer = await post(client, "/membership/keep_alive", {**body, "version": start})
+        assert (answer["full"], len(answer["hosts"])) == (True, 10)
+        recent = await post(client, "/membership/keep_alive", {**body, "version": start + 2})
+        assert (recent["full"], len(recent["hosts"])) == (False, 7)
+
+
+async def fill(store: Store, prefix: str) -> int:
+    """Junk keys written straight to the store until it is full; how many."""
+    for n in range(10_000):
+        try:
+            await store.put(f"{prefix}{n}", b"j" * 4096)
+        except StoreFullError:
+            return n
+    raise AssertionError("the store never filled up")
+
+
+@pytest.fixture(params=["memory", "etcd"])
+async def small_store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    """A store of this test alone, with a quota of 1 MiB."""
+    quota = 1024 * 1024
+    if request.param == "memory":
+        yield MemoryStore(quota_bytes=quota)
+        return
+    server = EtcdProcess(quota_bytes=quota)
+    try:
+        server.start()
+        etcd = EtcdStore(server.url)
+        try:
+            yield etcd
+        finally:
+            await etcd.aclose()
+    finally:
+        server.destroy()
+
+
+async def test_a_full_store_keeps_hosts_and_placed_actors_then_recovers(small_store: Store) -> None:
+    store = small_store
+    config = MaintenanceConfig(check_interval=0.1, compact_interval=0, quota_bytes=1024 * 1024)
+    pd = PlacementDriver(store, prefix="/full/", maintenance=config)
+    async with client_for(pd) as client, anyio.create_task_group() as tg:
+        await tg.start(pd.maintain)
+        a, lease_a = await register(client, ["Player"])
+        placed = await post(
+            client, "/placement/find_position", {"actor_type": "Player", "actor_id": "1"}
+        )
+        junk = await fill(store, "/junk/")
+        # the host renews; the placed actor is answered; a new one fails fast, saying why
+        for _ in range(3):
+            view = await post(
+                client, "/membership/keep_alive", {"server_id": a, "lease_id": lease_a}
+            )
+            assert set(view["hosts"]) == {str(a)}
+        body = {
+            "positions": [
+                {"actor_type": "Player", "actor_id": "1"},
+                {"actor_type": "Player", "actor_id": "2"},
+            ]
+        }
+        one, two = (await post(client, "/placement/find_positions", body))["positions"]
+        assert (one["server_id"], one["created"], one["create_time"]) == (
+            a,
+            False,
+            placed["create_time"],
+        )
+        assert (two["status"], two["error"]) == (507, "store_full")
+        assert "--quota-backend-bytes" in two["message"]
+        single = {"actor_type": "Player", "actor_id": "3"}
+        assert (await post(client, "/placement/find_position", single, 507))[
+            "error"
+        ] == "store_full"
+        fresh = {"server_id": 999, "address": "127.0.0.1:1", "ttl": 30}
+        assert (await post(client, "/membership/register", fresh, 507))["error"] == "store_full"
+        assert pd.maintenance_statistics().full
+        await anyio.sleep(0.5)  # still full: the alarm is not disarmed
+        assert pd.maintenance_statistics().disarms == 0
+        # space is freed (deletes work while full): the PD recovers by itself
+        for n in range(junk):
+            await store.delete(f"/junk/{n}")
+        with anyio.fail_after(10):
+            while True:
+                resp = await client.post(API + "/placement/find_position", json=single)
+                if resp.status_code == 200:
+                    break
+                assert resp.json()["error"] == "store_full"
+                await anyio.sleep(0.1)
+        stats = pd.maintenance_statistics()
+        assert stats.disarms >= 1
+        assert not stats.full
+        assert (await store.status()).alarms == ()
+        tg.cancel_scope.cancel()
+
+
+async def test_the_pd_compacts_history_on_a_schedule(store: Store) -> None:
+    config = MaintenanceConfig(compact_interval=0.1, history=0.3, check_interval=0.1)
+    pd = PlacementDriver(store, prefix=unique_prefix("compact"), maintenance=config)
+    early = await store.put(pd.prefix + "k", b"0")
+    async with anyio.create_task_group() as tg:
+        await tg.start(pd.maintain)
+        with anyio.fail_after(10):
+            while pd.maintenance_statistics().compacted_revision < early:
+                await store.put(pd.prefix + "k", b"1")
+                await anyio.sleep(0.05)
+        tg.cancel_scope.cancel()
+    stats = pd.maintenance_statistics()
+    assert stats.compactions >= 1
+    # it keeps `history` seconds: the newest revisions were not compacted
+    assert stats.compacted_revision < (await store.status()).revision
+    if isinstance(store, EtcdStore):  # etcd itself says the early revision is gone
+        async with httpx.AsyncClient() as raw:
+            resp = await raw.post(
+                store.endpoints[0] + "/v3/kv/range", json={"key": "AA==", "revision": str(early)}
+            )
+        assert "compacted" in resp.text
+
+
+def test_maintenance_config_is_validated() -> None:
+    from koala import ConfigError
+
+    for bad in (
+        {"compact_interval": -1},
+        {"history": float("nan")},
+        {"check_interval": 0},
+        {"quota_bytes": -1},
+        {"compact_interval": "60"},
+    ):
+        with pytest.raises(ConfigError, match="MaintenanceConfig"):
+            MaintenanceConfig(**bad)

@@ -359,3 +359,142 @@ def test_bad_settings_are_config_errors() -> None:
         MemberConfig(ttl=3, fence_margin=2.5)
     with pytest.raises(ConfigError, match="cache_size"):
         MemberConfig(cache_size=0)
+
+
+# ---------------------------------------------------------------- deltas and retries
+
+
+async def test_directories_follow_membership_through_deltas() -> None:
+    async with anyio.create_task_group() as tg:
+        pd = PD(tg)
+        await pd.start()
+        clients = [PDClient(pd.url, timeout=1.0) for _ in range(2)]
+        a = ClusterDirectory(clients[0], "127.0.0.1:1", {"Thing": "t"}, MemberConfig(ttl=1))
+        b = ClusterDirectory(clients[1], "127.0.0.1:2", {"Thing": "t"}, MemberConfig(ttl=1))
+        answers: list[tuple[bool, set[int], list[int]]] = []
+        renew = clients[0].keep_alive
+
+        async def recorded(*args: Any, **kwargs: Any) -> Any:
+            view = await renew(*args, **kwargs)
+            answers.append((view.full, set(view.hosts), view.removed))
+            return view
+
+        clients[0].keep_alive = recorded  # type: ignore[method-assign]
+        async with anyio.create_task_group() as members:
+            await members.start(a.run)
+            with anyio.fail_after(5):
+                while not answers:
+                    await anyio.sleep(0.02)
+            async with anyio.create_task_group() as other:
+                await other.start(b.run)
+                with anyio.fail_after(5):
+                    while b.server_id not in a.members or a.server_id not in b.members:
+                        await anyio.sleep(0.02)
+                assert a.members[b.server_id].address == "127.0.0.1:2"
+                await b.leave()
+                other.cancel_scope.cancel()
+            with anyio.fail_after(5):
+                while b.server_id in a.members:
+                    await anyio.sleep(0.02)
+            assert set(a.members) == {a.server_id}
+            members.cancel_scope.cancel()
+        for client in clients:
+            await client.aclose()
+        pd.stop()
+    # the first answer is the whole table; then only changes: b added, b removed
+    assert answers[0] == (True, {a.server_id}, [])
+    assert (False, {b.server_id}, []) in answers
+    assert (False, set(), [b.server_id]) in answers
+    assert all(not full for full, _, _ in answers[1:])
+    assert a.statistics().failed_renewals == 0
+
+
+class Proxy:
+    """A TCP proxy in front of the PD that breaks the connections it is told to: each
+    connection ``n`` in ``kill`` is closed once its request arrived, unanswered (a
+    server closing it under the request); with ``idle_close``, a connection idle that
+    many seconds is closed (a server's keep-alive timeout)."""
+
+    def __init__(self, upstream: int, kill: set[int], idle_close: float = 0.0) -> None:
+        self.upstream = upstream
+        self.kill = kill
+        self.idle_close = idle_close
+        self.port = free_port()
+        self.connections = 0
+
+    async def serve(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+        listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=self.port)
+        async with listener:
+            task_status.started()
+            await listener.serve(self._handle)
+
+    async def _handle(self, client: Any) -> None:
+        n = self.connections
+        self.connections += 1
+        async with client:
+            if n in self.kill:
+                await client.receive()
+                return
+            async with await anyio.connect_tcp("127.0.0.1", self.upstream) as server:
+                last = [anyio.current_time()]
+
+                async def pump(src: Any, dst: Any) -> None:
+                    try:
+                        async for chunk in src:
+                            last[0] = anyio.current_time()
+                            await dst.send(chunk)
+                    except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                        pass
+                    tg.cancel_scope.cancel()
+
+                async def idle() -> None:
+                    while True:
+                        await anyio.sleep(
+                            max(0.0, last[0] + self.idle_close - anyio.current_time())
+                        )
+                        if anyio.current_time() - last[0] >= self.idle_close:
+                            tg.cancel_scope.cancel()
+                            return
+
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(pump, client, server)
+                    tg.start_soon(pump, server, client)
+                    if self.idle_close:
+                        tg.start_soon(idle)
+
+
+async def test_a_connection_dropped_under_a_renewal_does_not_fail_it() -> None:
+    async with anyio.create_task_group() as tg:
+        pd = PD(tg)
+        await pd.start()
+        direct = PDClient(pd.url)
+        server_id = await direct.new_server_id()
+        lease = await direct.register(server_id, "127.0.0.1:1", {"Thing": "t"}, ttl=30)
+        async with anyio.create_task_group() as proxies:
+            # the PD's connection breaks under the renewal: it is sent again, and succeeds
+            proxy = Proxy(pd.port, kill={0})
+            await proxies.start(proxy.serve)
+            client = PDClient(f"http://127.0.0.1:{proxy.port}", timeout=5.0)
+            view = await client.keep_alive(server_id, lease, 1)
+            assert server_id in view.hosts
+            assert (client.retries, proxy.connections) == (1, 2)
+            await client.aclose()
+            # a request that is not safe to repeat is not: new_server_id would burn an id
+            proxy.kill = {proxy.connections}
+            client = PDClient(f"http://127.0.0.1:{proxy.port}", timeout=5.0)
+            with pytest.raises(PDUnavailableError, match="no PD can be reached"):
+                await client.new_server_id()
+            assert client.retries == 0
+            await client.aclose()
+            # a PD that closes idle connections just when the renewal comes: it still works
+            idle = Proxy(pd.port, kill=set(), idle_close=0.05)
+            await proxies.start(idle.serve)
+            client = PDClient(f"http://127.0.0.1:{idle.port}", timeout=5.0)
+            for n in range(20):
+                await client.keep_alive(server_id, lease, n)
+                await anyio.sleep(0.04 + 0.001 * n)  # around the idle timeout
+            assert idle.connections >= 2
+            await client.aclose()
+            proxies.cancel_scope.cancel()
+        await direct.aclose()
+        pd.stop()

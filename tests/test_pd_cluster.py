@@ -212,3 +212,17 @@ async def test_status_prints_the_cluster_as_a_table(cluster: Cluster) -> None:
     )
     assert down.returncode == 1
     assert "no PD can be reached" in down.stderr.decode()
+
+
+async def test_bad_store_maintenance_flags_are_clear_errors(cluster: Cluster) -> None:
+    for flag, value in (
+        ("--compact-interval", "-1"),
+        ("--store-check-interval", "0"),
+        ("--etcd-quota-bytes", "-5"),
+    ):
+        cmd = [sys.executable, "-m", "koala.cli", "pd", "--store", "memory", flag, value]
+        done = await anyio.run_process(cmd, check=False, env=cluster.env())
+        assert done.returncode == 2, (flag, done.stderr)
+        err = done.stderr.decode()
+        assert err.startswith("koala: error: MaintenanceConfig."), err
+        assert flag in err

@@ -17,9 +17,10 @@ from koala.pd import (
     MemoryStore,
     Store,
     StoreError,
+    StoreFullError,
     StoreUnavailableError,
 )
-from tests._etcd import etcd_url, free_port, unique_prefix
+from tests._etcd import EtcdProcess, etcd_url, free_port, unique_prefix
 
 __all__ = ["etcd_url"]  # the fixture, imported for pytest
 
@@ -322,6 +323,125 @@ async def test_delete_many_deletes_only_the_revision_asked(store: Store, p: str)
     assert await store.delete_many([(p + "k0", revs[0]), (p + "k3", revs[3])]) == [False, False]
     assert await store.revoke(lease)
     assert await store.get(p + "k2") is None
+
+
+# ---------------------------------------------------------------- maintenance
+
+SMALL_QUOTA = 1024 * 1024  # bytes: a full store in a few hundred writes
+
+
+@pytest.fixture(params=["memory", "etcd"])
+async def small_store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    """A store of this test alone with a quota of SMALL_QUOTA bytes."""
+    if request.param == "memory":
+        yield MemoryStore(quota_bytes=SMALL_QUOTA)
+        return
+    server = EtcdProcess(quota_bytes=SMALL_QUOTA)
+    try:
+        server.start()
+        etcd = EtcdStore(server.url, timeout=5.0)
+        try:
+            yield etcd
+        finally:
+            await etcd.aclose()
+    finally:
+        server.destroy()
+
+
+async def fill(store: Store, prefix: str, size: int = 4096, limit: int = 10_000) -> int:
+    """Write junk under ``prefix`` until the store is full; how many keys it took."""
+    for n in range(limit):
+        try:
+            await store.put(f"{prefix}{n}", b"j" * size)
+        except StoreFullError:
+            return n
+    raise AssertionError(f"the store took {limit} keys of {size} bytes without filling up")
+
+
+async def test_status_reports_the_revision_and_sizes(store: Store, p: str) -> None:
+    revision = await store.put(p + "s", b"1" * 1000)
+    status = await store.status()
+    assert status.revision >= revision
+    assert status.db_size >= status.db_size_in_use > 0
+    assert status.alarms == ()
+    with pytest.raises(StoreError, match="revision"):
+        await store.compact(0)
+
+
+async def test_compaction_is_harmless_to_repeat_and_refuses_the_future(
+    store: Store, p: str
+) -> None:
+    first = await store.put(p + "c", b"1")
+    last = await store.put(p + "c", b"2")
+    await store.compact(last)
+    await store.compact(last)  # again: another PD got there first
+    await store.compact(first)  # below the last compaction: nothing to do
+    with pytest.raises(StoreError, match="future"):
+        await store.compact((await store.status()).revision + 1000)
+    kv = await store.get(p + "c")
+    assert kv is not None
+    assert kv.value == b"2"  # compaction keeps the keys as they are now
+
+
+async def test_compaction_frees_the_history_of_overwritten_keys(store: Store, p: str) -> None:
+    for n in range(300):
+        await store.put(p + "o", str(n).encode() * 500)
+    before = await store.status()
+    await store.compact(before.revision)
+    # etcd frees the old revisions' pages in the background, and counts them free at
+    # its next write
+    with anyio.fail_after(10):
+        while (await store.status()).db_size_in_use > before.db_size_in_use - 300_000:
+            await anyio.sleep(0.1)
+            await store.put(p + "tick", b"")
+
+
+async def test_a_full_store_refuses_writes_and_keeps_reads_deletes_and_leases(
+    small_store: Store, p: str
+) -> None:
+    store = small_store
+    lease = await store.grant(30)
+    await store.put(p + "placed", b"here", lease=lease)
+    junk = await fill(store, p + "junk/")
+    assert junk > 10
+    assert (await store.status()).alarms == ("NOSPACE",)
+    with pytest.raises(StoreFullError, match="space"):
+        await store.put(p + "new", b"1")
+    with pytest.raises(StoreFullError):
+        await store.create(p + "placed", b"mine")  # even a create that would not write
+    with pytest.raises(StoreFullError):
+        await store.create_many([(p + "placed", b"1", 0), (p + "new", b"2", 0)])
+    with pytest.raises(StoreFullError):
+        await store.replace(p + "placed", b"x", mod_revision=0)
+    with pytest.raises(StoreFullError):
+        await store.grant(30)
+    # what still works: reads, lease keep-alives, deletes
+    kv = await store.get(p + "placed")
+    assert kv is not None
+    assert kv.value == b"here"
+    assert [k.value if k else None for k in await store.get_many([p + "placed", p + "new"])] == [
+        b"here",
+        None,
+    ]
+    assert await store.keep_alive(lease) == 30
+    for n in range(junk):
+        assert await store.delete(f"{p}junk/{n}")
+    # deleting alone does not end the alarm: compact, defragment, disarm
+    with pytest.raises(StoreFullError):
+        await store.put(p + "new", b"1")
+    await store.compact((await store.status()).revision)
+    await store.defragment()
+    status = await store.status()
+    assert status.db_size < SMALL_QUOTA // 2
+    await store.disarm()
+    assert (await store.status()).alarms == ()
+    await store.put(p + "new", b"1")
+    await store.revoke(lease)
+
+
+def test_memory_quota_is_checked() -> None:
+    with pytest.raises(ConfigError, match="quota_bytes"):
+        MemoryStore(quota_bytes=-1)
 
 
 # ---------------------------------------------------------------- etcd only

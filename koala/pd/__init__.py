@@ -24,6 +24,8 @@ from ._store import LeaseNotFoundError as LeaseNotFoundError
 from ._store import MemoryStore as MemoryStore
 from ._store import Store as Store
 from ._store import StoreError as StoreError
+from ._store import StoreFullError as StoreFullError
+from ._store import StoreStatus as StoreStatus
 from ._store import StoreUnavailableError as StoreUnavailableError
 
 __all__ = [
@@ -44,5 +46,7 @@ __all__ = [
     "PlacementRemote",
     "Store",
     "StoreError",
+    "StoreFullError",
+    "StoreStatus",
     "StoreUnavailableError",
 ]

@@ -14,8 +14,17 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from .._errors import KoalaError
-from ._service import DEFAULT_HOST_TTL, MAX_BATCH, HostInfo, PDError, PlacementDriver
-from ._store import StoreError, StoreUnavailableError
+from ._service import (
+    DEFAULT_HOST_TTL,
+    MAX_BATCH,
+    STORE_FULL_FIX,
+    HostInfo,
+    MembershipView,
+    PDError,
+    PlacementDriver,
+    now_ms,
+)
+from ._store import StoreError, StoreFullError, StoreUnavailableError
 
 API_VERSION = "koala-pd/1"
 
@@ -51,6 +60,7 @@ class KeepAliveRequest(BaseModel):
     lease_id: Int64
     load: Int64 = 0
     activations: Int64 | None = None
+    version: Int64 | None = None  # the membership version the host holds: answer a delta
 
 
 class HostModel(BaseModel):
@@ -74,7 +84,10 @@ class EventModel(BaseModel):
 
 
 class MembershipResponse(BaseModel):
+    version: int
+    full: bool
     hosts: dict[str, HostModel]
+    removed: list[int]
     events: list[EventModel]
     now: int
 
@@ -150,6 +163,11 @@ def create_app(pd: PlacementDriver) -> FastAPI:
     async def pd_error(request: Request, exc: PDError) -> JSONResponse:
         return _error(exc.status, exc.code, exc.message)
 
+    @app.exception_handler(StoreFullError)
+    async def store_full(request: Request, exc: StoreFullError) -> JSONResponse:
+        pd.store_full(exc)
+        return _error(507, "store_full", STORE_FULL_FIX)
+
     @app.exception_handler(StoreUnavailableError)
     async def store_down(request: Request, exc: StoreUnavailableError) -> JSONResponse:
         return _error(503, "store_unavailable", f"the PD cannot reach its store: {exc}")
@@ -173,14 +191,15 @@ def create_app(pd: PlacementDriver) -> FastAPI:
             message += " (send the body as JSON with Content-Type: application/json)"
         return _error(400, "bad_request", message)
 
-    def membership(hosts: dict[int, HostInfo]) -> MembershipResponse:
-        from ._service import now_ms
-
+    def membership(view: MembershipView) -> MembershipResponse:
+        # events only with the whole table: a delta names its removals itself
+        events = pd.recent_events() if view.full else []
         return MembershipResponse(
-            hosts={str(s): HostModel(**h.to_json()) for s, h in hosts.items()},
-            events=[
-                EventModel(time=e.time, add=e.add, remove=e.remove) for e in pd.recent_events()
-            ],
+            version=view.version,
+            full=view.full,
+            hosts={str(s): HostModel(**h.to_json()) for s, h in view.hosts.items()},
+            removed=view.removed,
+            events=[EventModel(time=e.time, add=e.add, remove=e.remove) for e in events],
             now=now_ms(),
         )
 
@@ -205,11 +224,13 @@ def create_app(pd: PlacementDriver) -> FastAPI:
     @app.post("/pd/api/v1/membership/keep_alive")
     async def keep_alive(body: KeepAliveRequest) -> MembershipResponse:
         await pd.keep_alive(body.server_id, body.lease_id, body.load, body.activations)
-        return membership(await pd.hosts())
+        await pd.hosts()
+        return membership(pd.membership(body.version))
 
     @app.post("/pd/api/v1/membership/fetch_all")
     async def fetch_all() -> MembershipResponse:
-        return membership(await pd.hosts())
+        await pd.hosts()
+        return membership(pd.membership())
 
     @app.post("/pd/api/v1/membership/delete")
     async def delete(body: DeleteRequest) -> DeleteResponse:

@@ -55,6 +55,12 @@ HTTP_POOL = 16
 log = logging.getLogger("koala.pd.client")
 
 DEFAULT_PD_TIMEOUT = 5.0
+# An idle pooled connection is dropped after this long, well before the PD server closes
+# it (hypercorn's keep_alive_timeout, 5 s): a renewal never reuses a connection the
+# server is closing. Whatever still breaks is retried (PDClient._post).
+KEEPALIVE_EXPIRY = 2.0
+RETRY_ROUNDS = 3  # rounds over the PDs for a repeatable request after transient failures
+RETRY_PAUSE = 0.05  # seconds between two rounds; doubles
 MAX_DEPARTED = 10_000  # ids of hosts seen leaving, remembered to drop their positions
 
 # Position lookups of a host go to the PD in batches: while LOOKUP_BATCHES batches are
@@ -113,11 +119,17 @@ class Member:
 
 @dataclass(frozen=True, slots=True)
 class Membership:
-    """The hosts of the cluster, and the adds and removes the PD saw recently."""
+    """The hosts of the cluster as a PD answered them: the whole table (``full``), or
+    the hosts added and the server ids ``removed`` since the version the caller sent;
+    ``version`` is what to send next time. ``events``: adds and removes the PD saw
+    recently (with the whole table only)."""
 
     hosts: dict[int, Member]
     events: list[dict[str, Any]]
     now: int  # the PD's clock, ms since the epoch
+    version: int = 0
+    full: bool = True
+    removed: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,8 +144,38 @@ class ActorPosition:
     ticket: bytes = b""  # the named host's proof of this answer (koala.pd._ticket)
 
 
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+
+class _OneChunk(httpx.AsyncByteStream):
+    """A request body sent in one chunk, by an iterator rather than httpx's async
+    generator: a send that breaks half-way leaves no generator to finalize (trio warns
+    about each one, and the retries make that common)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data: bytes | None = data
+
+    def __aiter__(self) -> _OneChunk:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._data is None:
+            raise StopAsyncIteration
+        data, self._data = self._data, None
+        return data
+
+
 class PDClient:
-    """The PD's HTTP API. Every request has a deadline (``timeout``)."""
+    """The PD's HTTP API. Every request has a deadline (``timeout``).
+
+    Requests that are safe to repeat (renewal, lookups, fetch_all, delete) are retried
+    on a fresh connection and the other PDs, a few rounds within the deadline: a
+    connection that broke (e.g. a pooled one the server closed) or a PD that could not
+    reach its store does not fail them at once. PDs that all refuse the connection do:
+    nobody listens, and waiting would only delay the error. The other requests (new
+    ids, register) go to the next PD only when they surely were not sent (the
+    connection could not be opened): a repeat would burn an id, or register a host
+    twice."""
 
     def __init__(
         self,
@@ -163,28 +205,64 @@ class PDClient:
         self._http = httpx.AsyncClient(
             transport=transport,
             timeout=httpx.Timeout(timeout),
-            limits=httpx.Limits(max_connections=HTTP_POOL, max_keepalive_connections=HTTP_POOL),
+            limits=httpx.Limits(
+                max_connections=HTTP_POOL,
+                max_keepalive_connections=HTTP_POOL,
+                keepalive_expiry=KEEPALIVE_EXPIRY,
+            ),
         )
+        self.retries = 0  # attempts made again after a failure (statistics, tests)
 
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _post(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        """POST to the current PD; on a connection failure, to the next one (each once)."""
+    async def _post(
+        self, path: str, body: dict[str, Any] | None = None, *, repeatable: bool = False
+    ) -> dict[str, Any]:
+        """POST to the current PD; after a failure, to the next (see the class docstring).
+
+        Every PD is tried once per round. A request that is not repeatable moves on only
+        while it surely was not sent. A repeatable one also moves on after a connection
+        that broke and after a PD's 502-504 (it cannot reach its store, or is
+        overloaded), and when a round saw such a transient failure, another round
+        follows after a short pause (at most RETRY_ROUNDS, within ``timeout``); a round
+        where every PD refused the connection ends it: nobody is listening."""
         failures: list[str] = []
-        for _ in range(len(self.urls)):
-            url = self.urls[self._current]
-            try:
-                with anyio.fail_after(self.timeout):
-                    async with self._slots:  # queue here, not in httpx's pool (slow scans)
-                        resp = await self._http.post(url + path, json=body or {})
-            except (httpx.TransportError, TimeoutError) as exc:
-                failures.append(f"{url}: {type(exc).__name__} {exc}".rstrip())
+        deadline = anyio.current_time() + self.timeout
+        pause = RETRY_PAUSE
+        for _ in range(RETRY_ROUNDS if repeatable else 1):
+            transient = False
+            for _ in range(len(self.urls)):
+                url = self.urls[self._current]
+                left = deadline - anyio.current_time() if repeatable else self.timeout
+                if left <= 0:
+                    break
+                try:
+                    request = self._http.build_request("POST", url + path, json=body or {})
+                    request.stream = _OneChunk(request.content)
+                    with anyio.fail_after(left):
+                        async with self._slots:  # queue here, not in httpx's pool (slow scans)
+                            resp = await self._http.send(request)
+                    return self._answer(url, path, resp)
+                except (httpx.TransportError, TimeoutError) as exc:
+                    failures.append(f"{url}: {type(exc).__name__} {exc}".rstrip())
+                    if not isinstance(exc, _NOT_SENT):
+                        if not repeatable:
+                            break  # it may have run: the caller decides
+                        transient = True
+                except PDUnavailableError as exc:
+                    if not repeatable:
+                        raise
+                    failures.append(str(exc))
+                    transient = True
                 self._current = (self._current + 1) % len(self.urls)
-                continue
-            return self._answer(url, path, resp)
+                self.retries += 1
+            if not transient or anyio.current_time() + pause >= deadline:
+                break
+            await anyio.sleep(pause)
+            pause *= 2
         raise PDUnavailableError(
-            f"no PD can be reached ({'; '.join(failures)}); is `koala pd` running there?"
+            f"no PD can be reached ({'; '.join(failures[-4:])}); is `koala pd` running there?"
         )
 
     def _answer(self, url: str, path: str, resp: httpx.Response) -> dict[str, Any]:
@@ -240,18 +318,31 @@ class PDClient:
         return int((await self._post("/pd/api/v1/membership/register", body))["lease_id"])
 
     async def keep_alive(
-        self, server_id: int, lease_id: int, load: int, activations: int | None = None
+        self,
+        server_id: int,
+        lease_id: int,
+        load: int,
+        activations: int | None = None,
+        *,
+        version: int | None = None,
     ) -> Membership:
+        """Renew; the membership since ``version`` (None: the whole table)."""
         body: dict[str, Any] = {"server_id": server_id, "lease_id": lease_id, "load": load}
         if activations is not None:
             body["activations"] = activations
-        return _membership(await self._post("/pd/api/v1/membership/keep_alive", body))
+        if version is not None:
+            body["version"] = version
+        path = "/pd/api/v1/membership/keep_alive"
+        return _membership(await self._post(path, body, repeatable=True))
 
     async def fetch_all(self) -> Membership:
-        return _membership(await self._post("/pd/api/v1/membership/fetch_all"))
+        return _membership(await self._post("/pd/api/v1/membership/fetch_all", repeatable=True))
 
     async def delete(self, server_id: int) -> None:
-        await self._post("/pd/api/v1/membership/delete", {"server_id": server_id})
+        """Deregister; repeated after a broken connection, a delete that had landed
+        answers not_registered (LeaseExpiredError): the host is gone either way."""
+        path = "/pd/api/v1/membership/delete"
+        await self._post(path, {"server_id": server_id}, repeatable=True)
 
     async def find_positions(
         self, actors: Sequence[tuple[str, str]], ttl: int = 0
@@ -263,7 +354,7 @@ class PDClient:
             "positions": [{"actor_type": t, "actor_id": a} for t, a in actors],
             "ttl": ttl,
         }
-        data = await self._post("/pd/api/v1/placement/find_positions", body)
+        data = await self._post("/pd/api/v1/placement/find_positions", body, repeatable=True)
         answers = data.get("positions")
         if not isinstance(answers, list) or len(answers) != len(actors):
             raise PDUnavailableError(
@@ -307,6 +398,7 @@ class PDClient:
         data = await self._post(
             "/pd/api/v1/placement/find_position",
             {"actor_type": actor_type, "actor_id": actor_id, "ttl": ttl},
+            repeatable=True,
         )
         return _position(actor_type, actor_id, data)
 
@@ -325,8 +417,20 @@ def _position(actor_type: str, actor_id: str, data: dict[str, Any]) -> ActorPosi
 
 
 def _membership(data: dict[str, Any]) -> Membership:
-    hosts = {int(k): Member.from_json(v) for k, v in (data.get("hosts") or {}).items()}
-    return Membership(hosts, list(data.get("events") or []), int(data.get("now", 0)))
+    try:
+        hosts = {int(k): Member.from_json(v) for k, v in (data.get("hosts") or {}).items()}
+        return Membership(
+            hosts,
+            list(data.get("events") or []),
+            int(data.get("now", 0)),
+            version=int(data.get("version", 0)),
+            full=bool(data.get("full", True)),  # a PD without deltas sends the whole table
+            removed=[int(s) for s in data.get("removed") or []],
+        )
+    except (TypeError, ValueError, AttributeError):
+        raise PDUnavailableError(
+            f"the PD answered with a malformed membership: {data!r:.200}"
+        ) from None
 
 
 # ---------------------------------------------------------------- the directory
@@ -438,6 +542,7 @@ class ClusterDirectory:
         self.lease_id = 0
         self.serving = False
         self.members: dict[int, Member] = {}
+        self._version: int | None = None  # of the membership the PD last answered
         # positions on other hosts: ident -> (server id, address, expiry, ticket)
         self._cache: OrderedDict[Ident, tuple[int, str, float, bytes]] = OrderedDict()
         self._positions = OwnPositions()  # this host's own, and those it gives back
@@ -747,15 +852,24 @@ class ClusterDirectory:
         return stats.activations + stats.inflight, stats.activations
 
     def _update_view(self, view: Membership) -> None:
-        for server_id in self.members:
-            if server_id not in view.hosts:
-                self._departed[server_id] = None
+        """Apply a renewal's answer: the whole table replaces the view, a delta adds the
+        hosts it names and drops the ones it removes."""
+        if view.full:
+            gone = [server_id for server_id in self.members if server_id not in view.hosts]
+            self.members = dict(view.hosts)
+        else:
+            gone = list(view.removed)
+            for server_id in gone:
+                self.members.pop(server_id, None)
+            self.members.update(view.hosts)
+        for server_id in gone:
+            self._departed[server_id] = None
         for event in view.events:
             for server_id in event.get("remove") or []:
                 self._departed[int(server_id)] = None
         while len(self._departed) > MAX_DEPARTED:
             self._departed.popitem(last=False)
-        self.members = view.hosts
+        self._version = view.version
 
     async def _register(self) -> float:
         """Register as a new node, retrying until the PD answers; when the lease began."""
@@ -843,7 +957,7 @@ class ClusterDirectory:
             with anyio.move_on_after(fence_at - now):
                 try:
                     view = await self.pd.keep_alive(
-                        self.server_id, self.lease_id, load, activations
+                        self.server_id, self.lease_id, load, activations, version=self._version
                     )
                 except LeaseExpiredError as exc:
                     log.error("server %d: %s; fencing itself", self.server_id, exc.message)

@@ -8,7 +8,16 @@ travel base64-encoded, 64-bit integers as JSON strings, fields holding a default
 
 Every request runs under a deadline (``timeout``); a server that does not answer gives
 :class:`StoreUnavailableError`, never a hang. Several endpoints may be given (the
-members of an etcd cluster): on a connection failure the next one is tried.
+members of an etcd cluster): on a connection failure the next one is tried, and a
+connection that broke without an answer (e.g. a pooled connection the server closed)
+is retried once more on a fresh one. Repeating a request is harmless for every
+operation the PD makes: reads and lease keep-alives are idempotent, a repeated
+create-if-absent or compare-and-swap that had landed reports the key as existing or
+changed (the PD then reads or retries), and a repeated grant leaves a lease nobody
+renews, which expires.
+
+etcd out of space (the NOSPACE alarm: ``--quota-backend-bytes`` reached) answers
+writes with RESOURCE_EXHAUSTED: :class:`StoreFullError`.
 """
 
 from __future__ import annotations
@@ -24,13 +33,17 @@ import httpx
 
 from .._errors import ConfigError
 from ._store import (
+    NOSPACE,
     CreateOutcome,
     KeyValue,
     LeaseNotFoundError,
     StoreError,
+    StoreFullError,
+    StoreStatus,
     StoreUnavailableError,
     check_distinct,
     check_key,
+    check_revision,
     check_timeout,
     check_ttl,
 )
@@ -42,8 +55,10 @@ HTTP_POOL = 16
 log = logging.getLogger("koala.pd.etcd")
 
 DEFAULT_TIMEOUT = 5.0
+DEFRAG_TIMEOUT = 120.0  # defragmenting rewrites the whole file: a large one takes a while
 MAX_TXN_OPS = 128  # etcd's default --max-txn-ops: operations per branch of one txn
 _GRPC_NOT_FOUND = 5
+_GRPC_RESOURCE_EXHAUSTED = 8  # "mvcc: database space exceeded" (NOSPACE)
 _GRPC_UNAVAILABLE = (4, 14)  # DEADLINE_EXCEEDED, UNAVAILABLE
 
 
@@ -119,20 +134,38 @@ class EtcdStore:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    async def _call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        """POST ``body`` to ``path`` on an endpoint; the decoded answer or a StoreError."""
+    async def _call(
+        self,
+        path: str,
+        body: dict[str, Any],
+        *,
+        endpoint: str | None = None,
+        wait: float | None = None,
+    ) -> dict[str, Any]:
+        """POST ``body`` to ``path`` on an endpoint (``endpoint``: that one only) within
+        ``wait`` seconds (default: the store's timeout); the decoded answer or a StoreError.
+
+        Each endpoint is tried once, and one more attempt is made after a connection
+        that broke without a timeout (see the module docstring: repeats are harmless)."""
         errors: list[str] = []
-        for _ in range(len(self.endpoints)):
-            endpoint = self.endpoints[self._current]
+        spare = 1  # the extra attempt after a broken connection
+        tries = 1 if endpoint is not None else len(self.endpoints)
+        while tries > 0:
+            tries -= 1
+            target = endpoint or self.endpoints[self._current]
             try:
-                with anyio.fail_after(self.timeout):
+                with anyio.fail_after(wait or self.timeout):
                     async with self._slots:  # queue here, not in httpx's pool (slow scans)
-                        resp = await self._client.post(endpoint + path, json=body)
+                        resp = await self._client.post(target + path, json=body)
             except (httpx.TransportError, TimeoutError) as exc:
-                errors.append(f"{endpoint}: {type(exc).__name__} {exc}".rstrip())
-                self._current = (self._current + 1) % len(self.endpoints)
+                errors.append(f"{target}: {type(exc).__name__} {exc}".rstrip())
+                if endpoint is None:
+                    self._current = (self._current + 1) % len(self.endpoints)
+                if spare and not isinstance(exc, (TimeoutError, httpx.TimeoutException)):
+                    spare -= 1
+                    tries += 1
                 continue
-            return self._answer(endpoint, path, resp)
+            return self._answer(target, path, resp)
         raise StoreUnavailableError(
             f"etcd cannot be reached ({'; '.join(errors)}); check that etcd runs and that "
             "--etcd points at its client URL"
@@ -153,6 +186,13 @@ class EtcdStore:
             code = int(data.get("code", 0))
             if code == _GRPC_NOT_FOUND and "lease" in message:
                 raise LeaseNotFoundError(f"{message} (it expired or was revoked)")
+            if code == _GRPC_RESOURCE_EXHAUSTED and "space" in message:
+                raise StoreFullError(
+                    f"etcd at {endpoint} is out of space ({message}): its NOSPACE alarm is "
+                    "raised and it refuses writes until history is compacted, the database "
+                    "defragmented and the alarm disarmed; if live data fills the quota, raise "
+                    "etcd's --quota-backend-bytes"
+                )
             if code in _GRPC_UNAVAILABLE:
                 raise StoreUnavailableError(f"etcd at {endpoint}: {message}")
             raise StoreError(f"etcd at {endpoint} refused {path}: {message}")
@@ -415,3 +455,49 @@ class EtcdStore:
         except LeaseNotFoundError:
             return False
         return True
+
+    # ------------------------------------------------------------ maintenance
+
+    async def status(self) -> StoreStatus:
+        data = await self._call("/v3/maintenance/status", {})
+        alarms = await self._alarms()
+        return StoreStatus(
+            revision=_int(data.get("header", {}), "revision"),
+            db_size=_int(data, "dbSize"),
+            db_size_in_use=_int(data, "dbSizeInUse") or _int(data, "dbSize"),
+            alarms=tuple(sorted({alarm for _, alarm in alarms})),
+        )
+
+    async def _alarms(self) -> list[tuple[str, str]]:
+        """(member id, alarm name) of every alarm raised in the etcd cluster."""
+        data = await self._call("/v3/maintenance/alarm", {"action": "GET"})
+        return [
+            (str(a.get("memberID", "0")), str(a.get("alarm", "NONE")))
+            for a in data.get("alarms") or []
+            if a.get("alarm", "NONE") != "NONE"
+        ]
+
+    async def compact(self, revision: int) -> None:
+        check_revision(revision)
+        try:
+            await self._call("/v3/kv/compaction", {"revision": str(revision)})
+        except StoreError as exc:
+            if "has been compacted" in str(exc):
+                return  # another PD (or etcd's auto-compaction) got there first
+            raise
+
+    async def defragment(self) -> None:
+        # per member: each endpoint defragments its own file
+        for endpoint in self.endpoints:
+            await self._call(
+                "/v3/maintenance/defragment",
+                {},
+                endpoint=endpoint,
+                wait=max(self.timeout, DEFRAG_TIMEOUT),
+            )
+
+    async def disarm(self) -> None:
+        for member, alarm in await self._alarms():
+            if alarm == NOSPACE:
+                body = {"action": "DEACTIVATE", "memberID": member, "alarm": alarm}
+                await self._call("/v3/maintenance/alarm", body)

@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import httpx
@@ -26,6 +26,9 @@ from ..gateway import HostBridge
 from ..http import add_error_handlers, serve_asgi
 from ..transport import Transport, TransportConfig
 from ._client import ClusterDirectory, MemberConfig, Membership, PDClient, PlacementRemote
+
+if TYPE_CHECKING:
+    from ._service import MaintenanceConfig
 
 log = logging.getLogger("koala.pd")
 
@@ -56,15 +59,26 @@ async def serve_pd(
     shutdown: anyio.Event,
     *,
     prefix: str = "/koala/",
+    maintenance: MaintenanceConfig | None = None,
     task_status: TaskStatus[tuple[str, int]] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the PD's HTTP API over ``store`` until ``shutdown`` is set."""
+    """Serve the PD's HTTP API over ``store`` until ``shutdown`` is set, looking after
+    the store meanwhile (compaction, recovery from NOSPACE: ``maintenance``)."""
     from ._api import create_app
     from ._service import PlacementDriver
 
-    app = create_app(PlacementDriver(store, prefix=prefix))
+    pd = PlacementDriver(store, prefix=prefix, maintenance=maintenance)
+    app = create_app(pd)
     try:
-        await serve_asgi(app, host, port, shutdown, task_status=task_status)
+        async with anyio.create_task_group() as tg:
+            await tg.start(pd.maintain)
+            try:
+                await serve_asgi(app, host, port, shutdown, task_status=task_status)
+            finally:
+                # maintenance ends by its own scope: cancelling this task group instead
+                # left one of hypercorn's connections open on uvloop (the loop then
+                # refused to close)
+                pd.stop_maintenance()
     finally:
         with anyio.CancelScope(shield=True):
             await store.aclose()

@@ -1,9 +1,16 @@
 """The placement driver's logic over a :class:`Store`: ids, membership, placement.
 
 Everything that must be agreed on lives in the store; what a PD process keeps in
-memory is a cache any PD can rebuild (the membership view, recent membership events,
-unspent blocks of sequence ids, placements it made since a host last reported its
-load). So any number of PD processes may serve one etcd at once.
+memory is a cache any PD can rebuild (the membership view and its versions, recent
+membership events, the loads hosts reported in their renewals, unspent blocks of
+sequence ids, placements it made since a host last reported its load). So any number
+of PD processes may serve one etcd at once.
+
+A host record is written once, at registration; a renewal is a lease keep-alive and
+nothing else in the store (the load it reports stays in this PD's memory), so a
+cluster at rest makes no writes and etcd's history grows only with placements and
+membership changes. The PD compacts that history on a schedule, and recovers by
+itself from etcd's NOSPACE alarm (:meth:`PlacementDriver.maintain`).
 
 Layout under ``prefix`` (default ``/koala/``)::
 
@@ -30,9 +37,18 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import anyio
+from anyio.abc import TaskStatus
 
-from .._errors import KoalaError
-from ._store import CreateOutcome, KeyValue, LeaseNotFoundError, Store
+from .._errors import ConfigError, KoalaError
+from ._store import (
+    NOSPACE,
+    CreateOutcome,
+    KeyValue,
+    LeaseNotFoundError,
+    Store,
+    StoreError,
+    StoreFullError,
+)
 from ._ticket import PLACEMENT_KEY_SIZE, make_ticket
 
 log = logging.getLogger("koala.pd")
@@ -54,6 +70,9 @@ MAX_BATCH = 1024  # actors in one find_positions request
 CREATE_SLOTS = 2
 CREATE_BATCH = 512
 MAX_WAITING = 1024  # requests waiting for a slot; beyond, the PD answers 503 overloaded
+MAX_VERSIONS = 1024  # membership changes remembered to answer deltas; older: the whole table
+FULL_LOG_EVERY = 30.0  # seconds between two error lines about a full store
+ROOM = 0.9  # a full store is disarmed once its file is below this share of the quota
 _SEQUENCE_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 
 
@@ -69,6 +88,72 @@ class PDError(KoalaError):
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+STORE_FULL_FIX = (
+    "etcd is out of space (its NOSPACE alarm is raised: the database reached "
+    "--quota-backend-bytes), so it refuses writes: no new actor can be placed and no host "
+    "can register, while actors already placed keep answering and leases keep renewing. "
+    "The PD compacts, defragments and disarms the alarm by itself once there is room; if "
+    "live data fills the quota, delete keys or raise etcd's --quota-backend-bytes"
+)
+
+
+def _store_full() -> PDError:
+    return PDError(507, "store_full", STORE_FULL_FIX)
+
+
+@dataclass(frozen=True, slots=True)
+class MaintenanceConfig:
+    """How a PD looks after its store. Validated on construction.
+
+    - ``compact_interval``: seconds between two compactions (0: never compact).
+    - ``history``: seconds of revisions a compaction keeps (older ones are dropped).
+    - ``check_interval``: seconds between two checks of the store's alarms (a write
+      refused for lack of space triggers a check at once).
+    - ``quota_bytes``: etcd's ``--quota-backend-bytes`` if known (0: unknown). A full
+      store is disarmed once its file is below 90 % of it; unknown, it is disarmed after
+      every compaction and defragmentation, and etcd raises the alarm again at the
+      first write that still does not fit.
+    """
+
+    compact_interval: float = 60.0
+    history: float = 300.0
+    check_interval: float = 10.0
+    quota_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("compact_interval", "history", "check_interval"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"MaintenanceConfig.{name} must be a number, got {value!r}")
+            if not 0 <= value < float("inf"):
+                raise ConfigError(f"MaintenanceConfig.{name} must be >= 0 seconds, got {value!r}")
+        if self.check_interval <= 0:
+            raise ConfigError("MaintenanceConfig.check_interval must be positive")
+        quota = self.quota_bytes
+        if isinstance(quota, bool) or not isinstance(quota, int) or quota < 0:
+            raise ConfigError(f"MaintenanceConfig.quota_bytes must be >= 0, got {quota!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class MaintenanceStatistics:
+    compactions: int  # compactions this PD asked for
+    compacted_revision: int  # the latest
+    recoveries: int  # times it found the store full and set about freeing it
+    disarms: int  # NOSPACE alarms it cleared
+    full: bool  # the store was full at the last check
+
+
+@dataclass(frozen=True, slots=True)
+class MembershipView:
+    """The membership a keep-alive answers: the whole table (``full``), or the hosts
+    added and the server ids removed since the version the caller sent."""
+
+    version: int
+    full: bool
+    hosts: dict[int, HostInfo]
+    removed: list[int]
 
 
 @dataclass(slots=True)
@@ -246,11 +331,18 @@ class MembershipEvent:
 class PlacementDriver:
     """The PD over a store (see the module docstring)."""
 
-    def __init__(self, store: Store, *, prefix: str = DEFAULT_PREFIX) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        maintenance: MaintenanceConfig | None = None,
+    ) -> None:
         if not prefix.startswith("/") or not prefix.endswith("/"):
             raise KoalaError(f"the PD key prefix must start and end with '/', got {prefix!r}")
         self.store = store
         self.prefix = prefix
+        self.maintenance = maintenance or MaintenanceConfig()
         self._hosts: dict[int, HostInfo] = {}
         self._view_time = -1e18
         self._view_lock = anyio.Lock()
@@ -260,6 +352,23 @@ class PlacementDriver:
         self._placed: dict[int, tuple[int, int]] = {}  # server -> (renew_time seen, count)
         self._random = random.Random()
         self.creates = CreateCombiner(store)
+        # load reports of renewals: server -> (load, activations, renew_time), this PD's own
+        self._reports: dict[int, tuple[int, int, int]] = {}
+        # membership versions: per PD (a random start, +1 per change this PD saw), so a
+        # version from another PD (or before a restart) is unknown here: the whole table
+        self._version = self._random.randrange(1 << 40, 1 << 52)
+        self._changes: deque[tuple[int, frozenset[int]]] = deque(maxlen=MAX_VERSIONS)
+        # store maintenance
+        self._wake = anyio.Event()
+        self._maintaining = anyio.CancelScope()
+        self._logged: dict[str, float] = {}  # topic -> when last logged (rate limit)
+        self._full = False
+        self._compactions = 0
+        self._compacted = 0
+        self._defragmented = 0  # the revision of the last defragmentation
+        self._recoveries = 0
+        self._recovering = False
+        self._disarms = 0
 
     # ------------------------------------------------------------ keys
 
@@ -349,7 +458,10 @@ class PlacementDriver:
     async def keep_alive(
         self, server_id: int, lease_id: int, load: int, activations: int | None = None
     ) -> None:
-        """Renew a host's lease and record its load."""
+        """Renew a host's lease and record its load, in this PD's memory only.
+
+        No write: the host must be registered under that lease in this PD's view of
+        the store (read again if it is not, e.g. it registered through another PD)."""
         if server_id <= 0 or lease_id == 0:
             raise PDError(400, "bad_request", "server_id and lease_id are required")
         try:
@@ -361,25 +473,20 @@ class PlacementDriver:
                 f"the lease {lease_id} of server {server_id} expired: the host must stop "
                 "serving and register again with a new server_id",
             ) from None
-        key = self._host_key(server_id)
-        kv = await self.store.get(key)
-        if kv is None or kv.lease != lease_id:
+        info = (await self.hosts()).get(server_id)
+        if info is None or info.lease_id != lease_id:
+            info = (await self.hosts(max_age=0.0)).get(server_id)
+        if info is None or info.lease_id != lease_id:
             raise PDError(
                 404,
                 "not_registered",
                 f"server {server_id} is not registered under lease {lease_id}; register again",
             )
-        info = HostInfo.from_json(json.loads(kv.value))
-        info.load = load
-        if activations is not None:
-            info.activations = activations
-        info.renew_time = now_ms()
-        ok = await self.store.replace(
-            key, json.dumps(info.to_json()).encode(), mod_revision=kv.mod_revision, lease=lease_id
-        )
-        if ok:
-            self._hosts[server_id] = info
-            self._placed.pop(server_id, None)
+        if activations is None:
+            activations = info.activations
+        self._reports[server_id] = (load, activations, now_ms())
+        info.load, info.activations, info.renew_time = self._reports[server_id]
+        self._placed.pop(server_id, None)
 
     async def delete(self, server_id: int) -> bool:
         """Remove a host now: its lease is revoked, which drops its positions too."""
@@ -409,6 +516,9 @@ class PlacementDriver:
                     log.warning("ignoring a malformed host record at %s", kv.key)
                     continue
                 info.lease_id = kv.lease
+                report = self._reports.get(info.server_id)
+                if report is not None:  # the record holds the load of its registration
+                    info.load, info.activations, info.renew_time = report
                 found[info.server_id] = info
             self._note_changes(found)
             self._hosts = found
@@ -421,8 +531,25 @@ class PlacementDriver:
         remove = sorted(set(self._hosts) - set(new))
         if self._has_view and (add or remove):
             self._events.append((anyio.current_time(), MembershipEvent(now_ms(), add, remove)))
+            self._version += 1
+            self._changes.append((self._version, frozenset(add) | frozenset(remove)))
         for server_id in remove:
             self._placed.pop(server_id, None)
+            self._reports.pop(server_id, None)
+
+    def membership(self, since: int | None = None) -> MembershipView:
+        """The current view (as last read by :meth:`hosts`) as a delta from version
+        ``since``, or the whole table when ``since`` is None or unknown to this PD."""
+        current = self._version
+        oldest = self._changes[0][0] - 1 if self._changes else current
+        if since is None or not oldest <= since <= current:
+            return MembershipView(current, True, dict(self._hosts), [])
+        touched: set[int] = set()
+        for version, ids in self._changes:
+            if version > since:
+                touched |= ids
+        added = {s: self._hosts[s] for s in sorted(touched) if s in self._hosts}
+        return MembershipView(current, False, added, sorted(touched - set(self._hosts)))
 
     def recent_events(self) -> list[MembershipEvent]:
         """Hosts added and removed in the last minute, as this PD saw them."""
@@ -430,6 +557,131 @@ class PlacementDriver:
         while self._events and self._events[0][0] < horizon:
             self._events.popleft()
         return [event for _, event in self._events]
+
+    # ------------------------------------------------------------ store maintenance
+
+    def store_full(self, exc: StoreFullError) -> None:
+        """A write was refused for lack of space: say so loudly (at most every 30 s) and
+        have :meth:`maintain` look at the store now."""
+        if not self._full:
+            self._full = True
+            self._wake.set()
+        self._loudly("full", "%s (%s)", STORE_FULL_FIX, exc)
+
+    def _loudly(self, topic: str, message: str, *args: object) -> None:
+        """An error line, at most one per ``topic`` every FULL_LOG_EVERY seconds."""
+        now = anyio.current_time()
+        if now - self._logged.get(topic, -1e18) >= FULL_LOG_EVERY:
+            self._logged[topic] = now
+            log.error(message, *args)
+
+    def maintenance_statistics(self) -> MaintenanceStatistics:
+        return MaintenanceStatistics(
+            compactions=self._compactions,
+            compacted_revision=self._compacted,
+            recoveries=self._recoveries,
+            disarms=self._disarms,
+            full=self._full,
+        )
+
+    async def maintain(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Look after the store until cancelled: compact its history every
+        ``compact_interval`` (keeping ``history`` seconds of it), and when it is full
+        (NOSPACE), free space and clear the alarm (:meth:`_recover`).
+
+        Several PDs doing this at once is harmless: a compaction at or below an earlier
+        one is a no-op, and the alarm is cleared only when there is room."""
+        cfg = self.maintenance
+        period = cfg.check_interval
+        if cfg.compact_interval:
+            period = min(period, cfg.compact_interval)
+        # (time, revision) seen at the checks: a compaction keeps `history` seconds of
+        # them; at most ~1 000 are kept within the history, and one older
+        marks: deque[tuple[float, int]] = deque()
+        next_compaction = anyio.current_time() + cfg.compact_interval
+        task_status.started()
+        with self._maintaining:
+            await self._maintain(period, marks, next_compaction)
+
+    def stop_maintenance(self) -> None:
+        """End :meth:`maintain` (it returns; nothing else is cancelled)."""
+        self._maintaining.cancel()
+
+    async def _maintain(
+        self, period: float, marks: deque[tuple[float, int]], next_compaction: float
+    ) -> None:
+        cfg = self.maintenance
+        while True:
+            if self._full:  # being recovered: once a period, however many writes fail
+                await anyio.sleep(period)
+            else:
+                with anyio.move_on_after(period):
+                    await self._wake.wait()
+            self._wake = anyio.Event()
+            try:
+                status = await self.store.status()
+                now = anyio.current_time()
+                if not marks or now - marks[-1][0] >= cfg.history / 1000:
+                    marks.append((now, status.revision))
+                while len(marks) > 1 and marks[1][0] <= now - cfg.history:
+                    marks.popleft()  # the next one is old enough already
+                if NOSPACE in status.alarms:
+                    await self._recover(status.revision)
+                    continue
+                self._full = self._recovering = False
+                if cfg.compact_interval and now >= next_compaction:
+                    next_compaction = now + cfg.compact_interval
+                    seen, revision = marks[0]
+                    if seen <= now - cfg.history and revision > self._compacted:
+                        await self.store.compact(revision)
+                        self._compacted = revision
+                        self._compactions += 1
+                        log.debug("compacted the store's history up to revision %d", revision)
+            except StoreError as exc:
+                log.warning("store maintenance failed (%s); trying again in %g s", exc, period)
+
+    async def _recover(self, revision: int) -> None:
+        """The store is full: compact all its history (nothing is worth keeping then),
+        defragment it so the file shrinks, and clear the alarm if there is room."""
+        if not self._recovering:  # a new episode
+            self._recoveries += 1
+            self._recovering = True
+        self._full = True
+        self._loudly(
+            "recover",
+            "the store's NOSPACE alarm is raised (new placements and registrations fail): "
+            "compacting and defragmenting it, and disarming the alarm when there is room",
+        )
+        if revision > self._compacted:
+            await self.store.compact(revision)
+            self._compacted = revision
+            self._compactions += 1
+        # defragmenting blocks the store meanwhile: only when something was deleted
+        # since the last time (etcd counts freed pages only at its next write, which a
+        # full etcd refuses, so its "in use" figure cannot tell)
+        if revision != self._defragmented:
+            await self.store.defragment()
+            self._defragmented = revision
+        after = await self.store.status()
+        quota = self.maintenance.quota_bytes
+        if quota and after.db_size >= quota * ROOM:
+            self._loudly(
+                "still full",
+                "the store is still full after compaction and defragmentation (%d of %d "
+                "bytes): live data fills it; delete keys or raise etcd's "
+                "--quota-backend-bytes (and koala pd --etcd-quota-bytes)",
+                after.db_size,
+                quota,
+            )
+            return
+        await self.store.disarm()
+        self._disarms += 1
+        self._full = self._recovering = False
+        log.warning(
+            "the store's NOSPACE alarm is disarmed (database %d bytes, %d in use): writes resume",
+            after.db_size,
+            after.db_size_in_use,
+        )
 
     # ------------------------------------------------------------ placement
 
@@ -536,8 +788,16 @@ class PlacementDriver:
                     else:
                         answer(key, _no_host(actor_type))
             if entries:
-                outcomes = await self.creates.create_many(entries)
+                try:
+                    outcomes: list[CreateOutcome | PDError] = list(
+                        await self.creates.create_many(entries)
+                    )
+                except StoreFullError as exc:
+                    outcomes = await self._read_when_full(entries, exc)
                 for (key, _, _), outcome in zip(entries, outcomes, strict=True):
+                    if isinstance(outcome, PDError):
+                        answer(key, outcome)
+                        continue
                     if isinstance(outcome, LeaseNotFoundError):
                         dead.add(chosen[key].server_id)  # it died since the view was read
                         again.append(key)
@@ -559,6 +819,15 @@ class PlacementDriver:
         done = [a for a in answers if a is not None]
         assert len(done) == len(actors)
         return done
+
+    async def _read_when_full(
+        self, entries: list[tuple[str, bytes, int]], exc: StoreFullError
+    ) -> list[CreateOutcome | PDError]:
+        """The store refused the create for lack of space: the positions that exist are
+        answered (a read still works), the others fail at once with 507 store_full."""
+        self.store_full(exc)
+        found = await self.store.get_many([key for key, _, _ in entries])
+        return [(False, kv) if kv is not None else _store_full() for kv in found]
 
     def _position(
         self,

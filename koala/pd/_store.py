@@ -6,13 +6,15 @@ and :class:`MemoryStore` (one process, for ``koala pd --store memory`` and tests
 
 The operations are exactly what the PD needs: read a key or a prefix, write, create a
 key only if it is absent (returning whoever won), compare-and-swap on a key's
-modification revision, delete, and leases (grant, keep alive, revoke, time to live)
-whose expiry deletes the keys attached to them.
+modification revision, delete, leases (grant, keep alive, revoke, time to live)
+whose expiry deletes the keys attached to them, and maintenance (status, compaction
+of old revisions, defragmentation, clearing a "no space" alarm).
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol, TypeAlias
@@ -35,6 +37,30 @@ class StoreUnavailableError(StoreError):
 
 class LeaseNotFoundError(StoreError):
     """The lease does not exist (it expired or was revoked): register again."""
+
+
+class StoreFullError(StoreError):
+    """The store is out of space (etcd's NOSPACE alarm): it refuses writes, while reads,
+    deletes and lease keep-alives still work, until space is freed (compaction,
+    defragmentation) and the alarm is cleared (:meth:`Store.disarm`)."""
+
+
+NOSPACE = "NOSPACE"
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStatus:
+    """What the store reports about itself.
+
+    ``db_size`` is the size of the store's file (what etcd's quota is checked against;
+    it shrinks only by defragmentation), ``db_size_in_use`` the part of it holding data
+    (it shrinks when compaction frees old revisions); ``alarms`` names the raised alarms
+    (``"NOSPACE"``)."""
+
+    revision: int
+    db_size: int
+    db_size_in_use: int
+    alarms: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +150,25 @@ class Store(Protocol):
         """End the lease now, deleting its keys; False if it was already gone."""
         ...
 
+    async def status(self) -> StoreStatus:
+        """The current revision, the database's size and the alarms raised."""
+        ...
+
+    async def compact(self, revision: int) -> None:
+        """Forget the history before ``revision`` (keys as they are now stay).
+
+        A revision at or below one already compacted is not an error (several PDs may
+        compact at once); a revision beyond the current one is a StoreError."""
+        ...
+
+    async def defragment(self) -> None:
+        """Give the space compaction freed back to the file system (on every member)."""
+        ...
+
+    async def disarm(self) -> None:
+        """Clear a NOSPACE alarm, so the store takes writes again (if they fit)."""
+        ...
+
     async def aclose(self) -> None:
         """Release connections."""
         ...
@@ -148,6 +193,11 @@ def check_ttl(ttl: int) -> None:
         raise StoreError(f"a lease TTL must be a whole number of seconds >= 1, got {ttl!r}")
 
 
+def check_revision(revision: int) -> None:
+    if isinstance(revision, bool) or not isinstance(revision, int) or revision < 1:
+        raise StoreError(f"a revision must be a whole number >= 1, got {revision!r}")
+
+
 def check_timeout(timeout: float) -> None:
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
         raise ConfigError(f"the store timeout must be a number of seconds, got {timeout!r}")
@@ -162,19 +212,68 @@ class _Lease:
     keys: set[str]
 
 
+# bytes a stored version takes beside its key and value (MemoryStore's size model)
+_VERSION_OVERHEAD = 64
+_MAX_HISTORY_ENTRIES = 10_000  # beyond, the oldest two are merged (bounded memory)
+
+
+def _cost(key: str, value: bytes) -> int:
+    return len(key.encode()) + len(value) + _VERSION_OVERHEAD
+
+
 class MemoryStore:
     """The store in this process's memory, with etcd's semantics (revisions, leases).
 
     Leases expire on this process's clock; expiry is applied lazily, before each
     operation, so an expired lease's keys are never seen. Lease ids start at a fixed
     base so they look like etcd's (large, non-zero).
+
+    Sizes follow etcd's model: every overwritten or deleted version is kept until
+    :meth:`compact`, the "file" grows to the largest size used and shrinks only by
+    :meth:`defragment`. With ``quota_bytes`` (0: none), a write that does not fit
+    raises the NOSPACE alarm and :class:`StoreFullError`, as etcd's
+    ``--quota-backend-bytes`` does; then every write (and lease grant) fails until
+    :meth:`disarm`, while reads, deletes and keep-alives work.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, quota_bytes: int = 0) -> None:
+        if isinstance(quota_bytes, bool) or not isinstance(quota_bytes, int) or quota_bytes < 0:
+            raise ConfigError(f"quota_bytes must be a whole number >= 0, got {quota_bytes!r}")
         self._data: dict[str, KeyValue] = {}
         self._leases: dict[int, _Lease] = {}
         self._revision = 1
         self._next_lease = 7_000_000_000_000_000_001
+        self.quota_bytes = quota_bytes
+        self._live = 0  # bytes of the current versions
+        self._history: deque[tuple[int, int]] = deque()  # (revision superseded at, bytes)
+        self._history_bytes = 0
+        self._compacted = 0
+        self._file = 0  # the high-water mark of live + history
+        self._full = False  # the NOSPACE alarm
+
+    def _admit(self, cost: int) -> None:
+        """Raise StoreFullError (and the alarm) if a write of ``cost`` bytes does not fit."""
+        if self._full:
+            raise StoreFullError("database space exceeded (the NOSPACE alarm is raised)")
+        if self.quota_bytes and max(self._file, self._live + self._history_bytes) + cost >= (
+            self.quota_bytes
+        ):
+            self._full = True
+            raise StoreFullError("database space exceeded (the NOSPACE alarm is raised)")
+
+    def _supersede(self, kv: KeyValue) -> None:
+        """``kv`` is no longer current: it becomes history until compacted."""
+        size = _cost(kv.key, kv.value)
+        self._live -= size
+        self._history.append((self._revision, size))
+        self._history_bytes += size
+        if len(self._history) > _MAX_HISTORY_ENTRIES:  # merged: compacted a bit later
+            _, older = self._history.popleft()
+            revision, newer = self._history.popleft()
+            self._history.appendleft((revision, older + newer))
+
+    def _grow(self) -> None:
+        self._file = max(self._file, self._live + self._history_bytes)
 
     def _expire(self) -> None:
         now = anyio.current_time()
@@ -187,13 +286,19 @@ class MemoryStore:
         if lease.keys:
             self._revision += 1
             for key in lease.keys:
-                self._data.pop(key, None)
+                old = self._data.pop(key, None)
+                if old is not None:
+                    self._supersede(old)
 
-    def _write(self, key: str, value: bytes, lease: int) -> int:
+    def _write(self, key: str, value: bytes, lease: int, *, admit: bool = True) -> int:
         if lease and lease not in self._leases:
             raise LeaseNotFoundError(f"lease {lease} not found (it expired or was revoked)")
+        if admit:
+            self._admit(_cost(key, value))
         self._revision += 1
         old = self._data.get(key)
+        if old is not None:
+            self._supersede(old)
         if old is not None and old.lease and old.lease in self._leases:
             self._leases[old.lease].keys.discard(key)
         if old is None:
@@ -207,6 +312,8 @@ class MemoryStore:
                 lease=lease,
             )
         self._data[key] = kv
+        self._live += _cost(key, value)
+        self._grow()
         if lease:
             self._leases[lease].keys.add(key)
         return self._revision
@@ -236,16 +343,19 @@ class MemoryStore:
         check_key(key)
         await anyio.lowlevel.checkpoint()
         self._expire()
+        self._admit(_cost(key, value))  # etcd refuses a txn that could write
         existing = self._data.get(key)
         if existing is not None:
             return False, existing
-        self._write(key, value, lease)
+        self._write(key, value, lease, admit=False)
         return True, self._data[key]
 
     async def create_many(self, items: Sequence[tuple[str, bytes, int]]) -> list[CreateOutcome]:
         check_distinct([key for key, _, _ in items])
         await anyio.lowlevel.checkpoint()
         self._expire()
+        if items:  # etcd refuses the whole txn (it could write), even if every key exists
+            self._admit(sum(_cost(key, value) for key, value, _ in items))
         outcomes: list[CreateOutcome] = []
         for key, value, lease in items:
             existing = self._data.get(key)
@@ -256,7 +366,7 @@ class MemoryStore:
                     LeaseNotFoundError(f"lease {lease} not found (it expired or was revoked)")
                 )
             else:
-                self._write(key, value, lease)
+                self._write(key, value, lease, admit=False)
                 outcomes.append((True, self._data[key]))
         return outcomes
 
@@ -270,11 +380,12 @@ class MemoryStore:
         check_key(key)
         await anyio.lowlevel.checkpoint()
         self._expire()
+        self._admit(_cost(key, value))  # etcd refuses a txn that could write
         existing = self._data.get(key)
         current = existing.mod_revision if existing is not None else 0
         if current != mod_revision:
             return False
-        self._write(key, value, lease)
+        self._write(key, value, lease, admit=False)
         return True
 
     async def delete(self, key: str) -> bool:
@@ -285,6 +396,7 @@ class MemoryStore:
         if old is None:
             return False
         self._revision += 1
+        self._supersede(old)
         if old.lease in self._leases:
             self._leases[old.lease].keys.discard(key)
         return True
@@ -311,6 +423,7 @@ class MemoryStore:
         check_ttl(ttl)
         await anyio.lowlevel.checkpoint()
         self._expire()
+        self._admit(_VERSION_OVERHEAD)  # etcd checks its quota for a grant too
         lease_id = self._next_lease
         self._next_lease += 1
         self._leases[lease_id] = _Lease(ttl, anyio.current_time() + ttl, set())
@@ -340,6 +453,33 @@ class MemoryStore:
             return False
         self._drop_lease(lease)
         return True
+
+    async def status(self) -> StoreStatus:
+        await anyio.lowlevel.checkpoint()
+        self._expire()
+        used = self._live + self._history_bytes
+        return StoreStatus(self._revision, self._file, used, (NOSPACE,) if self._full else ())
+
+    async def compact(self, revision: int) -> None:
+        check_revision(revision)
+        await anyio.lowlevel.checkpoint()
+        self._expire()
+        if revision > self._revision:
+            raise StoreError(
+                f"cannot compact at revision {revision}: it is a future revision "
+                f"(the store is at {self._revision})"
+            )
+        self._compacted = max(self._compacted, revision)
+        while self._history and self._history[0][0] <= self._compacted:
+            self._history_bytes -= self._history.popleft()[1]
+
+    async def defragment(self) -> None:
+        await anyio.lowlevel.checkpoint()
+        self._file = self._live + self._history_bytes
+
+    async def disarm(self) -> None:
+        await anyio.lowlevel.checkpoint()
+        self._full = False
 
     async def aclose(self) -> None:
         await anyio.lowlevel.checkpoint()

@@ -10,8 +10,11 @@ etcd.start()           # waits until it answers; RuntimeError (with its log) if 
 etcd.destroy()         # stops it and removes its directory
 ```
 
-etcd cannot take port 0 for its client URL, so free ports are picked first (bind to 0,
-read, close).
+etcd runs with the settings docs/pd.md tells a user to run it with: an explicit
+``--quota-backend-bytes`` (``quota_bytes``; a test of a full etcd passes a few MiB) and
+etcd's default ``--max-txn-ops`` (128, what the PD's batches assume). No
+auto-compaction: the PD compacts etcd's history itself. etcd cannot take port 0 for
+its client URL, so free ports are picked first (bind to 0, read, close).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import httpx
 from . import free_port
 
 ETCD_ENV = "KOALA_TEST_ETCD"  # path of the etcd binary (default: etcd on PATH)
+DEFAULT_QUOTA_BYTES = 2 * 1024**3  # etcd's own default, given explicitly as docs/pd.md says
+MAX_TXN_OPS = 128
 
 
 def etcd_binary() -> str:
@@ -40,9 +45,15 @@ def etcd_binary() -> str:
 
 
 class EtcdProcess:
-    """One etcd member on loopback, in its own temporary directory."""
+    """One etcd member on loopback, in its own temporary directory.
 
-    def __init__(self) -> None:
+    ``quota_bytes``: etcd's ``--quota-backend-bytes`` (beyond it, etcd raises its
+    NOSPACE alarm and refuses writes)."""
+
+    def __init__(self, *, quota_bytes: int = DEFAULT_QUOTA_BYTES) -> None:
+        if isinstance(quota_bytes, bool) or not isinstance(quota_bytes, int) or quota_bytes < 1:
+            raise ValueError(f"quota_bytes must be a positive number of bytes, got {quota_bytes!r}")
+        self.quota_bytes = quota_bytes
         self.dir = tempfile.mkdtemp(prefix="koala-etcd-")
         self.client_port = free_port()
         self.peer_port = free_port()
@@ -61,6 +72,8 @@ class EtcdProcess:
             f"--listen-peer-urls={peer}",
             f"--initial-advertise-peer-urls={peer}",
             f"--initial-cluster=koala-test={peer}",
+            f"--quota-backend-bytes={self.quota_bytes}",
+            f"--max-txn-ops={MAX_TXN_OPS}",
             "--heartbeat-interval=10",
             "--election-timeout=100",
             "--log-level=error",
