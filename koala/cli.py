@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+from dataclasses import replace
 from types import ModuleType
 from typing import Any
 
@@ -151,6 +152,13 @@ def _add_cluster_commands(sub: Any) -> None:
     host.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT for other hosts")
     host.add_argument("--http", help="HOST:PORT to serve the app's HTTP API on (if it has one)")
     host.add_argument("--ttl", type=int, default=15, help="membership lease TTL, seconds")
+    host.add_argument(
+        "--positions-per-lease",
+        type=int,
+        default=None,
+        help="one more lease for the host's positions per this many (default 4096; 0: one "
+        "lease); etcd deletes a dead host's positions lease by lease",
+    )
     host.add_argument("--idle-timeout", type=_positive, help="seconds before idle actors go")
     host.add_argument("--default-timeout", type=_positive, help="deadline of calls without one")
     host.add_argument("--shutdown-grace", type=_positive, help="seconds to drain on stop")
@@ -219,6 +227,8 @@ def _run_cluster_command(args: argparse.Namespace, backend: _backend.Backend) ->
             check_bind(http[0], "--http")
         config = _host_config(args)
         member = MemberConfig(ttl=args.ttl)
+        if args.positions_per_lease is not None:
+            member = replace(member, positions_per_lease=args.positions_per_lease)
         module = load_app(args.app)
 
         def announce(text: str) -> None:

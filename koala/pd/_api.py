@@ -63,6 +63,16 @@ class KeepAliveRequest(BaseModel):
     version: Int64 | None = None  # the membership version the host holds: answer a delta
 
 
+class GrowLeasesRequest(BaseModel):
+    server_id: Int64
+    lease_id: Int64
+    count: Int64
+
+
+class GrowLeasesResponse(BaseModel):
+    position_leases: list[int]
+
+
 class HostModel(BaseModel):
     server_id: int
     load: int
@@ -226,6 +236,11 @@ def create_app(pd: PlacementDriver) -> FastAPI:
         await pd.keep_alive(body.server_id, body.lease_id, body.load, body.activations)
         await pd.hosts()
         return membership(pd.membership(body.version))
+
+    @app.post("/pd/api/v1/membership/grow_leases")
+    async def grow_leases(body: GrowLeasesRequest) -> GrowLeasesResponse:
+        leases = await pd.grow_leases(body.server_id, body.lease_id, body.count)
+        return GrowLeasesResponse(position_leases=leases)
 
     @app.post("/pd/api/v1/membership/fetch_all")
     async def fetch_all() -> MembershipResponse:

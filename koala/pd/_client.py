@@ -72,6 +72,12 @@ LOOKUP_BATCH = 256
 LOOKUP_QUEUE = 10_000
 # Positions whose activation ended go back to the PD in batches of RELEASE_BATCH, from
 # RELEASE_TASKS tasks; a failed release is sent again (after RELEASE_RETRY_MAX at most).
+# A host wants one more lease for its positions per POSITIONS_PER_LEASE it holds (so
+# that etcd deletes at most about that many keys in one step when it dies), asked
+# for GROW_LEASES_STEP at a time, at most MAX_POSITION_LEASES in all.
+POSITIONS_PER_LEASE = 4096
+GROW_LEASES_STEP = 16
+MAX_POSITION_LEASES = 256
 RELEASE_TASKS = 2
 RELEASE_BATCH = 256
 RELEASE_RETRY_MAX = 2.0
@@ -338,6 +344,16 @@ class PDClient:
     async def fetch_all(self) -> Membership:
         return _membership(await self._post("/pd/api/v1/membership/fetch_all", repeatable=True))
 
+    async def grow_leases(self, server_id: int, lease_id: int, count: int) -> list[int]:
+        """Ask for ``count`` more leases to bind this host's positions to; all of them.
+        Not repeated on a broken connection (it grants leases)."""
+        body = {"server_id": server_id, "lease_id": lease_id, "count": count}
+        data = await self._post("/pd/api/v1/membership/grow_leases", body)
+        leases = data.get("position_leases")
+        if not isinstance(leases, list):
+            raise PDUnavailableError(f"the PD answered grow_leases with {data!r:.200}")
+        return [int(x) for x in leases]
+
     async def delete(self, server_id: int) -> None:
         """Deregister; repeated after a broken connection, a delete that had landed
         answers not_registered (LeaseExpiredError): the host is gone either way."""
@@ -386,7 +402,7 @@ class PDClient:
             "server_id": server_id,
             "positions": [{"actor_type": t, "actor_id": a, "revision": r} for t, a, r in positions],
         }
-        data = await self._post("/pd/api/v1/placement/release", body)
+        data = await self._post("/pd/api/v1/placement/release", body, repeatable=True)
         released = data.get("released")
         if not isinstance(released, list) or len(released) != len(positions):
             raise PDUnavailableError(
@@ -445,6 +461,9 @@ class MemberConfig:
       fences itself (default ``ttl / 4``); deactivation must fit in the margin.
     - ``cache_size`` / ``cache_ttl``: positions of actors remembered, and for how long.
     - ``rejoin_wait``: how long a call on a fenced host waits for it to rejoin.
+    - ``positions_per_lease``: the host asks for one more lease for its positions per
+      this many it holds, so that etcd deletes at most about that many keys in one
+      step when the host dies (0: every position on the registration's lease).
     """
 
     ttl: int = 15
@@ -453,6 +472,7 @@ class MemberConfig:
     cache_ttl: float = 60.0
     rejoin_wait: float = 5.0
     desc: str = ""
+    positions_per_lease: int = POSITIONS_PER_LEASE
 
     def __post_init__(self) -> None:
         if isinstance(self.ttl, bool) or not isinstance(self.ttl, int) or self.ttl < 1:
@@ -468,6 +488,11 @@ class MemberConfig:
             )
         if isinstance(self.cache_size, bool) or not isinstance(self.cache_size, int):
             raise ConfigError("MemberConfig.cache_size must be an integer")
+        per_lease = self.positions_per_lease
+        if isinstance(per_lease, bool) or not isinstance(per_lease, int) or per_lease < 0:
+            raise ConfigError(
+                f"MemberConfig.positions_per_lease must be an integer >= 0, got {per_lease!r}"
+            )
         for name in ("cache_size", "cache_ttl", "rejoin_wait"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
@@ -552,6 +577,8 @@ class ClusterDirectory:
         self._releases = 0
         self._release_batches = 0
         self._claims = 0
+        self._position_leases: list[int] = []  # this registration's (grow_leases)
+        self._grow_wanted = anyio.Event()
         self._departed: OrderedDict[int, None] = OrderedDict()
         self._pending: dict[tuple[str, Key], _Pending] = {}
         self._lookups_in: MemoryObjectSendStream[_Pending] | None = None  # while run() runs
@@ -897,6 +924,7 @@ class ClusterDirectory:
                 continue
             self.server_id, self.lease_id = server_id, lease
             self._placement_key = key
+            self._position_leases = []
             self._registrations += 1
             log.info(
                 "registered as server %d (lease %d, TTL %d s)", server_id, lease, self.config.ttl
@@ -916,6 +944,7 @@ class ClusterDirectory:
                     tg.start_soon(self._lookups, receive)
                 for _ in range(RELEASE_TASKS):
                     tg.start_soon(self._release_positions)
+                tg.start_soon(self._grow_leases)
                 await self._membership(task_status)
         finally:
             self._lookups_in = None
@@ -971,6 +1000,36 @@ class ClusterDirectory:
                 last_ok = sent
                 next_renewal = sent + interval
                 self._update_view(view)
+                if self._leases_wanted() > len(self._position_leases):
+                    self._grow_wanted.set()
+
+    def _leases_wanted(self) -> int:
+        """Position leases this host should have for what it holds (koala.pd grow_leases):
+        one per ``positions_per_lease`` positions beyond the first, at most
+        MAX_POSITION_LEASES."""
+        per_lease = self.config.positions_per_lease
+        if not per_lease:
+            return 0
+        return min(MAX_POSITION_LEASES, len(self._positions) // per_lease)
+
+    async def _grow_leases(self) -> None:
+        """Ask the PD for more position leases when a renewal finds too few, until
+        cancelled; a failure waits for the next renewal's word."""
+        while True:
+            await self._grow_wanted.wait()
+            self._grow_wanted = anyio.Event()
+            have = len(self._position_leases)
+            count = min(GROW_LEASES_STEP, self._leases_wanted() - have)
+            if count <= 0 or not self.serving:
+                continue
+            server_id, lease_id = self.server_id, self.lease_id
+            try:
+                leases = await self.pd.grow_leases(server_id, lease_id, count)
+            except (PDUnavailableError, PDRequestError) as exc:
+                log.warning("server %d: could not get more leases: %s", server_id, exc)
+                continue
+            if self.lease_id == lease_id:  # not re-registered meanwhile
+                self._position_leases = leases
 
     async def _fence(self) -> None:
         """Stop serving: no position is LOCAL any more, and no activation stays live."""

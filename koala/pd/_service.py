@@ -31,6 +31,7 @@ import logging
 import random
 import re
 import time
+import zlib
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -62,6 +63,10 @@ EVENT_LIFETIME = 60.0  # seconds a membership event is reported
 MAX_EVENTS = 256
 VIEW_MAX_AGE = 0.2  # seconds a membership view is reused before the store is read again
 CAS_RETRIES = 64
+# Leases a host's positions may be spread over, besides its main one (grow_leases), and
+# how many of them one renewal renews at once.
+MAX_POSITION_LEASES = 256
+LEASE_RENEWALS = 8
 PLACEMENT_ATTEMPTS = 4
 MAX_NAME = 256
 MAX_BATCH = 1024  # actors in one find_positions request
@@ -173,6 +178,20 @@ class HostInfo:
     renew_time: int = 0  # the last keep-alive, ms since the epoch
     # hex; keys the host's placement tickets (koala.pd._ticket). Never sent to anyone.
     placement_key: str = ""
+    # further leases of the host that positions are bound to (spread over them with
+    # lease_id), so its positions never all go in one step (grow_leases)
+    position_leases: list[int] = field(default_factory=list)
+
+    def leases(self) -> list[int]:
+        """Every lease of the host: the registration's first."""
+        return [self.lease_id, *self.position_leases]
+
+    def lease_for(self, key: str) -> int:
+        """The lease a position of ``key`` on this host is bound to (a stable spread)."""
+        if not self.position_leases:
+            return self.lease_id
+        leases = self.leases()
+        return leases[zlib.crc32(key.encode()) % len(leases)]
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -482,17 +501,95 @@ class PlacementDriver:
                 "not_registered",
                 f"server {server_id} is not registered under lease {lease_id}; register again",
             )
+        if info.position_leases:
+            await self._keep_alive_leases(server_id, info.position_leases)
         if activations is None:
             activations = info.activations
         self._reports[server_id] = (load, activations, now_ms())
         info.load, info.activations, info.renew_time = self._reports[server_id]
         self._placed.pop(server_id, None)
 
+    async def _keep_alive_leases(self, server_id: int, leases: list[int]) -> None:
+        """Renew a host's position leases, a few at a time; 404 if one is gone (its
+        positions went with it: the host must fence as for its main lease)."""
+        lost: list[int] = []
+        limit = anyio.Semaphore(LEASE_RENEWALS)
+
+        async def renew(lease: int) -> None:
+            async with limit:
+                try:
+                    await self.store.keep_alive(lease)
+                except LeaseNotFoundError:
+                    lost.append(lease)
+
+        async with anyio.create_task_group() as tg:
+            for lease in leases:
+                tg.start_soon(renew, lease)
+        if lost:
+            raise PDError(
+                404,
+                "lease_expired",
+                f"the position lease {lost[0]} of server {server_id} expired: the host must "
+                "stop serving and register again with a new server_id",
+            )
+
+    async def grow_leases(self, server_id: int, lease_id: int, count: int) -> list[int]:
+        """Give host ``server_id`` (registered under ``lease_id``) ``count`` more leases
+        for its positions (at most MAX_POSITION_LEASES in all); all of them, in order.
+
+        A host asks as its positions grow, so that each lease holds a bounded number of
+        keys: when the host dies, etcd deletes its positions lease by lease, and writes
+        of the other hosts go on between them instead of waiting for one huge delete."""
+        if not 1 <= count <= MAX_POSITION_LEASES:
+            raise PDError(400, "bad_request", f"count must be from 1 to {MAX_POSITION_LEASES}")
+        key = self._host_key(server_id)
+        for _ in range(CAS_RETRIES):
+            kv = await self.store.get(key)
+            if kv is None or kv.lease != lease_id:
+                raise PDError(
+                    404,
+                    "not_registered",
+                    f"server {server_id} is not registered under lease {lease_id}; register again",
+                )
+            info = HostInfo.from_json(json.loads(kv.value))
+            count = min(count, MAX_POSITION_LEASES - len(info.position_leases))
+            if count <= 0:
+                return info.position_leases
+            new = [await self.store.grant(info.ttl) for _ in range(count)]
+            info.position_leases = [*info.position_leases, *new]
+            try:
+                ok = await self.store.replace(
+                    key,
+                    json.dumps(info.to_json()).encode(),
+                    mod_revision=kv.mod_revision,
+                    lease=lease_id,
+                )
+            except BaseException:
+                await self._revoke_quietly(new)
+                raise
+            if ok:
+                self._view_time = -1e18  # placements use them from the next view
+                return info.position_leases
+            await self._revoke_quietly(new)  # raced with another grow: read again
+        raise PDError(503, "contention", f"the record of server {server_id} is too contended")
+
+    async def _revoke_quietly(self, leases: list[int]) -> None:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+            for lease in leases:
+                await self.store.revoke(lease)
+
     async def delete(self, server_id: int) -> bool:
-        """Remove a host now: its lease is revoked, which drops its positions too."""
+        """Remove a host now: its leases are revoked, which drops its positions too, one
+        lease at a time (other writes go on in between)."""
         kv = await self.store.get(self._host_key(server_id))
         if kv is None:
             return False
+        try:
+            info = HostInfo.from_json(json.loads(kv.value))
+        except (ValueError, TypeError):
+            info = HostInfo(server_id)
+        for lease in info.position_leases:
+            await self.store.revoke(lease)
         if kv.lease:
             await self.store.revoke(kv.lease)
         else:
@@ -776,7 +873,7 @@ class PlacementDriver:
                     "server_address": host.address,
                     "create_time": now_ms(),
                 }
-                entries.append((key, json.dumps(record).encode(), host.lease_id))
+                entries.append((key, json.dumps(record).encode(), host.lease_for(key)))
             again: list[str] = []
             if homeless:  # no live host: only an existing position can answer
                 for key, kv in zip(homeless, await self.store.get_many(homeless), strict=True):
@@ -842,7 +939,7 @@ class PlacementDriver:
         server_id = int(record["server_id"])
         host = hosts.get(server_id)
         ticket = ""
-        if host is not None and host.placement_key and host.lease_id == kv.lease:
+        if host is not None and host.placement_key and kv.lease in host.leases():
             key = bytes.fromhex(host.placement_key)
             ticket = make_ticket(key, actor_type, actor_id, server_id, kv.mod_revision).hex()
         return Position(
