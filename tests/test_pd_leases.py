@@ -108,12 +108,13 @@ async def test_a_host_asks_for_leases_as_its_positions_grow(
     from koala.pd._api import create_app
     from tests.test_pd_client import IThing, Thing
 
-    monkeypatch.setattr(client_module, "POSITIONS_PER_LEASE", 10)
     monkeypatch.setattr(client_module, "GROW_LEASES_STEP", 2)
     store = MemoryStore()
     app = create_app(PlacementDriver(store))
     pd = PDClient("http://pd", transport=httpx.ASGITransport(app=app), timeout=2.0)
-    directory = ClusterDirectory(pd, "127.0.0.1:1", {"Thing": "tests.Thing"}, MemberConfig(ttl=1))
+    directory = ClusterDirectory(
+        pd, "127.0.0.1:1", {"Thing": "tests.Thing"}, MemberConfig(ttl=1, positions_per_lease=10)
+    )
     rt = Runtime(HostConfig(default_timeout=5), [Thing], directory=directory)
     async with rt, anyio.create_task_group() as tg:
         directory.attach(rt)
