@@ -4,8 +4,8 @@
 
 Runs, per event-loop backend, the in-process workloads (bench.inprocess), the
 cross-process ones (bench.transport), storage (bench.storage), placement on a 3-host
-etcd cluster (bench.cluster), positions given back (bench.positions) and the WebSocket
-gateway (bench.gateway), each suite in
+etcd cluster (bench.cluster), positions given back (bench.positions), placement while a loaded host
+dies (bench.dead_host) and the WebSocket gateway (bench.gateway), each suite in
 its own process so one does not warm or bloat another; then draws docs/throughput.png.
 """
 
@@ -59,7 +59,7 @@ def main() -> None:
         "--skip",
         action="append",
         default=[],
-        choices=["transport", "storage", "cluster", "positions", "gateway"],
+        choices=["transport", "storage", "cluster", "positions", "dead_host", "gateway"],
     )
     args = parser.parse_args()
     print(f"Koala benchmarks on {os.cpu_count()} cores; figures beside floors from the same run")
@@ -81,6 +81,8 @@ def main() -> None:
             print(passthrough("bench.cluster", loop, args.quick, "--loop"), flush=True)
         if "positions" not in args.skip:
             print(passthrough("bench.positions", loop, args.quick, "--loop"), flush=True)
+        if "dead_host" not in args.skip:
+            print(passthrough("bench.dead_host", loop, args.quick, "--loop"), flush=True)
         if "gateway" not in args.skip:
             print(passthrough("bench.gateway", loop, args.quick, "--loop"), flush=True)
     if sweeps:

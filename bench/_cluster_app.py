@@ -42,3 +42,31 @@ async def lookups() -> dict[str, int]:
     directory: Any = current_runtime().directory
     stats = directory.statistics()
     return {"resolves": stats.resolves, "batches": stats.lookup_batches}
+
+
+@app.post("/probe")
+async def probe(prefix: str, seconds: float, concurrency: int) -> dict[str, Any]:
+    """First calls to new actors from ``concurrency`` tasks for ``seconds``: each call's
+    start (seconds since the probe began) and latency (ms), or its error."""
+    import anyio
+
+    samples: list[tuple[float, float]] = []
+    errors: list[tuple[float, str]] = []
+    start = anyio.current_time()
+    counter = iter(range(10**9))
+
+    async def caller() -> None:
+        while anyio.current_time() - start < seconds:
+            began = anyio.current_time()
+            try:
+                await get_rpc_proxy(IPlaced, f"{prefix}-{next(counter)}").hello()
+            except Exception as exc:
+                errors.append((began - start, type(exc).__name__))
+                await anyio.sleep(0.01)
+                continue
+            samples.append((began - start, (anyio.current_time() - began) * 1000))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(concurrency):
+            tg.start_soon(caller)
+    return {"samples": samples, "errors": errors}
