@@ -33,7 +33,7 @@ class HostConfig:
     mailbox_size: int = 10_000
     max_queued: int = 100_000
     shutdown_grace: float = 10.0
-    deactivation_batch: int = 1_000
+    deactivation_batch: int = 32
     deactivation_tasks: int = 64
 
     def __post_init__(self) -> None:

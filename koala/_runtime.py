@@ -83,8 +83,8 @@ WRONG_HOST_RETRIES = 3
 # turn suspending (its method then takes a deadline scope for good, see
 # koala._drive), so there it waits for LONG_SLICE: such a turn is long anyway.
 INLINE_CHECK = 64
-TIME_SLICE = 0.005
-LONG_SLICE = 0.05
+TIME_SLICE = 0.002
+LONG_SLICE = 0.02
 # Memory is given back (the catalog's table rebuilt, the C heap trimmed) once at least
 # this many activations left, and more left than remain, since the last time.
 COMPACT_AFTER = 10_000
@@ -364,7 +364,7 @@ class Runtime:
                     await act._deactivate()
                 finally:
                     act.pump = PUMP_NONE
-                await self._pause()
+                await anyio.lowlevel.checkpoint()  # on_deactivate may never suspend
         finally:
             self._retirers -= 1
 
@@ -748,16 +748,15 @@ def _find_malloc_trim() -> Callable[[int], int] | None:
     return trim
 
 
-_malloc_trim: list[Callable[[int], int] | None] = []
+# looked up at import: objects made late, during a large collection, would stay for good
+# in memory pages that would otherwise be given back
+_malloc_trim = _find_malloc_trim()
 
 
 def _trim_c_heap() -> None:
     """glibc keeps freed memory in its heap; ``malloc_trim`` returns the free pages."""
-    if not _malloc_trim:
-        _malloc_trim.append(_find_malloc_trim())
-    trim = _malloc_trim[0]
-    if trim is not None:
-        trim(0)
+    if _malloc_trim is not None:
+        _malloc_trim(0)
 
 
 class _NotStarted:
