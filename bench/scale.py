@@ -27,6 +27,7 @@ import os
 import sys
 import time
 from abc import abstractmethod
+from array import array
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -126,7 +127,9 @@ class Ticker:
     def __init__(self, one: Callable[[], Awaitable[object]], interval: float = 0.001) -> None:
         self.one = one
         self.interval = interval
-        self.latencies: list[float] = []
+        # doubles in one buffer: float objects kept from the whole run would sit among the
+        # actors' objects and keep their memory pages from being given back
+        self.latencies = array("d")
         self.longest_gap = 0.0  # between two calls, while recording
         self.recording = False
         self.stop = False
@@ -162,7 +165,7 @@ class Ticker:
         while due <= now:
             self.latencies.append(now - due)
             due += self.interval
-        taken, self.latencies = sorted(self.latencies), []
+        taken, self.latencies = sorted(self.latencies), array("d")
         return taken
 
 

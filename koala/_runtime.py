@@ -272,7 +272,7 @@ class Runtime:
                 await self._drained.wait()
         self._stopping = True
         with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
-            await self._begin_deactivating(list(self._catalog.values()))
+            await self._begin_deactivating(deque(self._catalog.values()))
             if self._catalog:
                 await self._emptied.wait()
         if self._catalog:
@@ -294,7 +294,7 @@ class Runtime:
         self._emptied = anyio.Event()
         deadline = anyio.current_time() + grace
         try:
-            await self._begin_deactivating(list(self._catalog.values()))
+            await self._begin_deactivating(deque(self._catalog.values()))
             if self._catalog:
                 with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
                     await self._emptied.wait()
@@ -323,30 +323,32 @@ class Runtime:
                 await anyio.lowlevel.checkpoint()
             if act.state is State.VALID and act.chain is None and not act.mailbox:
                 by_use.setdefault(act.last_used, []).append(act)
-        chosen: list[Activation] = []
+        chosen: deque[Activation] = deque()
         for used in sorted(by_use):
             chosen.extend(by_use[used][: count - len(chosen)])
             if len(chosen) >= count:
                 break
         del by_use
-        started = 0
-        for i, act in enumerate(chosen):
-            if i and i % batch == 0:
-                await anyio.lowlevel.checkpoint()
-            # still idle? (others ran between batches)
-            if act.state is State.VALID and act.chain is None and not act.mailbox:
-                act.begin_deactivation()
-                started += 1
-        return started
+        return await self._begin_deactivating(chosen, idle_only=True)  # others ran meanwhile
 
-    async def _begin_deactivating(self, acts: list[Activation]) -> None:
-        """``begin_deactivation`` for each, a batch at a time, letting others run between."""
+    async def _begin_deactivating(self, todo: deque[Activation], idle_only: bool = False) -> int:
+        """``begin_deactivation`` for each of ``todo`` (only those still idle then, if
+        ``idle_only``), a batch at a time, letting other tasks run between batches; the
+        number begun. Taken out of ``todo`` one by one, each is freed as it goes."""
         batch = self.config.deactivation_batch
-        for start in range(0, len(acts), batch):
-            if start:
+        looked = begun = 0
+        while todo:
+            if looked and looked % batch == 0:
                 await anyio.lowlevel.checkpoint()
-            for act in acts[start : start + batch]:
-                act.begin_deactivation()
+            act = todo.popleft()
+            looked += 1
+            if idle_only and not (
+                act.state is State.VALID and act.chain is None and not act.mailbox
+            ):
+                continue
+            act.begin_deactivation()
+            begun += 1
+        return begun
 
     def _retire(self, act: Activation) -> None:
         """Have a deactivation task run the last turn of ``act``, which is free and has
@@ -696,37 +698,45 @@ class Runtime:
     async def _collector(self) -> None:
         """Deactivate idle activations; let idle pumps go. Work is O(what expired), done
         a batch at a time, letting other tasks run between batches."""
+        while True:
+            await anyio.sleep(self.config.collection_interval)
+            self.now = anyio.current_time()
+            await self._sweep(self.now)
+            self._compact_if_due()
+
+    async def _sweep(self, now: float) -> None:
+        """One look at what expired by ``now``. (A function of its own: what it held goes
+        when it returns, not at the next sweep.)"""
         quantum = self.config.collection_interval
         batch = self.config.deactivation_batch
-        while True:
-            await anyio.sleep(quantum)
-            now = self.now = anyio.current_time()
-            lingering = [a for a in self._waiting if now - a.last_used >= quantum]
-            for i, act in enumerate(lingering):
-                if i and i % batch == 0:
+        lingering = [a for a in self._waiting if now - a.last_used >= quantum]
+        for i, act in enumerate(lingering):
+            if i and i % batch == 0:
+                await anyio.lowlevel.checkpoint()
+            if act in self._waiting:
+                act.linger_exit = True
+                act._wake()
+        seen = 0
+        for index in sorted(i for i in self._buckets if i * quantum <= now):
+            # popped, the set is ours: an activation filed meanwhile goes to a later one.
+            # Taken out one by one, so each activation is freed as it goes, not all at
+            # once with the set (which, emptied, keeps its table until it goes too)
+            bucket = self._buckets.pop(index)
+            while bucket:
+                act = bucket.pop()
+                seen += 1
+                if seen % batch == 0:
                     await anyio.lowlevel.checkpoint()
-                if act in self._waiting:
-                    act.linger_exit = True
-                    act._wake()
-            del lingering
-            seen = 0
-            for index in sorted(i for i in self._buckets if i * quantum <= now):
-                # popped, the set is ours: an activation filed meanwhile goes to a later one
-                for act in self._buckets.pop(index):
-                    seen += 1
-                    if seen % batch == 0:
-                        await anyio.lowlevel.checkpoint()
-                    if act.state is not State.VALID:
-                        continue
-                    expiry = max(act.last_used + act.idle_timeout, act.keep_until)
-                    busy = act.chain is not None or bool(act.mailbox)
-                    if expiry > now or busy:
-                        if busy:
-                            act.last_used = now
-                        self._schedule_collection(act)
-                    else:
-                        act.begin_deactivation()
-            self._compact_if_due()
+                if act.state is not State.VALID:
+                    continue
+                expiry = max(act.last_used + act.idle_timeout, act.keep_until)
+                busy = act.chain is not None or bool(act.mailbox)
+                if expiry > now or busy:
+                    if busy:
+                        act.last_used = now
+                    self._schedule_collection(act)
+                else:
+                    act.begin_deactivation()
 
     def _compact_if_due(self) -> None:
         """After many activations left, give their memory back: a dict's table never
