@@ -34,13 +34,14 @@ from typing import Any
 
 import anyio
 
-from koala import ActorBase, ActorInterface, HostConfig, Runtime, get_rpc_proxy
+from koala import ActorBase, ActorInterface, HostConfig, Runtime, _runtime, get_rpc_proxy
 
 
 @dataclass
 class Figure:
     """One measured figure; ``target`` is a bound it should stay under (``lower``) or
-    reach (not ``lower``), None when there is none."""
+    reach (not ``lower``), None when there is none; or ``floor``, the same work without
+    what is measured, from the same run."""
 
     section: str
     name: str
@@ -48,10 +49,12 @@ class Figure:
     unit: str
     target: float | None = None
     lower: bool = True
+    floor: float | None = None
 
     @property
     def ratio(self) -> float | None:
-        return None if not self.target else self.value / self.target
+        bound = self.target or self.floor
+        return None if not bound else self.value / bound
 
     @property
     def met(self) -> bool | None:
@@ -259,8 +262,16 @@ class Echo(IEcho, ActorBase):
         return msg
 
 
+async def _loop_rate(proxy: IEcho, n: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        await proxy.echo("x")
+    return n / (time.perf_counter() - t0)
+
+
 async def local_loop(quick: bool) -> list[Figure]:
-    """A loop of local calls that never suspend, beside a task ticking every 1 ms."""
+    """A loop of local calls that never suspend, beside a task ticking every 1 ms; then
+    the loop's rate alone, with the fast path's yield and without it (alternated)."""
     n = 20_000 if quick else 100_000
     section = f"local_loop ({n:,} calls that never suspend)"
     gaps: list[float] = []
@@ -274,22 +285,38 @@ async def local_loop(quick: bool) -> list[Figure]:
             gaps.append(now - last)
             last = now
 
-    async with Runtime(HostConfig(), actors=[Echo]), anyio.create_task_group() as tg:
+    async with Runtime(HostConfig(), actors=[Echo]):
         proxy = get_rpc_proxy(IEcho, "loop")
         await proxy.echo("warm")
-        tg.start_soon(tick)
-        await anyio.sleep(0.01)
-        gaps.clear()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            await proxy.echo("x")
-        elapsed = time.perf_counter() - t0
-        longest = max(gaps, default=elapsed)
-        stop = True
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(tick)
+            await anyio.sleep(0.01)
+            gaps.clear()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                await proxy.echo("x")
+            elapsed = time.perf_counter() - t0
+            longest = max(gaps, default=elapsed)
+            ticks = len(gaps)
+            stop = True
+        # what the yield costs the loop: the same loop with the check made never to fire
+        # (a private knob, for this comparison only)
+        every = _runtime.INLINE_CHECK
+        with_yield: list[float] = []
+        without: list[float] = []
+        try:
+            for _ in range(3):
+                _runtime.INLINE_CHECK = every
+                with_yield.append(await _loop_rate(proxy, n))
+                _runtime.INLINE_CHECK = sys.maxsize
+                without.append(await _loop_rate(proxy, n))
+        finally:
+            _runtime.INLINE_CHECK = every
+    rate, floor = sorted(with_yield)[1], sorted(without)[1]
     return [
         Figure(section, "longest ticker gap", longest * 1e3, "ms", 20.0),
-        Figure(section, "ticks seen during the loop", len(gaps), ""),
-        Figure(section, "calls/s", n / elapsed, "/s"),
+        Figure(section, "ticks seen during the loop", ticks, ""),
+        Figure(section, "calls/s alone (floor: without the yield)", rate, "/s", floor=floor),
     ]
 
 
@@ -308,6 +335,8 @@ async def main(quick: bool, sections: list[str]) -> list[Figure]:
 
 def _format(f: Figure) -> str:
     value = f"{f.value:,.1f}" if f.value < 100 else f"{f.value:,.0f}"
+    if f.floor is not None:
+        return f"  {f.name:44} {value:>12} {f.unit:3} floor {f.floor:>12,.0f}  ratio {f.ratio:.2f}"
     if f.target is None:
         return f"  {f.name:44} {value:>12} {f.unit}"
     sign = "<=" if f.lower else ">="
