@@ -316,10 +316,10 @@ class Runtime:
         """
         if count <= 0 or self._stopping:
             return 0
-        batch = self.config.deactivation_batch
+        scan = self.config.deactivation_batch * 32  # looking costs less than deactivating
         by_use: dict[float, list[Activation]] = {}  # last_used is a coarse clock: few values
         for i, act in enumerate(list(self._catalog.values())):
-            if i and i % batch == 0:
+            if i and i % scan == 0:
                 await anyio.lowlevel.checkpoint()
             if act.state is State.VALID and act.chain is None and not act.mailbox:
                 by_use.setdefault(act.last_used, []).append(act)

@@ -14,6 +14,7 @@ from koala import (
     ActivationState,
     ActorBase,
     ActorInterface,
+    ConfigError,
     HostConfig,
     Runtime,
     ShuttingDownError,
@@ -396,3 +397,10 @@ async def test_shed_deactivates_idle_activations_least_recently_used_first() -> 
         assert await get_rpc_proxy(IPlain, "old1").touch() == 1  # activated anew
         assert await rt.shed(1_000) == 32
         await wait_until(lambda: rt.statistics().activations == 0)
+
+
+def test_deactivation_settings_are_checked() -> None:
+    with pytest.raises(ConfigError, match="deactivation_batch must be an integer"):
+        HostConfig(deactivation_batch=2.5)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="deactivation_tasks must be a positive number"):
+        HostConfig(deactivation_tasks=0)
