@@ -234,7 +234,7 @@ async def _collection(n: int, quantum: float, config: HostConfig, gcw: GcWatch) 
         for i in range(pilot):
             await get_rpc_proxy(IPilot, i).touch()
         start = anyio.current_time()
-        _release_at = start + (start - t0) * n / pilot * 1.5 + 1.0
+        _release_at = start + (start - t0) * n / pilot * 2.0 + 1.0
         async with anyio.create_task_group() as tg:
             tg.start_soon(ticker.run)
             ticker.record()

@@ -86,8 +86,10 @@ INLINE_CHECK = 64
 TIME_SLICE = 0.002
 LONG_SLICE = 0.02
 # Memory is given back (the catalog's table rebuilt, the C heap trimmed) once at least
-# this many activations left, and more left than remain, since the last time.
+# COMPACT_AFTER activations left since the last time, four times as many as remain, and
+# no more than COMPACT_MAX remain: the rebuild copies them in one step (a few ms).
 COMPACT_AFTER = 10_000
+COMPACT_MAX = 50_000
 
 
 class Directory(Protocol):
@@ -741,7 +743,8 @@ class Runtime:
     def _compact_if_due(self) -> None:
         """After many activations left, give their memory back: a dict's table never
         shrinks as keys go, and freed memory stays in the C heap unless trimmed."""
-        if self._released < COMPACT_AFTER or self._released < len(self._catalog):
+        left = len(self._catalog)
+        if self._released < COMPACT_AFTER or left * 4 > self._released or left > COMPACT_MAX:
             return
         self._released = 0
         self._catalog = dict(self._catalog)
