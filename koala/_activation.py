@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from ._actor import ActorBase
 from ._drive import lazy_deadline, run_under_deadline
 from ._errors import OverloadedError, ShuttingDownError
 from ._messages import (
@@ -33,7 +34,6 @@ from ._messages import (
 )
 
 if TYPE_CHECKING:
-    from ._actor import ActorBase
     from ._interface import MethodSpec
     from ._runtime import Runtime
 
@@ -59,6 +59,8 @@ def current_deadline() -> float:
 
 
 MAX_INLINE_DEPTH = 32
+
+_DEFAULT_ON_DEACTIVATE = ActorBase.on_deactivate
 
 
 class State(enum.Enum):
@@ -268,15 +270,39 @@ class Activation:
             self.runtime._tg.start_soon(self._run_pump)
 
     def begin_deactivation(self) -> None:
-        if self.state is State.CREATING and self.chain is None and not self.mailbox:
+        """Deactivate at the next turn boundary (on_deactivate is the last turn).
+
+        A free activation with no task of its own ends at once when it has nothing to
+        run (no timers, the default on_deactivate), without any task; if it has, one of
+        the runtime's bounded set of deactivation tasks runs on_deactivate. A busy one
+        is deactivated by its pump (or its inline caller) when its turn ends.
+        """
+        state = self.state
+        if state is State.CREATING and self.chain is None and not self.mailbox:
             self.state = State.INVALID  # never activated: nothing to run on_deactivate on
             self.runtime._forget(self)
             return
-        if self.state in (State.VALID, State.CREATING, State.ACTIVATING):
+        if state is State.VALID or state is State.CREATING or state is State.ACTIVATING:
             self.deactivate_asap = True
-            if self.state is State.VALID and self.chain is None:
+            if state is State.VALID and self.chain is None:
                 self.state = State.DEACTIVATING
+                if self.pump == PUMP_NONE and not self.mailbox:
+                    if not self.timers and self.impl.on_deactivate is _DEFAULT_ON_DEACTIVATE:
+                        self._finish()
+                    else:
+                        self.pump = PUMP_RUNNING  # a deactivation task owns it from now
+                        self.runtime._retire(self)
+                    return
             self._wake()
+
+    def _finish(self) -> None:
+        """Leave the catalog; calls that queued meanwhile go to a fresh activation."""
+        self._stop_timers()
+        self.state = State.INVALID
+        # the instance points back at us: without this a cycle, freed only by a full GC
+        self.instance = None
+        self.runtime._forget(self)
+        self._requeue_leftovers()
 
     # ------------------------------------------------------------ the pump
 
@@ -573,9 +599,7 @@ class Activation:
             current_chain.reset(t_chain)
             current_activation.reset(t_act)
             self.chain = None
-            self.state = State.INVALID
-            rt._forget(self)
-            self._requeue_leftovers()
+            self._finish()
 
     def _requeue_leftovers(self) -> None:
         """Calls that arrived while we were going away wait for a fresh activation."""

@@ -21,6 +21,10 @@ class HostConfig:
       with OverloadedError at once.
     - ``shutdown_grace``: how long a stopping host lets in-flight turns and
       ``on_deactivate`` run before it cancels them.
+    - ``deactivation_batch``: how many activations collection, ``evict_all``,
+      ``shutdown`` and ``shed`` go through before they let other tasks run.
+    - ``deactivation_tasks``: most tasks running ``on_deactivate`` of idle activations
+      at once (an activation whose ``on_deactivate`` is the default needs none).
     """
 
     default_timeout: float = 30.0
@@ -29,6 +33,8 @@ class HostConfig:
     mailbox_size: int = 10_000
     max_queued: int = 100_000
     shutdown_grace: float = 10.0
+    deactivation_batch: int = 32
+    deactivation_tasks: int = 64
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -37,6 +43,6 @@ class HostConfig:
                 raise ConfigError(f"HostConfig.{f.name} must be a number, got {value!r}")
             if not math.isfinite(value) or value <= 0:
                 raise ConfigError(f"HostConfig.{f.name} must be a positive number, got {value!r}")
-        for name in ("mailbox_size", "max_queued"):
+        for name in ("mailbox_size", "max_queued", "deactivation_batch", "deactivation_tasks"):
             if not isinstance(getattr(self, name), int):
                 raise ConfigError(f"HostConfig.{name} must be an integer")

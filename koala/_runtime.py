@@ -9,8 +9,10 @@ mailbox) or a remote delivery through the transport (arguments encoded by their 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import math
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -18,14 +20,17 @@ from types import TracebackType
 from typing import Any, Protocol
 
 import anyio
+import anyio.lowlevel
 from anyio.abc import TaskGroup
 
 from ._activation import (
+    PUMP_NONE,
     Activation,
     Call,
     State,
     current_activation,
     current_chain,
+    inline_depth,
 )
 from ._actor import ActorBase, implementations_of
 from ._config import HostConfig
@@ -70,6 +75,21 @@ def current_runtime() -> Runtime:
 
 LOCAL = "local"
 WRONG_HOST_RETRIES = 3
+
+# The local fast path runs turns in the caller's task: a loop of local calls never
+# suspends. Every INLINE_CHECK inline calls the runtime looks at the clock, and if
+# TIME_SLICE seconds passed since a task last let others run through it, the caller
+# lets them run now (a checkpoint). Inside an inline turn that would count as the
+# turn suspending (its method then takes a deadline scope for good, see
+# koala._drive), so there it waits for LONG_SLICE: such a turn is long anyway.
+INLINE_CHECK = 64
+TIME_SLICE = 0.002
+LONG_SLICE = 0.02
+# Memory is given back (the catalog's table rebuilt, the C heap trimmed) once at least
+# COMPACT_AFTER activations left since the last time, four times as many as remain, and
+# no more than COMPACT_MAX remain: the rebuild copies them in one step (a few ms).
+COMPACT_AFTER = 10_000
+COMPACT_MAX = 50_000
 
 
 class Directory(Protocol):
@@ -175,6 +195,15 @@ class Runtime:
         self._buckets: dict[int, set[Activation]] = {}
         self._queued = 0
         self._inflight = 0
+        # idle activations waiting for a deactivation task, and how many tasks run
+        self._retiring: deque[Activation] = deque()
+        self._retirers = 0
+        self._released = 0  # activations that left the catalog since the last compaction
+        # chain id -> requests of it served here or calls of it out of here, in flight:
+        # the chains a draining host still accepts requests of
+        self._chains: dict[int, int] = {}
+        self._inline_calls = 0
+        self._last_pause = 0.0  # when a task last let others run (see TIME_SLICE)
         self.now = 0.0  # a coarse clock (updated by the collector) for idle bookkeeping
         self._running = False
         self._draining = False
@@ -244,10 +273,9 @@ class Runtime:
             with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
                 await self._drained.wait()
         self._stopping = True
-        for act in list(self._catalog.values()):
-            act.begin_deactivation()
-        if self._catalog:
-            with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
+        with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
+            await self._begin_deactivating(deque(self._catalog.values()))
+            if self._catalog:
                 await self._emptied.wait()
         if self._catalog:
             log.warning("%d activations did not deactivate within the grace", len(self._catalog))
@@ -258,22 +286,100 @@ class Runtime:
 
         A host that lost its placement lease fences itself with this, so none of its
         actors is live when the cluster places them elsewhere. The host keeps running.
+        Every activation is asked to deactivate even if that takes longer than
+        ``grace`` (a batch at a time, letting other tasks run in between); the grace
+        bounds the wait for them to finish.
         """
         if self._stopping:
             return len(self._catalog)
         self._stopping = True
         self._emptied = anyio.Event()
+        deadline = anyio.current_time() + grace
         try:
-            for act in list(self._catalog.values()):
-                act.begin_deactivation()
+            await self._begin_deactivating(deque(self._catalog.values()))
             if self._catalog:
-                with anyio.move_on_after(grace):
+                with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
                     await self._emptied.wait()
+            self._compact_if_due()
             return len(self._catalog)
         finally:
             if not self._draining:
                 self._stopping = False
                 self._emptied = anyio.Event()
+
+    async def shed(self, count: int) -> int:
+        """Begin deactivating up to ``count`` activations that are valid and idle (no
+        turn running, nothing queued), least recently used first; the number started.
+
+        Each goes at a turn boundary, as idle collection does, and its next call
+        activates the actor anew (placed anew, in a cluster): a rebalancer moves actors
+        off a loaded host with this. The activations are looked at and deactivated a
+        batch at a time, letting other tasks run in between.
+        """
+        if count <= 0 or self._stopping:
+            return 0
+        scan = self.config.deactivation_batch * 32  # looking costs less than deactivating
+        by_use: dict[float, list[Activation]] = {}  # last_used is a coarse clock: few values
+        for i, act in enumerate(list(self._catalog.values())):
+            if i and i % scan == 0:
+                await anyio.lowlevel.checkpoint()
+            if act.state is State.VALID and act.chain is None and not act.mailbox:
+                by_use.setdefault(act.last_used, []).append(act)
+        chosen: deque[Activation] = deque()
+        for used in sorted(by_use):
+            chosen.extend(by_use[used][: count - len(chosen)])
+            if len(chosen) >= count:
+                break
+        del by_use
+        return await self._begin_deactivating(chosen, idle_only=True)  # others ran meanwhile
+
+    async def _begin_deactivating(self, todo: deque[Activation], idle_only: bool = False) -> int:
+        """``begin_deactivation`` for each of ``todo`` (only those still idle then, if
+        ``idle_only``), a batch at a time, letting other tasks run between batches; the
+        number begun. Taken out of ``todo`` one by one, each is freed as it goes."""
+        batch = self.config.deactivation_batch
+        looked = begun = 0
+        while todo:
+            if looked and looked % batch == 0:
+                await anyio.lowlevel.checkpoint()
+            act = todo.popleft()
+            looked += 1
+            if idle_only and not (
+                act.state is State.VALID and act.chain is None and not act.mailbox
+            ):
+                continue
+            act.begin_deactivation()
+            begun += 1
+        return begun
+
+    def _retire(self, act: Activation) -> None:
+        """Have a deactivation task run the last turn of ``act``, which is free and has
+        no task of its own; at most ``deactivation_tasks`` of them run at once."""
+        self._retiring.append(act)
+        if self._retirers < self.config.deactivation_tasks:
+            self._retirers += 1
+            self._tg.start_soon(self._retirer)
+
+    async def _retirer(self) -> None:
+        try:
+            while self._retiring:
+                act = self._retiring.popleft()
+                try:
+                    await act._deactivate()
+                finally:
+                    act.pump = PUMP_NONE
+                await anyio.lowlevel.checkpoint()  # on_deactivate may never suspend
+        finally:
+            self._retirers -= 1
+
+    async def _pause(self, long: bool = False) -> None:
+        """Let other tasks run if none did through here for TIME_SLICE seconds (or
+        LONG_SLICE, when ``long``): for loops that may never suspend otherwise."""
+        now = self.clock()
+        if now - self._last_pause >= (LONG_SLICE if long else TIME_SLICE):
+            self._last_pause = now
+            await anyio.lowlevel.checkpoint()
+            self._last_pause = self.clock()
 
     def statistics(self) -> RuntimeStatistics:
         return RuntimeStatistics(
@@ -352,6 +458,10 @@ class Runtime:
         if host == LOCAL:
             args = spec.copy_args(args)
             if not spec.one_way:
+                calls = self._inline_calls = self._inline_calls + 1
+                if calls >= INLINE_CHECK:  # a loop of these may never suspend
+                    self._inline_calls = 0
+                    await self._pause(long=inline_depth.get() > 0)
                 ident = (impl.actor_type, key)
                 act = self._catalog.get(ident)
                 if act is None and not self._stopping and self.serves(impl):
@@ -415,10 +525,21 @@ class Runtime:
         # without a scope of the caller's, the transport enforces the deadline: a scope
         # per call would cost more than the call's own work (see Channel._expire_calls)
         req.expires = own_deadline
+        chains, chain = self._chains, req.chain_id
+        chains[chain] = chains.get(chain, 0) + 1
         try:
             return await self.remote.call(host, req, spec)
         except WrongHostError:
             return await self._send_elsewhere(req, spec)
+        finally:
+            self._chain_done(chain)
+
+    def _chain_done(self, chain: int) -> None:
+        left = self._chains[chain] - 1
+        if left:
+            self._chains[chain] = left
+        else:
+            del self._chains[chain]
 
     async def _send_elsewhere(self, req: Request, spec: MethodSpec) -> Any:
         """The host answered "wrong host" (a stale placement, and proof the request did not
@@ -452,16 +573,22 @@ class Runtime:
         cancels. A free activation runs the turn right here (as local calls do);
         otherwise the request queues. Returns None for one-way requests.
         """
+        chains, chain = self._chains, req.chain_id
+        if self._draining and chain not in chains:
+            # only chains live here go on: a turn of it waits on a call out of this host
+            # (which may call back), or another request of it is served here
+            exc = ShuttingDownError("this host is shutting down; retry on another host")
+            return None if req.one_way else Response(req.request_id, None, error_info(exc))
         token = _current_runtime.set(self)
+        chains[chain] = chains.get(chain, 0) + 1
         try:
             return await self._serve(req)
         finally:
+            self._chain_done(chain)
             _current_runtime.reset(token)
 
     async def _serve(self, req: Request) -> Response | None:
         try:
-            if self._draining and req.chain_id not in self._live_chains():
-                raise ShuttingDownError("this host is shutting down; retry on another host")
             impl, spec = self._target_of(req)
             if not self._local_only:
                 owner = self.directory.lookup(req.actor_type, req.key)
@@ -506,9 +633,6 @@ class Runtime:
             return Response(req.request_id, spec.result.to_wire(call.result))
         except Exception as exc:
             return Response(req.request_id, None, error_info(exc))
-
-    def _live_chains(self) -> set[int]:
-        return {a.chain for a in self._catalog.values() if a.chain is not None}
 
     def _target_of(self, req: Request) -> tuple[type[ActorBase], MethodSpec]:
         """Implementation and method named by a wire request (only interface methods
@@ -556,6 +680,7 @@ class Runtime:
     def _forget(self, act: Activation) -> None:
         if self._catalog.get(act.ident) is act:
             del self._catalog[act.ident]
+            self._released += 1
             if not self._local_only:
                 self.directory.released(*act.ident)
         bucket = self._buckets.get(act.bucket)
@@ -575,27 +700,78 @@ class Runtime:
         self._buckets.setdefault(index, set()).add(act)
 
     async def _collector(self) -> None:
-        """Deactivate idle activations; let idle pumps go. Work is O(what expired)."""
-        quantum = self.config.collection_interval
+        """Deactivate idle activations; let idle pumps go. Work is O(what expired), done
+        a batch at a time, letting other tasks run between batches."""
         while True:
-            await anyio.sleep(quantum)
-            now = self.now = anyio.current_time()
-            for act in [a for a in self._waiting if now - a.last_used >= quantum]:
+            await anyio.sleep(self.config.collection_interval)
+            self.now = anyio.current_time()
+            await self._sweep(self.now)
+            self._compact_if_due()
+
+    async def _sweep(self, now: float) -> None:
+        """One look at what expired by ``now``. (A function of its own: what it held goes
+        when it returns, not at the next sweep.)"""
+        quantum = self.config.collection_interval
+        batch = self.config.deactivation_batch
+        lingering = [a for a in self._waiting if now - a.last_used >= quantum]
+        for i, act in enumerate(lingering):
+            if i and i % batch == 0:
+                await anyio.lowlevel.checkpoint()
+            if act in self._waiting:
                 act.linger_exit = True
                 act._wake()
-            due = [i for i in self._buckets if i * quantum <= now]
-            for index in sorted(due):
-                for act in self._buckets.pop(index):
-                    if act.state is not State.VALID:
-                        continue
-                    expiry = max(act.last_used + act.idle_timeout, act.keep_until)
-                    busy = act.chain is not None or bool(act.mailbox)
-                    if expiry > now or busy:
-                        if busy:
-                            act.last_used = now
-                        self._schedule_collection(act)
-                    else:
-                        act.begin_deactivation()
+        seen = 0
+        for index in sorted(i for i in self._buckets if i * quantum <= now):
+            # popped, the set is ours: an activation filed meanwhile goes to a later one.
+            # Taken out one by one, so each activation is freed as it goes, not all at
+            # once with the set (which, emptied, keeps its table until it goes too)
+            bucket = self._buckets.pop(index)
+            while bucket:
+                act = bucket.pop()
+                seen += 1
+                if seen % batch == 0:
+                    await anyio.lowlevel.checkpoint()
+                if act.state is not State.VALID:
+                    continue
+                expiry = max(act.last_used + act.idle_timeout, act.keep_until)
+                busy = act.chain is not None or bool(act.mailbox)
+                if expiry > now or busy:
+                    if busy:
+                        act.last_used = now
+                    self._schedule_collection(act)
+                else:
+                    act.begin_deactivation()
+
+    def _compact_if_due(self) -> None:
+        """After many activations left, give their memory back: a dict's table never
+        shrinks as keys go, and freed memory stays in the C heap unless trimmed."""
+        left = len(self._catalog)
+        if self._released < COMPACT_AFTER or left * 4 > self._released or left > COMPACT_MAX:
+            return
+        self._released = 0
+        self._catalog = dict(self._catalog)
+        self._waiting = set(self._waiting)
+        self._buckets = dict(self._buckets)
+        _trim_c_heap()
+
+
+def _find_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+    return trim
+
+
+# looked up at import: objects made late, during a large collection, would stay for good
+# in memory pages that would otherwise be given back
+_malloc_trim = _find_malloc_trim()
+
+
+def _trim_c_heap() -> None:
+    """glibc keeps freed memory in its heap; ``malloc_trim`` returns the free pages."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
 
 
 class _NotStarted:
