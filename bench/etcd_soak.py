@@ -181,15 +181,18 @@ def report(results: dict[str, tuple[list[Sample], float]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.etcd_soak", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="4 000 renewals instead of 20 000")
+    parser.add_argument(
+        "--quick", action="store_true", help="2 000 renewals, churn every 200 (not 20 000, 500)"
+    )
     parser.add_argument("--loop", default="asyncio", choices=["asyncio", "uvloop", "trio"])
     parser.add_argument("--renewals", type=int, default=0, help="renewals per run")
     parser.add_argument("--hosts", type=int, default=20, help="hosts renewing (default 20)")
-    parser.add_argument("--churn", type=int, default=500, help="renewals between two churns")
+    parser.add_argument("--churn", type=int, default=0, help="renewals between two churns")
     parser.add_argument("--json", action="store_true", help="print the samples as JSON")
     args = parser.parse_args(argv)
-    renewals = args.renewals or (4_000 if args.quick else 20_000)
-    if renewals < 1 or args.hosts < 2 or args.churn < 1:
+    renewals = args.renewals or (2_000 if args.quick else 20_000)
+    churn = args.churn or (200 if args.quick else 500)
+    if renewals < 1 or args.hosts < 2 or churn < 1:
         parser.error("--renewals >= 1, --hosts >= 2 and --churn >= 1")
     sample = max(1, renewals // 10)
     backend = "trio" if args.loop == "trio" else "asyncio"
@@ -200,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             mode,
             renewals,
             args.hosts,
-            args.churn,
+            churn,
             sample,
             backend=backend,
             backend_options=options,
@@ -214,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         print(json.dumps(out, indent=1))
     else:
-        print(f"etcd soak ({args.loop}): {args.hosts} hosts, churn every {args.churn} renewals")
+        print(f"etcd soak ({args.loop}): {args.hosts} hosts, churn every {churn} renewals")
         print(report(results))
     return 0
 

@@ -11,14 +11,15 @@ import anyio
 import httpx
 import pytest
 
-from koala.pd import EtcdStore, MemoryStore, Store, StoreFullError, StoreUnavailableError
+from koala.pd import EtcdStore, MemoryStore, Store, StoreUnavailableError
 from koala.pd import _service as service
 from koala.pd._service import MAX_BATCH, MaintenanceConfig, Position
 from koala.pd._store import CreateOutcome
 from koala.pd.server import PlacementDriver, create_app
-from tests._etcd import EtcdProcess, etcd_url, unique_prefix
+from tests._etcd import etcd_url, unique_prefix
+from tests.test_pd_store import SMALL_QUOTA, fill, small_store
 
-__all__ = ["etcd_url"]
+__all__ = ["etcd_url", "small_store"]  # the fixtures, imported for pytest
 
 pytestmark = pytest.mark.anyio
 
@@ -514,38 +515,9 @@ async def test_old_version_horizon_answers_the_whole_table(
         assert (recent["full"], len(recent["hosts"])) == (False, 7)
 
 
-async def fill(store: Store, prefix: str) -> int:
-    """Junk keys written straight to the store until it is full; how many."""
-    for n in range(10_000):
-        try:
-            await store.put(f"{prefix}{n}", b"j" * 4096)
-        except StoreFullError:
-            return n
-    raise AssertionError("the store never filled up")
-
-
-@pytest.fixture(params=["memory", "etcd"])
-async def small_store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
-    """A store of this test alone, with a quota of 1 MiB."""
-    quota = 1024 * 1024
-    if request.param == "memory":
-        yield MemoryStore(quota_bytes=quota)
-        return
-    server = EtcdProcess(quota_bytes=quota)
-    try:
-        server.start()
-        etcd = EtcdStore(server.url)
-        try:
-            yield etcd
-        finally:
-            await etcd.aclose()
-    finally:
-        server.destroy()
-
-
 async def test_a_full_store_keeps_hosts_and_placed_actors_then_recovers(small_store: Store) -> None:
     store = small_store
-    config = MaintenanceConfig(check_interval=0.1, compact_interval=0, quota_bytes=1024 * 1024)
+    config = MaintenanceConfig(check_interval=0.1, compact_interval=0, quota_bytes=SMALL_QUOTA)
     pd = PlacementDriver(store, prefix="/full/", maintenance=config)
     async with client_for(pd) as client, anyio.create_task_group() as tg:
         await tg.start(pd.maintain)

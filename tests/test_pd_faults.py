@@ -239,8 +239,8 @@ async def test_hosts_ride_out_a_short_etcd_restart(
         assert (await hit(client, a, "short-unplaced"))[1] == 1
         for key in keys:
             assert (await hit(client, b, key)) == [holders[key], 3]
-        # the hosts renew the leases they had (etcd kept them): each renewal is recorded
-        # in the host's record, under its lease, in etcd
+        # the hosts renew the leases they had (etcd kept them): the PD records each
+        # renewal (in its memory: a renewal writes nothing to etcd)
         ids = {before[h.pid]["server_id"] for h in (a, b)}
         with anyio.fail_after(RECOVERY):
             while True:

@@ -72,11 +72,12 @@ async def hit(client: httpx.AsyncClient, host: Proc, key: str) -> httpx.Response
     return await client.get(f"{url(host)}/hit/{key}")
 
 
+@pytest.mark.parametrize("pd_backend", ["asyncio", "trio"])
 async def test_a_full_etcd_fences_no_host_and_the_pd_recovers_by_itself(
-    cluster: Cluster, small_etcd: EtcdProcess
+    cluster: Cluster, small_etcd: EtcdProcess, pd_backend: str
 ) -> None:
     flags = ("--store-check-interval", "0.5", "--etcd-quota-bytes", str(QUOTA))
-    pd = cluster.pd(extra=flags)
+    pd = cluster.pd(backend=pd_backend, extra=flags)
     one = cluster.host(url(pd), "asyncio", ttl=TTL)
     two = cluster.host(url(pd), "trio", ttl=TTL)
     keys = [f"k{n}" for n in range(10)]
