@@ -159,6 +159,19 @@ def _add_cluster_commands(sub: Any) -> None:
         help="one more lease for the host's positions per this many (default 4096; 0: one "
         "lease); etcd deletes a dead host's positions lease by lease",
     )
+    host.add_argument(
+        "--rebalance-threshold",
+        type=float,
+        default=None,
+        help="give activations up when above the cluster's mean by more than this fraction "
+        "(default 0.2; 0 turns the rebalancer off)",
+    )
+    host.add_argument(
+        "--rebalance-fraction",
+        type=float,
+        default=None,
+        help="at most this fraction of the host's activations given up per renewal (default 0.01)",
+    )
     host.add_argument("--idle-timeout", type=_positive, help="seconds before idle actors go")
     host.add_argument("--default-timeout", type=_positive, help="deadline of calls without one")
     host.add_argument("--shutdown-grace", type=_positive, help="seconds to drain on stop")
@@ -229,6 +242,12 @@ def _run_cluster_command(args: argparse.Namespace, backend: _backend.Backend) ->
         member = MemberConfig(ttl=args.ttl)
         if args.positions_per_lease is not None:
             member = replace(member, positions_per_lease=args.positions_per_lease)
+        rebalance = member.rebalance
+        if args.rebalance_threshold is not None:
+            rebalance = replace(rebalance, threshold=args.rebalance_threshold)
+        if args.rebalance_fraction is not None:
+            rebalance = replace(rebalance, fraction=args.rebalance_fraction)
+        member = replace(member, rebalance=rebalance)
         module = load_app(args.app)
 
         def announce(text: str) -> None:

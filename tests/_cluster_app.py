@@ -83,4 +83,5 @@ async def stats() -> dict[str, Any]:
         out.update(server_id=s.server_id, serving=s.serving, fences=s.fences)
         out.update(registrations=s.registrations, cached=s.cached, resolves=s.resolves)
         out.update(owned=s.owned, unreleased=s.unreleased, releases=s.releases, claims=s.claims)
+        out.update(shed=s.shed)
     return out

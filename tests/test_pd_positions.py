@@ -233,3 +233,39 @@ async def test_a_host_with_many_positions_killed_under_load(cluster: Cluster) ->
     assert set(back.values()) <= set(survivors)
     lines = [line for line in cluster.event_lines() if not line.endswith(f" {victim.pid}")]
     assert double_activations(lines) == []
+
+
+async def test_a_host_that_joins_receives_its_share(cluster: Cluster) -> None:
+    """Two hosts hold 240 active actors; a third joins. The two give up a few of theirs
+    at each renewal while some host is below the mean, their next calls place them by
+    load, and the new host ends up with its share, each actor still activated once at a
+    time."""
+    pd = cluster.pd()
+    a, b = cluster.host(url(pd), "asyncio"), cluster.host(url(pd), "trio")
+    keys = [f"share-{i}" for i in range(240)]
+    async with httpx.AsyncClient(timeout=30) as client:
+
+        async def call_all(via: Proc) -> dict[int, int]:
+            where: dict[int, int] = {}
+
+            async def one(key: str) -> None:
+                pid, _ = await get(client, via, f"/hit/{key}")
+                where[pid] = where.get(pid, 0) + 1
+
+            async with anyio.create_task_group() as tg:
+                for key in keys:
+                    tg.start_soon(one, key)
+            return where
+
+        await call_all(a)
+        c = cluster.host(url(pd), "uvloop")
+        started = time.monotonic()
+        while True:
+            where = await call_all(b)
+            if where.get(c.pid, 0) >= 60:  # within 25% of its share of 80
+                break
+            assert time.monotonic() - started < RECOVERY, (where, cluster.dump())
+            await anyio.sleep(0.2)
+        assert sum(stats(h)["shed"] for h in (a, b)) >= 60
+        assert stats(c)["shed"] == 0
+    assert double_activations(cluster.event_lines()) == []

@@ -100,6 +100,8 @@ class MembershipResponse(BaseModel):
     removed: list[int]
     events: list[EventModel]
     now: int
+    mean_activations: float = 0.0
+    min_activations: int = 0
 
 
 class DeleteRequest(BaseModel):
@@ -211,6 +213,8 @@ def create_app(pd: PlacementDriver) -> FastAPI:
             removed=view.removed,
             events=[EventModel(time=e.time, add=e.add, remove=e.remove) for e in events],
             now=now_ms(),
+            mean_activations=view.mean_activations,
+            min_activations=view.min_activations,
         )
 
     @app.get("/pd/api/v1/version")

@@ -41,6 +41,7 @@ from .._errors import (
 from .._messages import Key, Request
 from .._runtime import LOCAL
 from ._positions import Ident, OwnPositions
+from ._rebalance import RebalanceConfig, to_shed
 from ._ticket import PLACEMENT_KEY_SIZE, check_ticket
 
 if TYPE_CHECKING:
@@ -136,6 +137,8 @@ class Membership:
     version: int = 0
     full: bool = True
     removed: list[int] = field(default_factory=list)
+    mean_activations: float = 0.0  # per host, over the whole cluster (rebalancing)
+    min_activations: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -442,6 +445,8 @@ def _membership(data: dict[str, Any]) -> Membership:
             version=int(data.get("version", 0)),
             full=bool(data.get("full", True)),  # a PD without deltas sends the whole table
             removed=[int(s) for s in data.get("removed") or []],
+            mean_activations=float(data.get("mean_activations", 0.0)),
+            min_activations=int(data.get("min_activations", 0)),
         )
     except (TypeError, ValueError, AttributeError):
         raise PDUnavailableError(
@@ -464,6 +469,8 @@ class MemberConfig:
     - ``positions_per_lease``: the host asks for one more lease for its positions per
       this many it holds, so that etcd deletes at most about that many keys in one
       step when the host dies (0: every position on the registration's lease).
+    - ``rebalance``: when the host gives activations up so that hosts even out
+      (koala.pd._rebalance; ``RebalanceConfig(threshold=0)`` turns it off).
     """
 
     ttl: int = 15
@@ -473,6 +480,7 @@ class MemberConfig:
     rejoin_wait: float = 5.0
     desc: str = ""
     positions_per_lease: int = POSITIONS_PER_LEASE
+    rebalance: RebalanceConfig = field(default_factory=RebalanceConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.ttl, bool) or not isinstance(self.ttl, int) or self.ttl < 1:
@@ -516,6 +524,7 @@ class DirectoryStatistics:
     releases: int = 0  # positions given back to the PD
     release_batches: int = 0  # requests they took
     claims: int = 0  # first calls served on a peer's ticket, without a lookup
+    shed: int = 0  # activations given up to even the hosts out (rebalancing)
 
 
 class _Pending:
@@ -579,6 +588,9 @@ class ClusterDirectory:
         self._claims = 0
         self._position_leases: list[int] = []  # this registration's (grow_leases)
         self._grow_wanted = anyio.Event()
+        self._cluster_load = (0.0, 0)  # mean and least activations per host, last renewal
+        self._rebalance_wanted = anyio.Event()
+        self._shed = 0
         self._departed: OrderedDict[int, None] = OrderedDict()
         self._pending: dict[tuple[str, Key], _Pending] = {}
         self._lookups_in: MemoryObjectSendStream[_Pending] | None = None  # while run() runs
@@ -611,6 +623,7 @@ class ClusterDirectory:
             releases=self._releases,
             release_batches=self._release_batches,
             claims=self._claims,
+            shed=self._shed,
         )
 
     # ------------------------------------------------------------ Directory
@@ -945,6 +958,7 @@ class ClusterDirectory:
                 for _ in range(RELEASE_TASKS):
                     tg.start_soon(self._release_positions)
                 tg.start_soon(self._grow_leases)
+                tg.start_soon(self._rebalance)
                 await self._membership(task_status)
         finally:
             self._lookups_in = None
@@ -1002,6 +1016,33 @@ class ClusterDirectory:
                 self._update_view(view)
                 if self._leases_wanted() > len(self._position_leases):
                     self._grow_wanted.set()
+                self._cluster_load = (view.mean_activations, view.min_activations)
+                if cfg.rebalance.enabled:
+                    self._rebalance_wanted.set()
+
+    async def _rebalance(self) -> None:
+        """After each renewal, give up a step of activations if this host holds more
+        than its share (koala.pd._rebalance), until cancelled. Their next calls place
+        them anew, by load; ``Runtime.shed`` takes idle ones, at turn boundaries."""
+        while True:
+            await self._rebalance_wanted.wait()
+            self._rebalance_wanted = anyio.Event()
+            runtime = self.runtime
+            if runtime is None or not self.serving:
+                continue
+            mean, least = self._cluster_load
+            mine = runtime.statistics().activations
+            count = to_shed(mine, mean, least, self.config.rebalance)
+            if count:
+                started = await runtime.shed(count)
+                self._shed += started
+                log.info(
+                    "server %d holds %d activations against a mean of %.0f: gave up %d",
+                    self.server_id,
+                    mine,
+                    mean,
+                    started,
+                )
 
     def _leases_wanted(self) -> int:
         """Position leases this host should have for what it holds (koala.pd grow_leases):

@@ -4,8 +4,9 @@ Placement already follows the load: a new actor, or one placed again after it wa
 deactivated (its position given back), goes to the less loaded of two hosts. What that
 cannot fix alone is a host holding more than its share of actors that stay active (a host
 joined, or one restarted, while the rest kept theirs). So at each renewal a host compares
-its activations with the cluster's mean (as the PD reports it) and, when it is above the
-mean by more than ``threshold``, deactivates a few of its least recently used idle
+its activations with the cluster's mean (as the PD reports it, with the least any host
+holds) and, when it is above the mean by more than ``threshold`` (or above it at all
+while a host is below it by more than that), deactivates a few of its least recently used idle
 activations (``Runtime.shed``: at a turn boundary, like collection). Their next call
 places them anew, by load. At most ``fraction`` of the host's activations go per
 renewal, so a rebalance never becomes a storm of re-placements.
@@ -51,10 +52,17 @@ class RebalanceConfig:
         return self.threshold > 0 and self.fraction > 0
 
 
-def to_shed(mine: int, mean: float, config: RebalanceConfig) -> int:
+def to_shed(mine: int, mean: float, least: int, config: RebalanceConfig) -> int:
     """How many of its ``mine`` activations a host gives up now, the cluster's mean
-    being ``mean``: down towards the mean, in steps of at most ``fraction``."""
-    if not config.enabled or mean <= 0 or mine <= mean * (1 + config.threshold):
+    being ``mean`` and its least loaded host holding ``least``: down towards the mean,
+    in steps of at most ``fraction``. A host sheds when it is above the mean by more
+    than the threshold, or when it is above the mean at all while some host is below it
+    by more than the threshold (one that just joined)."""
+    if not config.enabled or mean <= 0:
+        return 0
+    above = mine > mean * (1 + config.threshold)
+    lagging = least < mean * (1 - config.threshold) and mine > mean
+    if not (above or lagging):
         return 0
     excess = mine - math.ceil(mean)
     if excess < config.minimum:

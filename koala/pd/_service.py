@@ -159,6 +159,9 @@ class MembershipView:
     full: bool
     hosts: dict[int, HostInfo]
     removed: list[int]
+    # activations per host over the whole view (for rebalancing): the mean and the least
+    mean_activations: float = 0.0
+    min_activations: int = 0
 
 
 @dataclass(slots=True)
@@ -639,14 +642,18 @@ class PlacementDriver:
         ``since``, or the whole table when ``since`` is None or unknown to this PD."""
         current = self._version
         oldest = self._changes[0][0] - 1 if self._changes else current
+        counts = [h.activations for h in self._hosts.values()]
+        mean = sum(counts) / len(counts) if counts else 0.0
+        least = min(counts, default=0)
         if since is None or not oldest <= since <= current:
-            return MembershipView(current, True, dict(self._hosts), [])
+            return MembershipView(current, True, dict(self._hosts), [], mean, least)
         touched: set[int] = set()
         for version, ids in self._changes:
             if version > since:
                 touched |= ids
         added = {s: self._hosts[s] for s in sorted(touched) if s in self._hosts}
-        return MembershipView(current, False, added, sorted(touched - set(self._hosts)))
+        gone = sorted(touched - set(self._hosts))
+        return MembershipView(current, False, added, gone, mean, least)
 
     def recent_events(self) -> list[MembershipEvent]:
         """Hosts added and removed in the last minute, as this PD saw them."""
