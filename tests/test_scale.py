@@ -3,6 +3,7 @@ run, the local fast path's yield, the draining host's live chains, and shed."""
 
 from __future__ import annotations
 
+import time
 from abc import abstractmethod
 from collections import Counter
 from typing import Any
@@ -113,15 +114,16 @@ class CountingDirectory:
 
 async def _worst_gap_while(busy: anyio.Event, *, interval: float = 0.001) -> float:
     """The longest time between two calls to a hot actor made every ``interval`` until
-    ``busy`` is set."""
+    ``busy`` is set, in CPU time of this thread: what this process did meanwhile, not
+    what other processes on a loaded machine did."""
     hot = get_rpc_proxy(IHot, "hot")
     await hot.ping(0)
     worst = 0.0
-    last = anyio.current_time()
+    last = time.thread_time()
     while not busy.is_set():
         await anyio.sleep(interval)
         assert await hot.ping(1) == 1
-        now = anyio.current_time()
+        now = time.thread_time()
         worst = max(worst, now - last)
         last = now
     return worst
@@ -138,14 +140,14 @@ class Lingering(ILingering, ActorBase):
     idle_timeout = 0.05
 
     async def on_activate(self) -> None:
-        self.delay_deactivation(2.0)
+        self.delay_deactivation(3.0)
 
     async def touch(self) -> int:
         return 1
 
 
 async def test_collecting_many_idle_actors_does_not_block_a_concurrent_caller() -> None:
-    count = 20_000
+    count = 40_000
     directory = CountingDirectory()
     config = HostConfig(collection_interval=0.05, max_queued=10 * count, shutdown_grace=2)
     async with Runtime(config, [Lingering, Hot], directory=directory) as rt:
@@ -260,24 +262,29 @@ async def test_a_loop_of_local_calls_that_never_suspend_lets_other_tasks_run() -
         while not done:
             await anyio.sleep(0.001)
             ticks.append(anyio.current_time())
+            cpu.append(time.thread_time())
+
+    cpu: list[float] = []
 
     async with local_runtime(Hot) as rt, anyio.create_task_group() as tg:
         proxy = get_rpc_proxy(IHot, "loop")
         await proxy.ping(0)
         tg.start_soon(ticker)
         await anyio.sleep(0.01)
-        start = anyio.current_time()
+        start, start_cpu = anyio.current_time(), time.thread_time()
         ticks.clear()
+        cpu.clear()
         n = 0
         while anyio.current_time() - start < 0.3:  # calls that finish without suspending
             n += await proxy.ping(1)
-        end = anyio.current_time()
-        seen = [t for t in ticks if start <= t <= end]
+        end, end_cpu = anyio.current_time(), time.thread_time()
+        seen = [c for t, c in zip(ticks, cpu, strict=True) if start <= t <= end]
         done = True
         assert rt.statistics().activations == 1
     assert n > 1_000
     assert len(seen) >= 5  # the old fast path never let the ticker in: none
-    gaps = [b - a for a, b in zip([start, *seen], [*seen, end], strict=True)]
+    # in CPU time of this thread (a loaded machine may hold the whole process up)
+    gaps = [b - a for a, b in zip([start_cpu, *seen], [*seen, end_cpu], strict=True)]
     assert max(gaps) < 0.15
 
 
