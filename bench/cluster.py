@@ -72,28 +72,60 @@ def _start(cmd: list[str], log: Path, ready: str, env: dict[str, str]) -> subpro
     raise RuntimeError(f"{cmd[3]} did not start:\n{log.read_text(errors='replace')}")
 
 
+class BenchCluster:
+    """etcd, one `koala pd` and `koala host` processes on loopback for one benchmark run,
+    each writing a log in a temporary folder; ``close()`` stops them all."""
+
+    def __init__(self, loop: str) -> None:
+        self.etcd = EtcdProcess()
+        self.etcd.start()
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.tmp = Path(tempfile.mkdtemp(prefix="koala-bench-"))
+        env = dict(os.environ, KOALA_BACKEND=loop, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+        env.pop("KOALA_CLUSTER_SECRET", None)
+        self.env = env
+        self.pd_url = ""
+
+    def pd(self) -> str:
+        """Start the PD; its URL."""
+        port = free_port()
+        cmd = [*_KOALA, "pd", "--etcd", self.etcd.url, "--listen", f"127.0.0.1:{port}"]
+        self.procs.append(_start(cmd, self.tmp / "pd.log", "koala pd: http://", self.env))
+        self.pd_url = f"http://127.0.0.1:{port}"
+        return self.pd_url
+
+    def host(self, app: str, *extra: str) -> tuple[int, subprocess.Popen[bytes]]:
+        """Start a host of ``app`` on the PD; its HTTP port and process."""
+        port = free_port()
+        cmd = [*_KOALA, "host", app, "--pd", self.pd_url, "--listen", "127.0.0.1:0"]
+        cmd += ["--http", f"127.0.0.1:{port}", "--log-level", "WARNING", *extra]
+        log = self.tmp / f"host-{port}.log"
+        proc = _start(cmd, log, "koala host: server", self.env)
+        self.procs.append(proc)
+        return port, proc
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        self.etcd.destroy()
+
+
+_KOALA = [sys.executable, "-m", "koala.cli"]
+
+
 def measure(loop: str, quick: bool) -> dict[str, Any]:
     count = 500 if quick else 3000
     alone = 100 if quick else 500
-    etcd = EtcdProcess()
-    etcd.start()
-    procs: list[subprocess.Popen[bytes]] = []
-    tmp = Path(tempfile.mkdtemp(prefix="koala-bench-cluster-"))
-    env = dict(os.environ, KOALA_BACKEND=loop, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
-    env.pop("KOALA_CLUSTER_SECRET", None)
-    koala = [sys.executable, "-m", "koala.cli"]
+    cluster = BenchCluster(loop)
     try:
-        pd_port = free_port()
-        pd = [*koala, "pd", "--etcd", etcd.url, "--listen", f"127.0.0.1:{pd_port}"]
-        procs.append(_start(pd, tmp / "pd.log", "koala pd: http://", env))
-        http_ports = []
-        for n in range(3):
-            port = free_port()
-            http_ports.append(port)
-            host = [*koala, "host", "bench/_cluster_app.py", "--pd", f"http://127.0.0.1:{pd_port}"]
-            host += ["--listen", "127.0.0.1:0", "--http", f"127.0.0.1:{port}"]
-            host += ["--log-level", "WARNING"]
-            procs.append(_start(host, tmp / f"host{n}.log", "koala host: server", env))
+        cluster.pd()
+        http_ports = [cluster.host("bench/_cluster_app.py")[0] for _ in range(3)]
         url = f"http://127.0.0.1:{http_ports[0]}/first_calls"
         params: dict[str, Any] = {"count": 100, "concurrency": CONCURRENCY, "prefix": "warm"}
         httpx.post(url, params=params, timeout=120).raise_for_status()
@@ -101,8 +133,8 @@ def measure(loop: str, quick: bool) -> dict[str, Any]:
         koala_figures: dict[str, float] = httpx.post(url, params=params, timeout=600).json()
         params.update(count=alone, concurrency=1, prefix="alone")
         unloaded: dict[str, float] = httpx.post(url, params=params, timeout=600).json()
-        floor = anyio.run(etcd_floor, etcd.url, count)
-        floor_alone = anyio.run(etcd_floor, etcd.url, alone, 1)
+        floor = anyio.run(etcd_floor, cluster.etcd.url, count)
+        floor_alone = anyio.run(etcd_floor, cluster.etcd.url, alone, 1)
         return {
             "koala": koala_figures,
             "floor": floor,
@@ -110,14 +142,7 @@ def measure(loop: str, quick: bool) -> dict[str, Any]:
             "floor_alone": floor_alone,
         }
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        etcd.destroy()
+        cluster.close()
 
 
 def report(loop: str, r: dict[str, Any]) -> str:

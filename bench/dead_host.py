@@ -16,23 +16,15 @@ fails fast; those are counted apart. The target is p99 under 50 ms while the hos
 from __future__ import annotations
 
 import argparse
-import os
 import signal
-import subprocess
-import sys
-import tempfile
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
 
-from bench.cluster import _start
-from koala.testing import free_port
-from koala.testing.etcd import EtcdProcess
+from bench.cluster import BenchCluster
 
-ROOT = Path(__file__).resolve().parent.parent
 TTL = 3
 BEFORE = 3.0  # seconds of probe before the kill
 AFTER = TTL + 9.0  # and after it
@@ -45,30 +37,13 @@ def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(len(values) * q))]
 
 
-def _host(cmd: list[str], port: int, per_lease: int, pd: str) -> list[str]:
-    out = [*cmd, "host", "bench/_cluster_app.py", "--pd", pd, "--listen", "127.0.0.1:0"]
-    out += ["--http", f"127.0.0.1:{port}", "--ttl", str(TTL), "--log-level", "ERROR"]
-    return [*out, "--positions-per-lease", str(per_lease)]
-
-
 def measure(loop: str, count: int, per_lease: int) -> dict[str, Any]:
-    etcd = EtcdProcess()
-    etcd.start()
-    procs: list[subprocess.Popen[bytes]] = []
-    tmp = Path(tempfile.mkdtemp(prefix="koala-bench-dead-"))
-    env = dict(os.environ, KOALA_BACKEND=loop, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
-    env.pop("KOALA_CLUSTER_SECRET", None)
-    koala = [sys.executable, "-m", "koala.cli"]
+    cluster = BenchCluster(loop)
+    flags = ("--ttl", str(TTL), "--positions-per-lease", str(per_lease))
+    app = "bench/_cluster_app.py"
     try:
-        pd_port = free_port()
-        pd = f"http://127.0.0.1:{pd_port}"
-        cmd = [*koala, "pd", "--etcd", etcd.url, "--listen", f"127.0.0.1:{pd_port}"]
-        procs.append(_start(cmd, tmp / "pd.log", "koala pd: http://", env))
-        heavy_port = free_port()
-        heavy = _start(
-            _host(koala, heavy_port, per_lease, pd), tmp / "heavy.log", "koala host: server", env
-        )
-        procs.append(heavy)
+        cluster.pd()
+        heavy_port, heavy = cluster.host(app, *flags)
         placed = time.monotonic()
         httpx.post(
             f"http://127.0.0.1:{heavy_port}/first_calls",
@@ -77,10 +52,7 @@ def measure(loop: str, count: int, per_lease: int) -> dict[str, Any]:
         ).raise_for_status()
         placed = time.monotonic() - placed
         time.sleep(2 * TTL)  # a renewal or two: the host asks for its position leases
-        ports = [free_port(), free_port()]
-        for n, port in enumerate(ports):
-            cmd = _host(koala, port, per_lease, pd)
-            procs.append(_start(cmd, tmp / f"survivor{n}.log", "koala host: server", env))
+        ports = [cluster.host(app, *flags)[0] for _ in range(2)]
         result: dict[str, Any] = {}
 
         def run_probe() -> None:
@@ -110,15 +82,7 @@ def measure(loop: str, count: int, per_lease: int) -> dict[str, Any]:
             "errors": len(result["errors"]),
         }
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        etcd.destroy()
+        cluster.close()
 
 
 def report(loop: str, runs: list[dict[str, Any]]) -> str:

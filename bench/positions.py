@@ -15,20 +15,13 @@ database each) until its host's lease ended; the target is keys = live activatio
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
 
-from bench.cluster import _b64, _start
-from koala.testing import free_port
-from koala.testing.etcd import EtcdProcess
+from bench.cluster import BenchCluster, _b64
 
-ROOT = Path(__file__).resolve().parent.parent
 OLD_BYTES_PER_KEY = 197  # measured on etcd 3.4 before positions were released
 
 
@@ -46,26 +39,12 @@ def _db_size(etcd: str) -> int:
 
 def measure(loop: str, quick: bool) -> dict[str, Any]:
     count = 5_000 if quick else 100_000
-    etcd = EtcdProcess()
-    etcd.start()
-    procs = []
-    tmp = Path(tempfile.mkdtemp(prefix="koala-bench-positions-"))
-    env = dict(os.environ, KOALA_BACKEND=loop, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
-    env.pop("KOALA_CLUSTER_SECRET", None)
-    koala = [sys.executable, "-m", "koala.cli"]
+    cluster = BenchCluster(loop)
+    etcd = cluster.etcd
     prefix = "/koala/placement/"
     try:
-        pd_port = free_port()
-        pd = [*koala, "pd", "--etcd", etcd.url, "--listen", f"127.0.0.1:{pd_port}"]
-        procs.append(_start(pd, tmp / "pd.log", "koala pd: http://", env))
-        ports = []
-        for n in range(2):
-            port = free_port()
-            ports.append(port)
-            host = [*koala, "host", "bench/_positions_app.py"]
-            host += ["--pd", f"http://127.0.0.1:{pd_port}", "--listen", "127.0.0.1:0"]
-            host += ["--http", f"127.0.0.1:{port}", "--log-level", "WARNING"]
-            procs.append(_start(host, tmp / f"host{n}.log", "koala host: server", env))
+        cluster.pd()
+        ports = [cluster.host("bench/_positions_app.py")[0] for _ in range(2)]
         db_start = _db_size(etcd.url)
         url = f"http://127.0.0.1:{ports[0]}/visit"
         params: dict[str, str | int] = {"count": count, "concurrency": 100, "prefix": "once"}
@@ -102,14 +81,7 @@ def measure(loop: str, quick: bool) -> dict[str, Any]:
             "batches": sum(x["release_batches"] for x in c),
         }
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(15)
-            except Exception:
-                proc.kill()
-        etcd.destroy()
+        cluster.close()
 
 
 def report(loop: str, r: dict[str, Any]) -> str:

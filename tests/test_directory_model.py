@@ -89,7 +89,18 @@ class Cell(ICell, ActorBase):
         return WORLD.host_of[id(self._koala_activation.runtime)]
 
 
-class Net:
+class Gated:
+    """Something whose messages can be held back: while ``gate`` is set they wait."""
+
+    gate: anyio.Event | None = None
+
+    def let_go(self) -> None:
+        if self.gate is not None:
+            self.gate.set()
+            self.gate = None
+
+
+class Net(Gated):
     """The hosts' network: a request goes straight into the target's serve_request,
     unless it is lost (never delivered: the caller sees the host as unreachable) or
     held (delivered when released, after whatever happened meanwhile)."""
@@ -97,7 +108,6 @@ class Net:
     def __init__(self) -> None:
         self.runtimes: dict[str, Runtime] = {}  # address -> runtime
         self.lose_next = 0
-        self.gate: anyio.Event | None = None  # while set, requests wait for it
 
     async def deliver(self, address: str, req: Request, spec: MethodSpec) -> Any:
         if self.lose_next:
@@ -140,10 +150,8 @@ class NetDelivery:
             raise
 
 
-class HeldReleases(PDClient):
+class HeldReleases(PDClient, Gated):
     """A PD client whose release requests can be held back (a late delete)."""
-
-    gate: anyio.Event | None = None
 
     async def release(self, server_id: int, positions: Any) -> list[bool]:
         if self.gate is not None:
@@ -267,16 +275,12 @@ async def _step(c: Cluster, tg: Any, step: Step) -> None:
         if c.net.gate is None:
             c.net.gate = anyio.Event()
     elif step.op == "let_go":
-        if c.net.gate is not None:
-            c.net.gate.set()
-            c.net.gate = None
+        c.net.let_go()
     elif step.op == "hold_releases":
         if host.pd.gate is None:
             host.pd.gate = anyio.Event()
     elif step.op == "let_releases_go":
-        if host.pd.gate is not None:
-            host.pd.gate.set()
-            host.pd.gate = None
+        host.pd.let_go()
     elif step.op == "fence":
         tg.start_soon(_die_and_rejoin, c, host)
     else:  # settle: let the background (releases, lookups, turns) run a while
@@ -334,13 +338,9 @@ async def test_no_key_ever_has_two_live_activations(program: list[Step]) -> None
                     if i % 7 == 0:
                         await _snapshot_tickets(c)
                 # let everything held go; the task group waits for what is in flight
-                if c.net.gate is not None:
-                    c.net.gate.set()
-                    c.net.gate = None
+                c.net.let_go()
                 for host in c.hosts:
-                    if host.pd.gate is not None:
-                        host.pd.gate.set()
-                        host.pd.gate = None
+                    host.pd.let_go()
         assert WORLD.violations == []
         _check_store(c)
 

@@ -27,6 +27,12 @@ async def pd_and_store(store: Store) -> AsyncIterator[tuple[httpx.AsyncClient, S
         yield client, store, prefix
 
 
+async def grow(pd: httpx.AsyncClient, server_id: int, lease: int, count: int) -> list[int]:
+    body = {"server_id": server_id, "lease_id": lease, "count": count}
+    leases: list[int] = (await post(pd, "/membership/grow_leases", body))["position_leases"]
+    return leases
+
+
 async def placed_leases(store: Store, prefix: str) -> list[int]:
     return [kv.lease for kv in await store.get_prefix(prefix + "placement/")]
 
@@ -36,10 +42,7 @@ async def test_positions_spread_over_the_hosts_leases_and_go_with_them(
 ) -> None:
     pd, store, prefix = pd_and_store
     server_id, lease = await register(pd, ["Player"])
-    grown = await post(
-        pd, "/membership/grow_leases", {"server_id": server_id, "lease_id": lease, "count": 3}
-    )
-    extra = grown["position_leases"]
+    extra = await grow(pd, server_id, lease, 3)
     assert len(extra) == 3
     assert lease not in extra
     body = {"positions": [{"actor_type": "Player", "actor_id": str(i)} for i in range(200)]}
@@ -50,20 +53,18 @@ async def test_positions_spread_over_the_hosts_leases_and_go_with_them(
     assert set(leases) == set(counts)  # every position on one of the host's leases
     assert min(counts.values()) > 20  # and spread over all of them
     # growing again appends; the record keeps them (and answers never show them)
-    again = await post(
-        pd, "/membership/grow_leases", {"server_id": server_id, "lease_id": lease, "count": 1}
-    )
-    assert again["position_leases"][:3] == extra
+    again = await grow(pd, server_id, lease, 1)
+    assert again[:3] == extra
     view = await post(pd, "/membership/fetch_all")
     assert "position_leases" not in view["hosts"][str(server_id)]
     assert "placement_key" not in view["hosts"][str(server_id)]
     # a renewal renews every lease; deleting the host revokes them all
     await post(pd, "/membership/keep_alive", {"server_id": server_id, "lease_id": lease})
-    for one in again["position_leases"]:
+    for one in again:
         assert await store.time_to_live(one) is not None
     await post(pd, "/membership/delete", {"server_id": server_id})
     assert await placed_leases(store, prefix) == []
-    for one in again["position_leases"]:
+    for one in again:
         assert await store.time_to_live(one) is None
 
 
@@ -72,10 +73,8 @@ async def test_a_lost_position_lease_fails_the_renewal(
 ) -> None:
     pd, store, _ = pd_and_store
     server_id, lease = await register(pd, ["Player"])
-    grown = await post(
-        pd, "/membership/grow_leases", {"server_id": server_id, "lease_id": lease, "count": 2}
-    )
-    await store.revoke(grown["position_leases"][1])  # its positions are gone
+    grown = await grow(pd, server_id, lease, 2)
+    await store.revoke(grown[1])  # its positions are gone
     answer = await post(
         pd, "/membership/keep_alive", {"server_id": server_id, "lease_id": lease}, status=404
     )

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -21,33 +20,15 @@ from koala.pd._ticket import make_ticket
 from koala.transport import Transport, TransportConfig
 from tests._cluster import Cluster, Proc, double_activations, stats, url
 from tests._cluster_app import ICounter
-from tests._etcd import etcd_url, unique_prefix
+from tests._etcd import etcd_url
+from tests.test_pd_cluster import anyio_backend, cluster
 
-__all__ = ["etcd_url"]
+__all__ = ["anyio_backend", "cluster", "etcd_url"]  # fixtures, imported for pytest
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 SETTLE = 20.0  # a bound for background work under load (releases), not a speed claim
 RECOVERY = 30.0  # a bound for liveness under load (TTL is 2 s), not a speed claim
-
-
-@pytest.fixture
-def anyio_backend() -> tuple[str, dict[str, Any]]:
-    """The test process only drives HTTP and one peer connection; the hosts run the
-    backends."""
-    return ("asyncio", {})
-
-
-@pytest.fixture
-def cluster(tmp_path: Path, etcd_url: str) -> Iterator[Cluster]:
-    c = Cluster(tmp_path, etcd_url, unique_prefix("positions"))
-    try:
-        yield c
-    except BaseException:
-        print(c.dump())
-        raise
-    finally:
-        c.close()
 
 
 @pytest.fixture

@@ -97,6 +97,18 @@ def _kv(obj: dict[str, Any]) -> KeyValue:
     )
 
 
+def _read_back(data: dict[str, Any], count: int) -> list[KeyValue | None]:
+    """The keys a txn's ``count`` range reads found (None: absent), in order."""
+    responses = data.get("responses") or []
+    if len(responses) != count:
+        raise StoreError(f"etcd answered a txn of {count} reads with {len(responses)}")
+    found: list[KeyValue | None] = []
+    for response in responses:
+        kvs = response.get("response_range", {}).get("kvs")
+        found.append(_kv(kvs[0]) if kvs else None)
+    return found
+
+
 def parse_endpoints(url: str) -> list[str]:
     """'http://a:2379,http://b:2379' -> the list; a clear error for anything else."""
     endpoints = [u.strip().rstrip("/") for u in url.split(",") if u.strip()]
@@ -321,14 +333,10 @@ class EtcdStore:
                     # every write of one txn has the txn's revision; a created key is version 1
                     outcomes[i] = (True, KeyValue(key, bytes(value), revision, revision, 1, lease))
                 return
-            responses = data.get("responses") or []
-            if len(responses) != len(todo):
-                raise StoreError(f"etcd answered a txn of {len(todo)} reads with {len(responses)}")
             left = []
-            for i, response in zip(todo, responses, strict=True):
-                kvs = response.get("response_range", {}).get("kvs")
-                if kvs:
-                    outcomes[i] = (False, _kv(kvs[0]))
+            for i, kv in zip(todo, _read_back(data, len(todo)), strict=True):
+                if kv is not None:
+                    outcomes[i] = (False, kv)
                 else:
                     left.append(i)  # absent: created in the next round
             todo = left
@@ -349,12 +357,8 @@ class EtcdStore:
             part = keys[start : start + step]
             txn = {"success": [{"request_range": {"key": _b64(key)}} for key in part]}
             data = await self._call("/v3/kv/txn", txn)
-            responses = data.get("responses") or []
-            if len(responses) != len(part):
-                raise StoreError(f"etcd answered a txn of {len(part)} reads with {len(responses)}")
-            for n, response in enumerate(responses):
-                kvs = response.get("response_range", {}).get("kvs")
-                found[start + n] = _kv(kvs[0]) if kvs else None
+            for n, kv in enumerate(_read_back(data, len(part))):
+                found[start + n] = kv
 
         await self._each_chunk(len(keys), chunk)
         return found
@@ -414,13 +418,9 @@ class EtcdStore:
                 for i in todo:
                     done[i] = True
                 return
-            responses = data.get("responses") or []
-            if len(responses) != len(todo):
-                raise StoreError(f"etcd answered a txn of {len(todo)} reads with {len(responses)}")
             left = []
-            for i, response in zip(todo, responses, strict=True):
-                kvs = response.get("response_range", {}).get("kvs")
-                if kvs and _kv(kvs[0]).mod_revision == items[i][1]:
+            for i, kv in zip(todo, _read_back(data, len(todo)), strict=True):
+                if kv is not None and kv.mod_revision == items[i][1]:
                     left.append(i)  # still the one asked: deleted in the next round
             if len(left) == len(todo):
                 raise StoreError("etcd refused a guarded delete whose revisions all match")
