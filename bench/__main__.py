@@ -5,9 +5,10 @@
 Runs, per event-loop backend, the in-process workloads (bench.inprocess), the
 cross-process ones (bench.transport), storage (bench.storage), placement on a 3-host
 etcd cluster (bench.cluster), positions given back (bench.positions), placement while a
-loaded host dies (bench.dead_host), the WebSocket gateway (bench.gateway) and a host with
-a million actors (bench.scale), each suite in its own process so one does not warm or
-bloat another; then draws docs/throughput.png.
+loaded host dies (bench.dead_host), the spread after a host joins (bench.rebalance), the
+WebSocket gateway (bench.gateway) and a host with a million actors (bench.scale), each
+suite in its own process so one does not warm or bloat another; then draws
+docs/throughput.png.
 """
 
 from __future__ import annotations
@@ -60,7 +61,16 @@ def main() -> None:
         "--skip",
         action="append",
         default=[],
-        choices=["transport", "storage", "cluster", "positions", "dead_host", "gateway", "scale"],
+        choices=[
+            "transport",
+            "storage",
+            "cluster",
+            "positions",
+            "dead_host",
+            "rebalance",
+            "gateway",
+            "scale",
+        ],
     )
     args = parser.parse_args()
     print(f"Koala benchmarks on {os.cpu_count()} cores; figures beside floors from the same run")
@@ -84,6 +94,8 @@ def main() -> None:
             print(passthrough("bench.positions", loop, args.quick, "--loop"), flush=True)
         if "dead_host" not in args.skip:
             print(passthrough("bench.dead_host", loop, args.quick, "--loop"), flush=True)
+        if "rebalance" not in args.skip:
+            print(passthrough("bench.rebalance", loop, args.quick, "--loop"), flush=True)
         if "gateway" not in args.skip:
             print(passthrough("bench.gateway", loop, args.quick, "--loop"), flush=True)
         if "scale" not in args.skip:
