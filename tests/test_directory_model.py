@@ -6,9 +6,9 @@ real Runtime with a real ClusterDirectory, registered with one real PlacementDri
 through an in-process network (:class:`Net`) that can lose a request before delivery or
 hold it back (so requests arrive out of order), and the PD's answers to releases can be
 held back too (a late delete). Hypothesis draws a program: calls from any host,
-deactivations, stale tickets replayed to any host, forged tickets, and host deaths (the
-host fences itself, its lease is revoked, it registers again as a new node). Every
-activation checks in ``on_activate`` that no other host holds a live activation of its
+deactivations, stale tickets replayed to any host, forged tickets, host deaths (the
+host fences itself, its lease is revoked, it registers again as a new node) and passes
+of the reconciler that gives back positions a host never took. Every activation checks in ``on_activate`` that no other host holds a live activation of its
 key; at the end every live activation's position must be in the store, naming its host.
 """
 
@@ -186,7 +186,8 @@ async def cluster() -> AsyncIterator[Cluster]:
     net = Net()
     hosts: list[Host] = []
     config = HostConfig(default_timeout=2.0, shutdown_grace=1.0, idle_timeout=3600)
-    member = MemberConfig(ttl=3600)
+    # reconciling by hand (a step), with no grace: a first call may still be on its way
+    member = MemberConfig(ttl=3600, reconcile_interval=0, reconcile_grace=1e-6)
     async with anyio.create_task_group() as tg:
         for i, name in enumerate(HOSTS):
             pd = HeldReleases("http://pd", transport=httpx.ASGITransport(app=app), timeout=2.0)
@@ -228,7 +229,7 @@ OPS = (
     ["call"] * 6
     + ["deactivate"] * 3
     + ["collect", "replay", "replay", "forge", "lose", "hold", "let_go"]
-    + ["hold_releases", "let_releases_go", "fence", "settle", "settle"]
+    + ["hold_releases", "let_releases_go", "fence", "reconcile", "settle", "settle"]
 )
 steps = st.builds(
     Step,
@@ -283,10 +284,20 @@ async def _step(c: Cluster, tg: Any, step: Step) -> None:
         host.pd.let_go()
     elif step.op == "fence":
         tg.start_soon(_die_and_rejoin, c, host)
+    elif step.op == "reconcile":
+        tg.start_soon(_quietly, lambda: _reconcile_once(host))
     else:  # settle: let the background (releases, lookups, turns) run a while
         await anyio.sleep(0.001 * step.n)
     for _ in range(step.n % 8):  # let what was started take a few steps of its own
         await anyio.lowlevel.checkpoint()
+
+
+async def _reconcile_once(host: Host) -> None:
+    """One pass of the host's reconciler: positions it holds in the store but never took
+    are given back (here at once, with no grace)."""
+    directory = host.directory
+    if directory.serving and await directory._disown_stray(directory.server_id, directory.lease_id):
+        directory._release_wanted.set()
 
 
 async def _die_and_rejoin(c: Cluster, host: Host) -> None:

@@ -359,6 +359,12 @@ def test_bad_settings_are_config_errors() -> None:
         MemberConfig(ttl=3, fence_margin=2.5)
     with pytest.raises(ConfigError, match="cache_size"):
         MemberConfig(cache_size=0)
+    with pytest.raises(ConfigError, match="reconcile_interval"):
+        MemberConfig(reconcile_interval=-1)
+    with pytest.raises(ConfigError, match="reconcile_grace"):
+        MemberConfig(reconcile_grace=0)
+    with pytest.raises(ConfigError, match="positions_per_lease"):
+        MemberConfig(positions_per_lease=-1)
 
 
 # ---------------------------------------------------------------- deltas and retries
@@ -498,3 +504,24 @@ async def test_a_connection_dropped_under_a_renewal_does_not_fail_it() -> None:
             proxies.cancel_scope.cancel()
         await direct.aclose()
         pd.stop()
+
+
+async def test_positions_never_taken_are_given_back_by_the_reconciler() -> None:
+    """A position placed for a first call that never came is given back after the grace;
+    the host's own live ones stay, and the stray one's ticket is refused afterwards."""
+    config = MemberConfig(ttl=5, reconcile_interval=0.2, reconcile_grace=0.3)
+    async with cluster(config) as (pd, rt, directory):
+        assert await make_proxy(IThing, "live", rt).touch() == 1
+        stray = await directory.pd.find_position("Thing", "stray")  # nobody calls it
+        assert stray.server_id == directory.server_id
+        with anyio.fail_after(10):
+            while await pd.store.get("/koala/placement/Thing/stray") is not None:
+                await anyio.sleep(0.05)
+        assert await pd.store.get("/koala/placement/Thing/live") is not None
+        assert directory.lookup("Thing", "live") == LOCAL
+        assert not directory.claim("Thing", "stray", stray.ticket)  # given back
+        assert await make_proxy(IThing, "stray", rt).touch() == 1  # placed anew
+        again = await directory.pd.find_position("Thing", "stray")
+        assert again.revision > stray.revision
+        await anyio.sleep(0.8)  # passes that find it live leave it alone
+        assert await pd.store.get("/koala/placement/Thing/stray") is not None

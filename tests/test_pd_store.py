@@ -144,11 +144,15 @@ async def test_lease_binds_keys_and_revoke_deletes_them(store: Store, p: str) ->
     left = await store.time_to_live(lease)
     assert left is not None
     assert 0 < left <= 30
+    assert await store.lease_keys(lease) == [p + "l1", p + "l2"]
+    await store.delete(p + "l1")
+    assert await store.lease_keys(lease) == [p + "l2"]
     assert await store.revoke(lease)
     assert await store.get(p + "l1") is None
     assert await store.get(p + "l2") is None
     assert not await store.revoke(lease)
     assert await store.time_to_live(lease) is None
+    assert await store.lease_keys(lease) is None
     with pytest.raises(LeaseNotFoundError):
         await store.keep_alive(lease)
 

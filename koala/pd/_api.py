@@ -159,6 +159,26 @@ class ReleaseResponse(BaseModel):
     released: list[bool]
 
 
+class HeldRequest(BaseModel):
+    server_id: Int64
+    lease_id: Int64
+    lease: Int64
+    after: Annotated[str, Field(max_length=4096)] = ""
+    limit: Int64 = MAX_BATCH
+
+
+class HeldPosition(BaseModel):
+    actor_type: str
+    actor_id: str
+    revision: int
+    create_time: int
+
+
+class HeldResponse(BaseModel):
+    positions: list[HeldPosition]
+    next: str
+
+
 class VersionResponse(BaseModel):
     version: str
 
@@ -282,6 +302,24 @@ def create_app(pd: PlacementDriver) -> FastAPI:
             else:
                 out.append(_fields(answer))
         return JSONResponse({"positions": out})
+
+    @app.post("/pd/api/v1/placement/held")
+    async def held(body: HeldRequest) -> HeldResponse:
+        found, after = await pd.held(
+            body.server_id, body.lease_id, body.lease, body.after, body.limit
+        )
+        return HeldResponse(
+            positions=[
+                HeldPosition(
+                    actor_type=p.actor_type,
+                    actor_id=p.actor_id,
+                    revision=p.revision,
+                    create_time=p.create_time,
+                )
+                for p in found
+            ],
+            next=after,
+        )
 
     @app.post("/pd/api/v1/placement/release")
     async def release(body: ReleaseRequest) -> ReleaseResponse:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import secrets
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -413,6 +414,28 @@ class PDClient:
             )
         return [bool(x) for x in released]
 
+    async def held(
+        self, server_id: int, lease_id: int, lease: int, after: str = ""
+    ) -> tuple[list[tuple[str, str, int, int]], str]:
+        """A page of the positions bound to ``lease`` (one of this host's):
+        ``(actor_type, actor_id, revision, create_time)`` each, and where the next page
+        starts ("" for none)."""
+        body = {"server_id": server_id, "lease_id": lease_id, "lease": lease, "after": after}
+        data = await self._post("/pd/api/v1/placement/held", body, repeatable=True)
+        try:
+            found = [
+                (
+                    str(p["actor_type"]),
+                    str(p["actor_id"]),
+                    int(p["revision"]),
+                    int(p["create_time"]),
+                )
+                for p in data["positions"]
+            ]
+            return found, str(data["next"])
+        except (KeyError, TypeError, ValueError):
+            raise PDUnavailableError(f"the PD answered held with {data!r:.200}") from None
+
     async def find_position(self, actor_type: str, actor_id: str, ttl: int = 0) -> ActorPosition:
         data = await self._post(
             "/pd/api/v1/placement/find_position",
@@ -471,6 +494,9 @@ class MemberConfig:
       step when the host dies (0: every position on the registration's lease).
     - ``rebalance``: when the host gives activations up so that hosts even out
       (koala.pd._rebalance; ``RebalanceConfig(threshold=0)`` turns it off).
+    - ``reconcile_interval``: how often the host lists the positions the store holds
+      for it and gives back those it never took (0: never); ``reconcile_grace``: how
+      old such a position must be (its first call may still be on its way).
     """
 
     ttl: int = 15
@@ -481,6 +507,8 @@ class MemberConfig:
     desc: str = ""
     positions_per_lease: int = POSITIONS_PER_LEASE
     rebalance: RebalanceConfig = field(default_factory=RebalanceConfig)
+    reconcile_interval: float = 300.0
+    reconcile_grace: float = 60.0
 
     def __post_init__(self) -> None:
         if isinstance(self.ttl, bool) or not isinstance(self.ttl, int) or self.ttl < 1:
@@ -501,7 +529,12 @@ class MemberConfig:
             raise ConfigError(
                 f"MemberConfig.positions_per_lease must be an integer >= 0, got {per_lease!r}"
             )
-        for name in ("cache_size", "cache_ttl", "rejoin_wait"):
+        interval = self.reconcile_interval
+        if not (isinstance(interval, (int, float)) and math.isfinite(interval) and interval >= 0):
+            raise ConfigError(
+                f"MemberConfig.reconcile_interval must be a number >= 0, got {interval!r}"
+            )
+        for name in ("cache_size", "cache_ttl", "rejoin_wait", "reconcile_grace"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"MemberConfig.{name} must be a positive number, got {value!r}")
@@ -631,7 +664,7 @@ class ClusterDirectory:
     def lookup(self, actor_type: str, key: Key) -> str | None:
         if not self.serving:
             return None
-        ident = (actor_type, key)
+        ident = (actor_type, str(key))
         if self._positions.owned(ident) is not None:
             return LOCAL
         entry = self._cache.get(ident)
@@ -653,7 +686,7 @@ class ClusterDirectory:
                     "this host lost its lease with the placement driver and has not rejoined "
                     "the cluster yet; retry shortly"
                 )
-        ident = (actor_type, key)
+        ident = (actor_type, str(key))
         positions = self._positions
         if positions.owned(ident) is not None or positions.take_back(ident):
             return LOCAL
@@ -724,12 +757,12 @@ class ClusterDirectory:
         return LOCAL
 
     def forget(self, actor_type: str, key: Key) -> None:
-        self._cache.pop((actor_type, key), None)
+        self._cache.pop((actor_type, str(key)), None)
 
     def ticket_of(self, actor_type: str, key: Key) -> bytes:
         """The ticket of the cached position on another host (empty: none), for
         ``Request.placement``; a stale one is harmless (the named host checks it)."""
-        entry = self._cache.get((actor_type, key))
+        entry = self._cache.get((actor_type, str(key)))
         return b"" if entry is None else entry[3]
 
     def claim(self, actor_type: str, key: Key, ticket: bytes) -> bool:
@@ -742,7 +775,7 @@ class ClusterDirectory:
         so a valid ticket whose revision was not released names a live position."""
         if not self.serving or not ticket:
             return False
-        ident = (actor_type, key)
+        ident = (actor_type, str(key))
         if ident in self._pending:  # a lookup is out: its answer decides
             return False
         checked = check_ticket(self._placement_key, ticket, actor_type, str(key))
@@ -762,7 +795,7 @@ class ClusterDirectory:
     def released(self, actor_type: str, key: Key) -> None:
         """The activation ended: its position goes back to the PD (in a batch, soon),
         unless the actor is active here again before the batch leaves."""
-        if self._positions.ended((actor_type, key)):
+        if self._positions.ended((actor_type, str(key))):
             self._release_wanted.set()
 
     def _releases_changed(self) -> None:
@@ -770,7 +803,19 @@ class ClusterDirectory:
         self._releases_moved = anyio.Event()
 
     def _active(self, ident: Ident) -> bool:
-        return self.runtime is not None and self.runtime.is_active(*ident)
+        """Whether an activation of the position's actor is live here: under the key as
+        text, or as the integer that text spells (both map to one position)."""
+        runtime = self.runtime
+        if runtime is None:
+            return False
+        actor_type, text = ident[0], str(ident[1])
+        if runtime.is_active(actor_type, text):
+            return True
+        try:
+            number = int(text)
+        except ValueError:
+            return False
+        return str(number) == text and runtime.is_active(actor_type, number)
 
     async def _release_positions(self) -> None:
         """Send ended positions to the PD (guarded deletes), until cancelled."""
@@ -959,6 +1004,8 @@ class ClusterDirectory:
                     tg.start_soon(self._release_positions)
                 tg.start_soon(self._grow_leases)
                 tg.start_soon(self._rebalance)
+                if self.config.reconcile_interval:
+                    tg.start_soon(self._reconcile)
                 await self._membership(task_status)
         finally:
             self._lookups_in = None
@@ -1019,6 +1066,46 @@ class ClusterDirectory:
                 self._cluster_load = (view.mean_activations, view.min_activations)
                 if cfg.rebalance.enabled:
                     self._rebalance_wanted.set()
+
+    async def _reconcile(self) -> None:
+        """Every ``reconcile_interval``, give back the positions the store holds for this
+        host that it never took, older than ``reconcile_grace``: placed for a first call
+        that never came (its caller died or gave up). Safe even if the call comes after
+        all: the position is remembered as given back, so its ticket is refused and the
+        caller's host asks the PD again."""
+        while True:
+            await anyio.sleep(self.config.reconcile_interval)
+            if not self.serving:
+                continue
+            server_id, lease_id = self.server_id, self.lease_id
+            try:
+                found = await self._disown_stray(server_id, lease_id)
+            except (PDUnavailableError, PDRequestError) as exc:
+                log.warning("server %d: listing its positions failed: %s", server_id, exc)
+                continue
+            if found:
+                log.info("server %d gives back %d positions it never took", server_id, found)
+                self._release_wanted.set()
+
+    async def _disown_stray(self, server_id: int, lease_id: int) -> int:
+        """One pass of :meth:`_reconcile` over every lease of this registration; how
+        many positions it marked to give back."""
+        horizon = time.time() * 1000 - self.config.reconcile_grace * 1000
+        disowned = 0
+        for lease in [lease_id, *self._position_leases]:
+            after = ""
+            while True:
+                page, after = await self.pd.held(server_id, lease_id, lease, after)
+                if self.server_id != server_id or not self.serving:
+                    return disowned
+                for actor_type, actor_id, revision, create_time in page:
+                    ident = (actor_type, actor_id)
+                    if create_time > horizon or ident in self._pending or self._active(ident):
+                        continue
+                    disowned += self._positions.disown(ident, revision)
+                if not after:
+                    break
+        return disowned
 
     async def _rebalance(self) -> None:
         """After each renewal, give up a step of activations if this host holds more

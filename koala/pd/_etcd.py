@@ -449,6 +449,12 @@ class EtcdStore:
         ttl = _int(data, "TTL")
         return None if ttl < 0 else ttl
 
+    async def lease_keys(self, lease: int) -> list[str] | None:
+        data = await self._call("/v3/lease/timetolive", {"ID": str(lease), "keys": True})
+        if _int(data, "TTL") < 0:
+            return None
+        return sorted(_unb64(k).decode() for k in data.get("keys") or [])
+
     async def revoke(self, lease: int) -> bool:
         try:
             await self._call("/v3/lease/revoke", {"ID": str(lease)})

@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 from .._messages import Key
 
+# (actor type, key as text): one position, whether the actor is called with 5 or "5"
 Ident = tuple[str, Key]
 
 RELEASED_MEMORY = 100_000  # releases remembered one by one before the watermark rises
@@ -84,6 +85,17 @@ class OwnPositions:
             _, dropped = self._released.popitem(last=False)
             self.watermark = max(self.watermark, dropped)
         return True
+
+    def disown(self, ident: Ident, revision: int) -> bool:
+        """Give back a position this host holds in the store but never took (the first
+        call it was placed for never came): released, as if its activation had ended.
+        False, doing nothing, if the host knows the actor in any state."""
+        if ident in self._owned or ident in self._ended or ident in self._sending:
+            return False
+        if self.stale(ident, revision):
+            return False  # given back already (its delete may not have landed yet)
+        self._owned[ident] = revision
+        return self.ended(ident)
 
     def take_back(self, ident: Ident, revision: int | None = None) -> bool:
         """Keep a position whose release was not sent yet (its actor is active here

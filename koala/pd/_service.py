@@ -962,6 +962,35 @@ class PlacementDriver:
             ticket=ticket,
         )
 
+    async def held(
+        self, server_id: int, lease_id: int, lease: int, after: str = "", limit: int = MAX_BATCH
+    ) -> tuple[list[Position], str]:
+        """The positions bound to ``lease``, one of the leases of host ``server_id``
+        (registered under ``lease_id``), in key order after the key ``after``: at most
+        ``limit``, and the key to ask after next ("" when there are no more). A host
+        compares them with what it holds, to give back those it never took."""
+        if not 1 <= limit <= MAX_BATCH:
+            raise PDError(400, "bad_request", f"limit must be from 1 to {MAX_BATCH}")
+        info = (await self.hosts()).get(server_id)
+        if info is None or info.lease_id != lease_id or lease not in info.leases():
+            info = (await self.hosts(max_age=0.0)).get(server_id)
+        if info is None or info.lease_id != lease_id:
+            raise PDError(404, "not_registered", f"server {server_id} is not registered")
+        if lease not in info.leases():
+            raise PDError(400, "bad_request", f"lease {lease} is not one of server {server_id}")
+        keys = await self.store.lease_keys(lease)
+        if keys is None:
+            raise PDError(404, "lease_expired", f"the lease {lease} of server {server_id} expired")
+        prefix = f"{self.prefix}placement/"
+        keys = [k for k in keys if k.startswith(prefix) and k > (after or prefix)]
+        page = keys[:limit]
+        found: list[Position] = []
+        for key, kv in zip(page, await self.store.get_many(page), strict=True):
+            actor_type, _, actor_id = key[len(prefix) :].partition("/")
+            if kv is not None and kv.lease == lease:
+                found.append(self._position(actor_type, actor_id, 0, kv, False, {}))
+        return found, page[-1] if len(keys) > limit else ""
+
     async def release(
         self, server_id: int, positions: Sequence[tuple[str, str, int]]
     ) -> list[bool]:

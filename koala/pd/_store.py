@@ -146,6 +146,10 @@ class Store(Protocol):
         """Seconds left on the lease, or None if it is gone."""
         ...
 
+    async def lease_keys(self, lease: int) -> list[str] | None:
+        """The keys bound to the lease, in key order, or None if it is gone."""
+        ...
+
     async def revoke(self, lease: int) -> bool:
         """End the lease now, deleting its keys; False if it was already gone."""
         ...
@@ -445,6 +449,12 @@ class MemoryStore:
         if found is None:
             return None
         return max(0, math.ceil(found.expires - anyio.current_time()))
+
+    async def lease_keys(self, lease: int) -> list[str] | None:
+        await anyio.lowlevel.checkpoint()
+        self._expire()
+        found = self._leases.get(lease)
+        return None if found is None else sorted(found.keys)
 
     async def revoke(self, lease: int) -> bool:
         await anyio.lowlevel.checkpoint()
