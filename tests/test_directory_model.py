@@ -8,8 +8,9 @@ hold it back (so requests arrive out of order), and the PD's answers to releases
 held back too (a late delete). Hypothesis draws a program: calls from any host,
 deactivations, stale tickets replayed to any host, forged tickets, host deaths (the
 host fences itself, its lease is revoked, it registers again as a new node) and passes
-of the reconciler that gives back positions a host never took. Every activation checks in ``on_activate`` that no other host holds a live activation of its
-key; at the end every live activation's position must be in the store, naming its host.
+of the reconciler that gives back positions a host never took. Every activation checks
+in ``on_activate`` that no other host holds a live activation of its key; at the end
+every live activation's position must be in the store, naming its host.
 """
 
 from __future__ import annotations

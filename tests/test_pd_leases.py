@@ -132,3 +132,28 @@ async def test_a_host_asks_for_leases_as_its_positions_grow(
         assert leases <= {directory.lease_id, *directory._position_leases}
         tg.cancel_scope.cancel()
     await pd.aclose()
+
+
+async def test_a_departed_hosts_position_leases_are_revoked_one_by_one(store: Store) -> None:
+    """Position leases outlive the registration's (3 x TTL); when the host leaves the
+    view (its registration lease is gone: it fenced itself), the PD's maintenance
+    revokes them one at a time instead of letting them expire together."""
+    prefix = unique_prefix("reap")
+    driver = PlacementDriver(store, prefix=prefix)
+    async with client_for(driver) as pd, anyio.create_task_group() as tg:
+        await tg.start(driver.maintain)
+        server_id, lease = await register(pd, ["Player"])
+        extra = await grow(pd, server_id, lease, 3)
+        for one in extra:
+            assert (await store.time_to_live(one) or 0) > 30  # 3 x 30 s
+        body = {"positions": [{"actor_type": "Player", "actor_id": str(i)} for i in range(60)]}
+        await post(pd, "/placement/find_positions", body)
+        await driver.hosts(max_age=0.0)
+        await store.revoke(lease)  # as if it expired
+        await driver.hosts(max_age=0.0)  # the PD sees the host gone
+        with anyio.fail_after(10):
+            while await placed_leases(store, prefix):
+                await anyio.sleep(0.02)
+        for one in extra:
+            assert await store.time_to_live(one) is None
+        driver.stop_maintenance()

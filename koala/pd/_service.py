@@ -67,6 +67,12 @@ CAS_RETRIES = 64
 # how many of them one renewal renews at once.
 MAX_POSITION_LEASES = 256
 LEASE_RENEWALS = 8
+# Position leases live POSITION_LEASE_TTL times the host's TTL, so that when a host's
+# registration lease expires (it fenced itself by then), its position leases are still
+# there for the PD to revoke one at a time (REAP_PAUSE apart), not expire all at once.
+POSITION_LEASE_TTL = 3
+REAP_PAUSE = 0.01
+MAX_REAPING = 65_536
 PLACEMENT_ATTEMPTS = 4
 MAX_NAME = 256
 MAX_BATCH = 1024  # actors in one find_positions request
@@ -382,6 +388,8 @@ class PlacementDriver:
         self._changes: deque[tuple[int, frozenset[int]]] = deque(maxlen=MAX_VERSIONS)
         # store maintenance
         self._wake = anyio.Event()
+        self._reaping: deque[int] = deque(maxlen=MAX_REAPING)  # leases of departed hosts
+        self._reap_wanted = anyio.Event()
         self._maintaining = anyio.CancelScope()
         self._logged: dict[str, float] = {}  # topic -> when last logged (rate limit)
         self._full = False
@@ -558,7 +566,8 @@ class PlacementDriver:
             count = min(count, MAX_POSITION_LEASES - len(info.position_leases))
             if count <= 0:
                 return info.position_leases
-            new = [await self.store.grant(info.ttl) for _ in range(count)]
+            ttl = info.ttl * POSITION_LEASE_TTL
+            new = [await self.store.grant(ttl) for _ in range(count)]
             info.position_leases = [*info.position_leases, *new]
             try:
                 ok = await self.store.replace(
@@ -636,6 +645,10 @@ class PlacementDriver:
         for server_id in remove:
             self._placed.pop(server_id, None)
             self._reports.pop(server_id, None)
+            gone = self._hosts[server_id].position_leases
+            if gone:  # its registration ended: revoke them one by one (reap)
+                self._reaping.extend(gone)
+                self._reap_wanted.set()
 
     def membership(self, since: int | None = None) -> MembershipView:
         """The current view (as last read by :meth:`hosts`) as a delta from version
@@ -705,7 +718,26 @@ class PlacementDriver:
         next_compaction = anyio.current_time() + cfg.compact_interval
         task_status.started()
         with self._maintaining:
-            await self._maintain(period, marks, next_compaction)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._reap)
+                await self._maintain(period, marks, next_compaction)
+
+    async def _reap(self) -> None:
+        """Revoke the position leases of hosts that left the view (their registration
+        lease is gone, so they fenced themselves before), one at a time: etcd deletes
+        each lease's keys in one step, and the other hosts' writes go on in between,
+        instead of waiting for all of a big host's positions at once when its leases
+        expire together."""
+        while True:
+            await self._reap_wanted.wait()
+            self._reap_wanted = anyio.Event()
+            while self._reaping:
+                lease = self._reaping.popleft()
+                try:
+                    await self.store.revoke(lease)
+                except StoreError as exc:
+                    log.warning("could not revoke the departed host's lease %d: %s", lease, exc)
+                await anyio.sleep(REAP_PAUSE)
 
     def stop_maintenance(self) -> None:
         """End :meth:`maintain` (it returns; nothing else is cancelled)."""
