@@ -611,10 +611,10 @@ class PlacementDriver:
 
     async def hosts(self, max_age: float = VIEW_MAX_AGE) -> dict[int, HostInfo]:
         """The registered hosts, read from the store at most ``max_age`` seconds ago."""
-        if anyio.current_time() - self._view_time <= max_age:
+        if max_age > 0 and anyio.current_time() - self._view_time <= max_age:
             return self._hosts
         async with self._view_lock:
-            if anyio.current_time() - self._view_time <= max_age:
+            if max_age > 0 and anyio.current_time() - self._view_time <= max_age:
                 return self._hosts
             started = anyio.current_time()
             found: dict[int, HostInfo] = {}
