@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import anyio
 
@@ -33,3 +35,17 @@ async def concurrent_calls(
         "p50_ms": statistics.median(latencies) * 1e3,
         "p99_ms": latencies[max(0, int(len(latencies) * 0.99) - 1)] * 1e3,
     }
+
+
+def run_suite(
+    doc: str | None,
+    measure: Callable[[str, bool], dict[str, Any]],
+    report: Callable[[str, dict[str, Any]], str],
+) -> None:
+    """The command line of a cluster suite: ``--quick`` and ``--loop``, then the report
+    of one measurement."""
+    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--loop", default="asyncio", choices=["asyncio", "uvloop", "trio"])
+    args = parser.parse_args()
+    print(report(args.loop, measure(args.loop, args.quick)), flush=True)

@@ -18,7 +18,6 @@ concurrent tasks (and from one task, one at a time, beside the unloaded latency)
 
 from __future__ import annotations
 
-import argparse
 import base64
 import os
 import subprocess
@@ -31,7 +30,7 @@ from typing import Any
 import anyio
 import httpx
 
-from bench._measure import concurrent_calls
+from bench._measure import concurrent_calls, run_suite
 from koala.testing import free_port
 from koala.testing.etcd import EtcdProcess
 
@@ -159,11 +158,7 @@ def report(loop: str, r: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--loop", default="asyncio", choices=["asyncio", "uvloop", "trio"])
-    args = parser.parse_args()
-    print(report(args.loop, measure(args.loop, args.quick)), flush=True)
+    run_suite(__doc__, measure, report)
 
 
 if __name__ == "__main__":

@@ -14,12 +14,12 @@ database each) until its host's lease ended; the target is keys = live activatio
 
 from __future__ import annotations
 
-import argparse
 import time
 from typing import Any
 
 import httpx
 
+from bench._measure import run_suite
 from bench.cluster import BenchCluster, _b64
 
 OLD_BYTES_PER_KEY = 197  # measured on etcd 3.4 before positions were released
@@ -102,11 +102,7 @@ def report(loop: str, r: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--loop", default="asyncio", choices=["asyncio", "uvloop", "trio"])
-    args = parser.parse_args()
-    print(report(args.loop, measure(args.loop, args.quick)), flush=True)
+    run_suite(__doc__, measure, report)
 
 
 if __name__ == "__main__":

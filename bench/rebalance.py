@@ -16,13 +16,13 @@ Targets: within 20% of the mean in 5 minutes, at most 1% of calls re-placed by i
 
 from __future__ import annotations
 
-import argparse
 import threading
 import time
 from typing import Any
 
 import httpx
 
+from bench._measure import run_suite
 from bench.cluster import BenchCluster
 
 APP = "bench/_rebalance_app.py"
@@ -102,11 +102,7 @@ def report(loop: str, r: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--loop", default="asyncio", choices=["asyncio", "uvloop", "trio"])
-    args = parser.parse_args()
-    print(report(args.loop, measure(args.loop, args.quick)), flush=True)
+    run_suite(__doc__, measure, report)
 
 
 if __name__ == "__main__":
