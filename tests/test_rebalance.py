@@ -36,6 +36,9 @@ def test_a_host_that_joined_pulls_the_others_down_to_the_mean() -> None:
     assert to_shed(118, 100.0, 70, config) == 16
     assert to_shed(118, 100.0, 90, config) == 0  # every host within 20%: nothing moves
     assert to_shed(100, 100.0, 70, config) == 0  # at the mean: keeps them
+    # 93 / 89 / 58: small excesses, but a host far behind: they still go to the mean
+    assert to_shed(93, 80.0, 58, config) == 13
+    assert to_shed(89, 80.0, 58, config) == 9
 
 
 def test_threshold_zero_turns_it_off() -> None:

@@ -27,8 +27,9 @@ class RebalanceConfig:
     - ``threshold``: give up activations when above the mean by more than this fraction
       of it (0: never; the rebalancer is off).
     - ``fraction``: at most this fraction of the host's activations per renewal.
-    - ``minimum``: an excess smaller than this many activations is left alone (noise),
-      and at least this many may go per renewal.
+    - ``minimum``: an excess smaller than this many activations is left alone (noise)
+      unless some host is below the mean by more than ``threshold``; and at least this
+      many may go per renewal.
     """
 
     threshold: float = 0.2
@@ -65,7 +66,7 @@ def to_shed(mine: int, mean: float, least: int, config: RebalanceConfig) -> int:
     if not (above or lagging):
         return 0
     excess = mine - math.ceil(mean)
-    if excess < config.minimum:
-        return 0
+    if excess <= 0 or (excess < config.minimum and not lagging):
+        return 0  # a small excess is noise, unless a host is far behind
     step = max(config.minimum, int(mine * config.fraction))
     return min(excess, step)
