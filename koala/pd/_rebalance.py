@@ -28,8 +28,8 @@ class RebalanceConfig:
       of it (0: never; the rebalancer is off).
     - ``fraction``: at most this fraction of the host's activations per renewal.
     - ``minimum``: an excess smaller than this many activations is left alone (noise)
-      unless some host is below the mean by more than ``threshold``; and at least this
-      many may go per renewal.
+      unless some host is below the mean by more than ``threshold`` and by at least this
+      many; and at least this many may go per renewal.
     """
 
     threshold: float = 0.2
@@ -62,7 +62,10 @@ def to_shed(mine: int, mean: float, least: int, config: RebalanceConfig) -> int:
     if not config.enabled or mean <= 0:
         return 0
     above = mine > mean * (1 + config.threshold)
-    lagging = least < mean * (1 - config.threshold) and mine > mean
+    # a host far behind: below the mean by the threshold, and by more than noise
+    lagging = (
+        least < mean * (1 - config.threshold) and mean - least >= config.minimum and mine > mean
+    )
     if not (above or lagging):
         return 0
     excess = mine - math.ceil(mean)
