@@ -44,6 +44,10 @@ def etcd_binary() -> str:
     return found
 
 
+class _PortTaken(Exception):
+    """etcd could not bind its port: another process took it."""
+
+
 class EtcdProcess:
     """One etcd member on loopback, in its own temporary directory.
 
@@ -60,8 +64,23 @@ class EtcdProcess:
         self.url = f"http://127.0.0.1:{self.client_port}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = os.path.join(self.dir, "etcd.log")
+        self._served = False  # once it has served, its URL is known: it keeps its ports
 
     def start(self, timeout: float = 20.0) -> None:
+        """Start it and wait until it answers. A first start whose port another process
+        took meanwhile (free_port only found it free) tries again on other ports."""
+        for _ in range(3):
+            try:
+                self._start(timeout)
+            except _PortTaken:
+                self.client_port, self.peer_port = free_port(), free_port()
+                self.url = f"http://127.0.0.1:{self.client_port}"
+                continue
+            self._served = True
+            return
+        self._start(timeout)
+
+    def _start(self, timeout: float) -> None:
         peer = f"http://127.0.0.1:{self.peer_port}"
         cmd = [
             etcd_binary(),
@@ -83,6 +102,10 @@ class EtcdProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                if not self._served and "address already in use" in self.log():
+                    with open(self.log_path, "w"):
+                        pass  # the next attempt's log starts clean
+                    raise _PortTaken
                 raise RuntimeError(f"etcd exited with {self.proc.returncode}:\n{self.log()}")
             try:
                 resp = httpx.post(f"{self.url}/v3/kv/range", json={"key": "AA=="}, timeout=1)
