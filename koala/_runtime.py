@@ -452,8 +452,8 @@ class Runtime:
         if self._local_only:
             host = LOCAL
         else:
-            host = self.directory.lookup(impl.actor_type, key) or await self.directory.resolve(
-                impl.actor_type, key
+            host = self.directory.lookup(impl.actor_type, key) or await self._resolve(
+                spec, impl.actor_type, key
             )
         if host == LOCAL:
             args = spec.copy_args(args)
@@ -468,12 +468,7 @@ class Runtime:
                     act = self._catalog[ident] = Activation(self, impl, key)
                 if act is not None and act.can_run_inline(chain):
                     return await act.run_inline(spec, chain, args)
-        deadline = self.effective_deadline()
-        own_deadline = deadline == math.inf  # this call enforces its deadline itself
-        if own_deadline:
-            deadline = lazy_deadline.get()  # an inline turn's default one, not yet scoped
-            if deadline == math.inf:
-                deadline = self.clock() + self.config.default_timeout
+        deadline, own_deadline = self._deadline()
         req = Request(
             new_request_id(),
             new_chain_id() if spec.one_way else chain,
@@ -497,6 +492,30 @@ class Runtime:
                 f"the default timeout of {self.config.default_timeout} s"
             )
         return await self._await_call(call, spec)
+
+    def _deadline(self) -> tuple[float, bool]:
+        """The current call's deadline, and whether the call enforces it itself (no cancel
+        scope of its caller's does: the default timeout, or an inline turn's lazy one)."""
+        deadline = self.effective_deadline()
+        if deadline != math.inf:
+            return deadline, False
+        deadline = lazy_deadline.get()  # an inline turn's default one, not yet scoped
+        if deadline == math.inf:
+            deadline = self.clock() + self.config.default_timeout
+        return deadline, True
+
+    async def _resolve(self, spec: MethodSpec, actor_type: str, key: Key) -> str:
+        """Ask the directory where the actor lives, within the call's deadline (the PD,
+        or etcd behind it, may not answer: the call must still end on time)."""
+        deadline, own_deadline = self._deadline()
+        if not own_deadline:
+            return await self.directory.resolve(actor_type, key)
+        with anyio.CancelScope(deadline=deadline):  # the fast clock is anyio's timeline
+            return await self.directory.resolve(actor_type, key)
+        raise TimeoutError(
+            f"{spec.qualname} on {actor_type}/{key!r}: the deadline passed while finding "
+            "where the actor lives (is the placement driver reachable?)"
+        )
 
     async def _await_call(self, call: Call, spec: MethodSpec) -> Any:
         """Wait for a delivered call's answer; a caller that gives up cancels it."""
@@ -547,7 +566,11 @@ class Runtime:
         assert self.remote is not None
         for attempt in range(WRONG_HOST_RETRIES):
             self.directory.forget(req.actor_type, req.key)
-            host = await self.directory.resolve(req.actor_type, req.key)
+            if req.expires:
+                with anyio.fail_at(req.deadline):
+                    host = await self.directory.resolve(req.actor_type, req.key)
+            else:
+                host = await self.directory.resolve(req.actor_type, req.key)
             if host == LOCAL:
                 req.args = spec.decode_args(req.args)
                 call = Call(self, req, spec)

@@ -123,11 +123,17 @@ class Cluster:
         proc.start(r"koala pd: http://")
         return proc
 
-    def host(self, pd_urls: str, backend: str = "asyncio", ttl: int = 2) -> Proc:
+    def host(
+        self,
+        pd_urls: str,
+        backend: str = "asyncio",
+        ttl: int = 2,
+        default_timeout: float = 10.0,
+    ) -> Proc:
         port = free_port()
         cmd = [sys.executable, "-m", "koala.cli", "host", APP, "--pd", pd_urls]
         cmd += ["--listen", "127.0.0.1:0", "--http", f"127.0.0.1:{port}", "--ttl", str(ttl)]
-        cmd += ["--default-timeout", "10", "--log-level", "WARNING"]
+        cmd += ["--default-timeout", str(default_timeout), "--log-level", "WARNING"]
         proc = Proc(f"host:{port}:{backend}", cmd, self.env(backend), self.tmp / f"host-{port}.log")
         proc.port = port
         self.procs.append(proc)

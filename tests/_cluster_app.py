@@ -12,6 +12,7 @@ import os
 from abc import abstractmethod
 from typing import Any
 
+import anyio
 from fastapi import FastAPI
 
 from koala import ActorBase, ActorInterface, current_runtime, get_rpc_proxy
@@ -66,6 +67,13 @@ app = FastAPI()
 @app.get("/hit/{key}")
 async def hit(key: str) -> list[int]:
     return await get_rpc_proxy(ICounter, key).hit()
+
+
+@app.get("/within/{seconds}/{key}")
+async def hit_within(seconds: float, key: str) -> list[int]:
+    """``hit`` under the caller's own deadline (a cancel scope) rather than the default."""
+    with anyio.fail_after(seconds):
+        return await get_rpc_proxy(ICounter, key).hit()
 
 
 @app.get("/bye/{key}")

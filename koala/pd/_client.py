@@ -1204,6 +1204,29 @@ class PlacementRemote:
         self.directory = directory
 
     async def call(self, host: str, req: Request, spec: MethodSpec) -> Any:
+        """``req.expires``: no cancel scope of the caller's holds the deadline; dialing and
+        asking the PD again then run under one (the transport keeps it once sent)."""
+        try:
+            if req.expires:
+                with anyio.fail_at(req.deadline):
+                    await self._reach(host, req)
+            else:
+                await self._reach(host, req)
+        except TimeoutError:
+            raise TimeoutError(
+                f"{req.interface}.{req.method} on {req.actor_type}/{req.key!r}: the deadline "
+                f"passed while reaching {host}"
+            ) from None
+        req.placement = self.directory.ticket_of(req.actor_type, req.key)
+        try:
+            return await self.transport.call(host, req, spec)
+        except (HostUnavailableError, ShuttingDownError, WrongHostError):
+            self.directory.forget(req.actor_type, req.key)
+            raise
+
+    async def _reach(self, host: str, req: Request) -> None:
+        """Open the channel to ``host``; if it cannot be reached, ask the PD whether the
+        actor moved (WrongHostError) or not (HostUnavailableError)."""
         try:
             await self.transport.channel(host)
         except HostUnavailableError:
@@ -1214,9 +1237,3 @@ class PlacementRemote:
             raise WrongHostError(
                 f"{req.actor_type}/{req.key!r} moved from {host}, which cannot be reached"
             ) from None
-        req.placement = self.directory.ticket_of(req.actor_type, req.key)
-        try:
-            return await self.transport.call(host, req, spec)
-        except (HostUnavailableError, ShuttingDownError, WrongHostError):
-            self.directory.forget(req.actor_type, req.key)
-            raise
