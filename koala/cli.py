@@ -17,6 +17,7 @@ import anyio
 from . import _backend
 from ._config import HostConfig
 from ._errors import ConfigError, KoalaError
+from ._tls import TLSConfig
 from .http import add_error_handlers, parse_hostport, serve_asgi
 
 log = logging.getLogger("koala.cli")
@@ -184,6 +185,23 @@ def _add_cluster_commands(sub: Any) -> None:
     status = sub.add_parser("status", help="print the cluster's hosts as a table")
     status.add_argument("--pd", required=True, help="URL of a placement driver")
     status.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
+    for command in (pd, host, gw, status):
+        _add_tls_flags(command)
+
+
+def _add_tls_flags(command: argparse.ArgumentParser) -> None:
+    """--tls-cert/--tls-key/--tls-ca, each with its environment twin (koala._tls)."""
+    command.add_argument(
+        "--tls-cert", help="this process's certificate chain, PEM (env KOALA_TLS_CERT)"
+    )
+    command.add_argument("--tls-key", help="its private key, PEM (env KOALA_TLS_KEY)")
+    command.add_argument(
+        "--tls-ca", help="the CA certificates this process trusts, PEM (env KOALA_TLS_CA)"
+    )
+
+
+def _tls(args: argparse.Namespace) -> TLSConfig:
+    return TLSConfig.from_env(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca)
 
 
 async def _until_signal(serve: Any, *args: Any, **kwargs: Any) -> None:
