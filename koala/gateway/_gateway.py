@@ -27,6 +27,7 @@ from .._proxy import make_proxy
 from ._auth import AuthError, FirstPacket, check_first_packet
 from ._codes import ClientCloseCode
 from ._config import GatewayConfig
+from ._replay import ReplayCache
 from ._session import Data, IAccount, SessionClosedError, hub_for
 
 if TYPE_CHECKING:
@@ -153,6 +154,8 @@ class GatewayStatistics:
     refused: int
     frames_in: int
     frames_out: int
+    replays: int = 0  # first packets refused as replays (4006)
+    first_packets_seen: int = 0  # entries of the replay cache (packets still in the window)
 
 
 class Gateway:
@@ -167,6 +170,7 @@ class Gateway:
         self._refused = 0
         self._frames_in = 0
         self._frames_out = 0
+        self.replay_cache = ReplayCache(config.replay_cache_size)
         self._stopping = False
         self._all: set[ClientConnection] = set()
         self._gone = anyio.Event()
@@ -180,6 +184,8 @@ class Gateway:
             refused=self._refused,
             frames_in=self._frames_in,
             frames_out=self._frames_out,
+            replays=self.replay_cache.statistics().replays,
+            first_packets_seen=len(self.replay_cache),
         )
 
     # ------------------------------------------------------------ serving
@@ -331,14 +337,16 @@ class Gateway:
         if first is None:
             return
         try:
+            now = time.time()
             packet = check_first_packet(
                 first,
                 private_key=cfg.private_key,
                 mode=cfg.checksum,
-                now=time.time(),
+                now=now,
                 window=cfg.timestamp_window,
                 max_size=cfg.max_first_packet,
             )
+            self.replay_cache.admit(packet.digest, packet.timestamp + cfg.timestamp_window, now)
         except AuthError as exc:
             self._refused += 1
             log.warning("refused client %s: %s (close %d)", conn.remote, exc.reason, exc.code)

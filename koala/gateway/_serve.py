@@ -13,12 +13,12 @@ from anyio.abc import TaskStatus
 from .._runtime import Runtime
 from ..transport import Transport, TransportConfig
 from ._cluster import ClusterLink
-from ._config import KEY_ENV, GatewayConfig
+from ._config import DEV_KEY, KEY_ENV, GatewayConfig
 from ._gateway import Gateway, LocalLink
 
 log = logging.getLogger("koala.gateway")
 
-DEV_KEY = "koala-dev-key"
+__all__ = ["DEV_KEY", "dev_config", "serve_cluster_gateway", "serve_dev_gateway"]
 
 
 def dev_config() -> GatewayConfig:

@@ -1,10 +1,12 @@
 """A small WebSocket client for gateway tests and benchmarks: wsproto over anyio sockets,
 so it runs the same on asyncio, uvloop and trio, and can send what a polite client would
-not. ``first_packet`` signs a first packet with ``KEY`` unless given another key."""
+not. ``first_packet`` signs a first packet with ``KEY`` unless given another key, with a
+random ``nonce`` field so that no two are alike (the gateway refuses a replayed one)."""
 
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -134,14 +136,18 @@ def first_packet(
     key: str = KEY,
     mode: str = "sha256",
     timestamp: int | None = None,
+    nonce: str | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
+    """A signed first packet; ``nonce`` is random unless given ("" leaves it out)."""
     fields: dict[str, Any] = {
         "open_id": open_id,
         "server_id": "1",
         "timestamp": int(time.time()) if timestamp is None else timestamp,
         **extra,
     }
+    if nonce != "":
+        fields["nonce"] = secrets.token_hex(8) if nonce is None else nonce
     return sign(fields, key, mode)
 
 
