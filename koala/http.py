@@ -1,12 +1,15 @@
-"""Serve an ASGI app (FastAPI) through hypercorn inside the runtime's event loop.
+"""Serve an ASGI app (FastAPI) through hypercorn inside the runtime's event loop, over
+HTTP or HTTPS (and so ws or wss), and answer Koala's errors with a status and a JSON body.
 
 This is the one place that branches on the backend (hypercorn has a serve per loop).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import ssl
 from typing import Any
 
 import anyio
@@ -21,6 +24,7 @@ from ._errors import (
     ShuttingDownError,
     WrongHostError,
 )
+from ._tls import TLSConfig
 
 # Koala errors an HTTP handler may let escape, and the status that says what they mean.
 _HTTP_STATUS: dict[type[Exception], int] = {
@@ -78,6 +82,41 @@ def _bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+TLS_HANDSHAKE_TIMEOUT = 10.0  # seconds a client has to finish its TLS handshake
+
+
+def _check_tls(tls: TLSConfig) -> None:
+    """Load the certificate and key now, so a bad file is a clear error at start (hypercorn
+    would only load them once serving)."""
+    try:
+        tls.server_context()
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(
+            f"cannot serve HTTPS with certificate {tls.cert!r} and key {tls.key!r}: {exc}; "
+            "check that both are PEM files and that the key belongs to the certificate"
+        ) from None
+
+
+def _quiet_tls_close() -> None:
+    """hypercorn's asyncio server (0.17, 0.18) lets an ``ssl.SSLError`` escape a TLS
+    connection's close when the client writes after the server's close_notify, which a
+    WebSocket client answering the close frame does (pgjones/hypercorn#261), and a
+    ``TimeoutError`` when the TLS shutdown times out (#264). The connection is over
+    either way; without this asyncio logs each one as a task that failed."""
+    from hypercorn.asyncio.tcp_server import TCPServer
+
+    original = getattr(TCPServer, "_close", None)
+    if original is None or getattr(original, "_koala_quiet", False):
+        return
+
+    async def _close(self: Any) -> None:
+        with contextlib.suppress(ssl.SSLError, TimeoutError):  # nothing is left to close
+            await original(self)
+
+    _close._koala_quiet = True  # type: ignore[attr-defined]
+    setattr(TCPServer, "_close", _close)  # noqa: B010 (a method of another library)
+
+
 async def serve_asgi(
     app: Any,
     host: str,
@@ -85,13 +124,18 @@ async def serve_asgi(
     shutdown: anyio.Event,
     *,
     graceful_timeout: float = 3.0,
+    tls: TLSConfig | None = None,
     task_status: TaskStatus[tuple[str, int]] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` on host:port until ``shutdown`` is set; report the bound address.
 
     The socket is bound here (so port 0 works on every backend and errors are ours) and
-    handed to hypercorn by file descriptor.
+    handed to hypercorn by file descriptor. With ``tls`` holding a certificate, it serves
+    HTTPS (WebSockets: wss); a ``tls`` without one (or None) serves plain HTTP.
     """
+    secure = tls if tls is not None and tls.enabled else None
+    if secure is not None:
+        _check_tls(secure)
     sock = _bind_socket(host, port)
     bound = sock.getsockname()[:2]
     config = Config()
@@ -99,6 +143,10 @@ async def serve_asgi(
     config.graceful_timeout = graceful_timeout
     config.accesslog = None
     config.errorlog = None
+    if secure is not None:
+        for name, value in secure.hypercorn_settings().items():
+            setattr(config, name, value)
+        config.ssl_handshake_timeout = TLS_HANDSHAKE_TIMEOUT
     try:
         task_status.started((bound[0], bound[1]))
         if sniffio.current_async_library() == "trio":
@@ -107,6 +155,9 @@ async def serve_asgi(
             await trio_serve(app, config, shutdown_trigger=shutdown.wait)
         else:
             from hypercorn.asyncio import serve as asyncio_serve
+
+            if secure is not None:
+                _quiet_tls_close()
 
             await asyncio_serve(app, config, shutdown_trigger=shutdown.wait)
     finally:

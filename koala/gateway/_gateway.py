@@ -15,6 +15,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
@@ -24,6 +25,7 @@ from .._errors import KoalaError
 from .._interface import ActorInterface
 from .._messages import Key
 from .._proxy import make_proxy
+from .._tls import TLSConfig
 from ._auth import AuthError, FirstPacket, check_first_packet
 from ._codes import ClientCloseCode
 from ._config import GatewayConfig
@@ -196,16 +198,19 @@ class Gateway:
         port: int,
         shutdown: anyio.Event,
         *,
+        tls: TLSConfig | None = None,
         task_status: TaskStatus[tuple[str, int]] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         """Serve on host:port until ``shutdown`` is set; clients are then closed with 1001
-        (so hypercorn need not wait its graceful timeout for them)."""
+        (so hypercorn need not wait its graceful timeout for them). With ``tls`` holding a
+        certificate, clients connect with wss."""
         from ..http import serve_asgi
 
         stop = anyio.Event()
         async with anyio.create_task_group() as tg:
-            bound = await tg.start(serve_asgi, self, host, port, stop)
-            log.info("gateway listening on ws://%s:%d", bound[0], bound[1])
+            bound = await tg.start(partial(serve_asgi, self, host, port, stop, tls=tls))
+            scheme = "wss" if tls is not None and tls.enabled else "ws"
+            log.info("gateway listening on %s://%s:%d", scheme, bound[0], bound[1])
             task_status.started(bound)
             await shutdown.wait()
             await self.close_all()
