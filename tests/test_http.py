@@ -59,10 +59,10 @@ def raising_app(exc: BaseException) -> FastAPI:
     return app
 
 
-async def answer(app: FastAPI, path: str = "/") -> httpx.Response:
+async def answer(app: FastAPI, path: str = "/", method: str = "GET") -> httpx.Response:
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-        return await client.get(path)
+        return await client.request(method, path)
 
 
 CONFLICT = VersionConflictError("players", "p1", None, 3, 4)
@@ -196,9 +196,9 @@ async def test_real_errors_of_actor_calls_through_a_real_app() -> None:
         STORAGE[:] = [storage]
         app = score_app()
         # a stale write inside an actor: 409 with the storage's own sentence
-        first = await answer_post(app, "/bump/s1")  # a new row
+        first = await answer(app, "/bump/s1", "POST")  # a new row
         assert first.status_code == 200, first.text
-        stale = await answer_post(app, "/bump/s1")  # "new" again: it exists now
+        stale = await answer(app, "/bump/s1", "POST")  # "new" again: it exists now
         assert stale.status_code == 409
         assert stale.json()["error"] == "version_conflict"
         assert "version conflict on scores['s1']" in stale.json()["message"]
@@ -215,12 +215,6 @@ async def test_real_errors_of_actor_calls_through_a_real_app() -> None:
         assert own.status_code == 504
         assert own.json()["error"] == "deadline_exceeded"
         assert "deadline exceeded" in own.json()["message"]
-
-
-async def answer_post(app: FastAPI, path: str) -> httpx.Response:
-    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-        return await client.post(path)
 
 
 async def test_the_apps_own_handlers_win() -> None:
