@@ -9,6 +9,7 @@ from ._config import HostConfig as HostConfig
 from ._errors import ActorNotFoundError as ActorNotFoundError
 from ._errors import ArgumentTypeError as ArgumentTypeError
 from ._errors import ConfigError as ConfigError
+from ._errors import DeadlineExceededError as DeadlineExceededError
 from ._errors import HostUnavailableError as HostUnavailableError
 from ._errors import InterfaceError as InterfaceError
 from ._errors import KoalaError as KoalaError
@@ -31,6 +32,7 @@ __all__ = [
     "ActorNotFoundError",
     "ArgumentTypeError",
     "ConfigError",
+    "DeadlineExceededError",
     "HostConfig",
     "HostUnavailableError",
     "InterfaceError",

@@ -27,6 +27,7 @@ from ._messages import (
     ErrorInfo,
     Key,
     Request,
+    deadline_rejection,
     error_info,
     new_chain_id,
     rebuild_error,
@@ -381,9 +382,10 @@ class Activation:
                 result = await self._run_with_default_deadline(spec, args)
             elif deadline <= rt.clock():
                 raise rebuild_error(
-                    rejection(
-                        ErrorCode.TIMEOUT,
+                    deadline_rejection(
                         f"the deadline of {spec.qualname} had passed before it ran; not run",
+                        *self.ident,
+                        spec.name,
                     )
                 )
             else:
@@ -429,10 +431,12 @@ class Activation:
         )
         if scope is not None and scope.cancelled_caught:
             raise rebuild_error(
-                rejection(
-                    ErrorCode.TIMEOUT,
+                deadline_rejection(
                     f"{spec.qualname} on {self.ident[0]}/{self.key!r} did not finish within "
                     f"the default timeout of {rt.config.default_timeout} s",
+                    *self.ident,
+                    spec.name,
+                    rt.config.default_timeout,
                 )
             )
         return result
@@ -471,10 +475,12 @@ class Activation:
             return
         if req.deadline <= anyio.current_time():
             call.fail(
-                rejection(
-                    ErrorCode.TIMEOUT,
+                deadline_rejection(
                     f"the deadline of {req.interface}.{req.method} passed while it waited in "
                     f"the mailbox of {req.actor_type}/{req.key!r}; it was not run",
+                    req.actor_type,
+                    req.key,
+                    req.method,
                 )
             )
             return
@@ -514,10 +520,12 @@ class Activation:
                     call.fail(rejection(ErrorCode.CANCELLED, "the caller cancelled the call"))
                 else:
                     call.fail(
-                        rejection(
-                            ErrorCode.TIMEOUT,
+                        deadline_rejection(
                             f"{req.interface}.{req.method} on {req.actor_type}/{req.key!r} "
                             "did not finish before its deadline",
+                            req.actor_type,
+                            req.key,
+                            req.method,
                         )
                     )
             elif call.spec is not None and not req.one_way:

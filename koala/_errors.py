@@ -59,3 +59,47 @@ class RemoteError(KoalaError):
         self.remote_type = remote_type
         self.remote_message = message
         self.remote_traceback = remote_traceback
+
+
+class DeadlineExceededError(KoalaError, TimeoutError):
+    """A call's deadline passed before it was answered; it may or may not have run.
+
+    A ``TimeoutError``, so ``except TimeoutError`` catches it. What Koala knows where it
+    raises it: ``timeout`` (the deadline in seconds, when the default timeout set it),
+    ``actor_type``, ``key`` and ``method`` (None when unknown). Retry only what is safe
+    to run twice, or give the call a longer deadline.
+    """
+
+    def __init__(
+        self,
+        message: str = "",
+        timeout: float | None = None,
+        actor_type: str | None = None,
+        key: str | int | None = None,
+        method: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        # args are the constructor's, so the error rebuilds intact across an actor call
+        # (set after: OSError, a base of TimeoutError, keeps only two of several args)
+        self.args = (message, timeout, actor_type, key, method)
+        self.message = message
+        self.timeout = timeout
+        self.actor_type = actor_type
+        self.key = key
+        self.method = method
+
+    def __str__(self) -> str:
+        return self.message or self.summary()
+
+    def summary(self) -> str:
+        """``deadline of 3 s exceeded calling Player/1.echo``, as far as it is known."""
+        text = (
+            "deadline exceeded"
+            if self.timeout is None
+            else f"deadline of {self.timeout:g} s exceeded"
+        )
+        if self.actor_type is not None:
+            text += f" calling {self.actor_type}/{self.key}"
+            if self.method is not None:
+                text += f".{self.method}"
+        return text

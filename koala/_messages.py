@@ -131,6 +131,15 @@ def rejection(code: ErrorCode, message: str) -> ErrorInfo:
     return ErrorInfo(code, f"{cls.__module__}:{cls.__qualname__}", message)
 
 
+def deadline_rejection(
+    message: str, actor_type: str, key: Key, method: str, timeout: float | None = None
+) -> ErrorInfo:
+    """A TIMEOUT rejection that rebuilds as DeadlineExceededError with what is known."""
+    cls = _errors.DeadlineExceededError
+    args = (message, timeout, actor_type, key, method)
+    return ErrorInfo(ErrorCode.TIMEOUT, f"{cls.__module__}:{cls.__qualname__}", message, "", args)
+
+
 def error_info(exc: BaseException, code: ErrorCode | None = None) -> ErrorInfo:
     """Describe an exception raised in an actor so it can be rebuilt elsewhere."""
     if isinstance(exc, _errors.RemoteError):  # keep the original type across hops
@@ -183,7 +192,10 @@ def rebuild_error(info: ErrorInfo) -> BaseException:
     cls = _resolve_type(info.type_name) or _TYPE_OF.get(info.code)
     exc: BaseException | None = None
     if cls is not None and not issubclass(cls, (KeyboardInterrupt, SystemExit, GeneratorExit)):
-        for args in (info.args, (info.message,)):
+        # no args (a rejection, or args that were not plain data): the message, so that
+        # a type that also takes no arguments does not come back with an empty message
+        tries = (info.args, (info.message,)) if info.args else ((info.message,), ())
+        for args in tries:
             try:
                 exc = cls(*args)
                 break

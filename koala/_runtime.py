@@ -37,6 +37,7 @@ from ._config import HostConfig
 from ._drive import fast_clock, lazy_deadline, scope_marker
 from ._errors import (
     ActorNotFoundError,
+    DeadlineExceededError,
     HostUnavailableError,
     RuntimeNotRunningError,
     ShuttingDownError,
@@ -487,9 +488,13 @@ class Runtime:
         if own_deadline:
             with anyio.CancelScope(deadline=deadline):
                 return await self._await_call(call, spec)
-            raise TimeoutError(
+            raise DeadlineExceededError(
                 f"{spec.qualname} on {impl.actor_type}/{key!r} got no answer within "
-                f"the default timeout of {self.config.default_timeout} s"
+                f"the default timeout of {self.config.default_timeout} s",
+                self.config.default_timeout,
+                impl.actor_type,
+                key,
+                spec.name,
             )
         return await self._await_call(call, spec)
 

@@ -32,9 +32,39 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def check_bind(host: str, what: str) -> None:
-    """Listeners bind loopback unless the cluster secret is set."""
-    if not _is_loopback(host) and not os.environ.get("KOALA_CLUSTER_SECRET"):
+MIN_PUBLIC_GATEWAY_KEY = 16  # characters of KOALA_GATEWAY_KEY for a gateway beyond loopback
+
+
+def check_bind(host: str, what: str, *, gateway: bool = False) -> None:
+    """Listeners bind loopback unless they hold the proof their callers need.
+
+    Hosts' links and HTTP and the PD need the cluster secret. A gateway (``gateway=True``)
+    authenticates its clients with its own key, so it needs KOALA_GATEWAY_KEY instead: a
+    real one (not the development key, at least ``MIN_PUBLIC_GATEWAY_KEY`` characters),
+    and never the cluster secret, which a public endpoint should not hold.
+    """
+    if _is_loopback(host):
+        return
+    if gateway:
+        from .gateway._config import DEV_KEY, KEY_ENV
+
+        key = os.environ.get(KEY_ENV, "")
+        why = ""
+        if not key:
+            why = "is not set"
+        elif key == DEV_KEY:
+            why = "is the development key"
+        elif len(key) < MIN_PUBLIC_GATEWAY_KEY:
+            why = f"is shorter than {MIN_PUBLIC_GATEWAY_KEY} characters"
+        if why:
+            raise ConfigError(
+                f"{what} on {host} is reachable beyond this machine, and {KEY_ENV} {why}: "
+                f"set {KEY_ENV} (the key your clients sign their first packet with; at least "
+                f"{MIN_PUBLIC_GATEWAY_KEY} random characters) to allow it, or listen on "
+                "127.0.0.1"
+            )
+        return
+    if not os.environ.get("KOALA_CLUSTER_SECRET"):
         raise ConfigError(
             f"{what} on {host} is reachable beyond this machine: set KOALA_CLUSTER_SECRET "
             "(the cluster's shared secret) to allow it, or listen on 127.0.0.1"
@@ -291,7 +321,7 @@ def _run_cluster_command(args: argparse.Namespace, backend: _backend.Backend) ->
         from .gateway._serve import serve_cluster_gateway
 
         listen = parse_hostport(args.listen, "--listen")
-        check_bind(listen[0], "--listen")
+        check_bind(listen[0], "--listen", gateway=True)
         timeout = {"failover_timeout": args.failover_timeout} if args.failover_timeout else {}
         gateway = GatewayConfig.from_env(**timeout)
         _backend.run(
@@ -360,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
 
             gateway = parse_hostport(args.gateway, "--gateway") if args.gateway else None
             if gateway is not None:
-                check_bind(gateway[0], "--gateway")
+                check_bind(gateway[0], "--gateway", gateway=True)
             module = load_app(args.app)
             _backend.run(lambda: run_dev(module, args.app, host, port, config, gateway), backend)
         else:

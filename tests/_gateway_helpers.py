@@ -12,6 +12,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from koala import ActorBase, ActorInterface, HostConfig, Runtime
+from koala._tls import TLSConfig
 from koala.gateway import (
     ActorRef,
     ClientHandler,
@@ -88,9 +89,12 @@ def gateway_config(**overrides: Any) -> GatewayConfig:
 
 @asynccontextmanager
 async def local_gateway(
-    config: GatewayConfig | None = None, host_config: HostConfig | None = None
+    config: GatewayConfig | None = None,
+    host_config: HostConfig | None = None,
+    *,
+    tls: TLSConfig | None = None,
 ) -> AsyncIterator[tuple[tuple[str, int], Gateway, Runtime]]:
-    """A runtime with an in-process gateway on a free loopback port."""
+    """A runtime with an in-process gateway on a free loopback port (wss with ``tls``)."""
     shutdown = anyio.Event()
     stopped = anyio.Event()
     cfg = host_config or HostConfig(default_timeout=10.0, shutdown_grace=2.0)
@@ -99,7 +103,7 @@ async def local_gateway(
 
         async def serve(*, task_status: TaskStatus[tuple[str, int]]) -> None:
             try:
-                await gateway.serve("127.0.0.1", 0, shutdown, task_status=task_status)
+                await gateway.serve("127.0.0.1", 0, shutdown, tls=tls, task_status=task_status)
             finally:
                 stopped.set()
 

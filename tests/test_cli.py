@@ -15,6 +15,7 @@ import pytest
 
 from koala import ConfigError
 from koala._backend import parse_backend
+from koala.cli import check_bind
 from koala.testing import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,3 +136,100 @@ def test_parse_backend(value: str | None, expected: str) -> None:
 def test_parse_backend_rejects_unknown() -> None:
     with pytest.raises(ConfigError, match="use one of: asyncio, uvloop, trio"):
         parse_backend("gevent")
+
+
+# ---------------------------------------------------------------- the bind rule
+
+REAL_KEY = "a-real-gateway-key-0123456789"
+
+
+def _env(monkeypatch: pytest.MonkeyPatch, secret: str | None, key: str | None) -> None:
+    for name, value in (("KOALA_CLUSTER_SECRET", secret), ("KOALA_GATEWAY_KEY", key)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost", "127.0.0.2"])
+def test_loopback_needs_nothing(monkeypatch: pytest.MonkeyPatch, host: str) -> None:
+    _env(monkeypatch, None, None)
+    check_bind(host, "--listen")
+    check_bind(host, "--listen", gateway=True)
+
+
+def test_a_gateway_beyond_loopback_needs_its_key_not_the_cluster_secret(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _env(monkeypatch, None, REAL_KEY)
+    check_bind("0.0.0.0", "--listen", gateway=True)  # the key is enough
+    with pytest.raises(ConfigError, match="set KOALA_CLUSTER_SECRET"):
+        check_bind("0.0.0.0", "--listen")  # hosts' listeners still need the secret
+
+
+@pytest.mark.parametrize(
+    ("key", "why"),
+    [
+        (None, "KOALA_GATEWAY_KEY is not set"),
+        ("", "KOALA_GATEWAY_KEY is not set"),
+        ("koala-dev-key", "KOALA_GATEWAY_KEY is the development key"),
+        ("short", "KOALA_GATEWAY_KEY is shorter than 16 characters"),
+    ],
+)
+def test_a_gateway_without_a_real_key_stays_on_loopback(
+    monkeypatch: pytest.MonkeyPatch, key: str | None, why: str
+) -> None:
+    _env(monkeypatch, "the-cluster-secret", key)  # the cluster secret does not help
+    with pytest.raises(ConfigError) as info:
+        check_bind("0.0.0.0", "--gateway", gateway=True)
+    assert why in str(info.value)
+    assert "set KOALA_GATEWAY_KEY" in str(info.value)
+    assert "or listen on 127.0.0.1" in str(info.value)
+
+
+def test_koala_gateway_refuses_a_public_listen_without_its_key() -> None:
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "KOALA_GATEWAY_KEY"},
+        "KOALA_CLUSTER_SECRET": "the-cluster-secret",
+    }
+    proc = subprocess.run(
+        koala_cmd("gateway", "--pd", "http://127.0.0.1:9", "--listen", "0.0.0.0:0"),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "KOALA_GATEWAY_KEY is not set: set KOALA_GATEWAY_KEY" in proc.stderr
+
+
+def test_koala_dev_serves_a_public_gateway_with_its_key_and_no_secret(
+    stop_later: list[subprocess.Popen[str]],
+) -> None:
+    port = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "KOALA_CLUSTER_SECRET"},
+        "KOALA_GATEWAY_KEY": REAL_KEY,
+        "PYTHONUNBUFFERED": "1",
+    }
+    proc = subprocess.Popen(
+        koala_cmd("dev", "examples/chat.py", "--gateway", f"0.0.0.0:{port}"),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    stop_later.append(proc)
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 20
+    line = ""
+    while "gateway on ws://" not in line:
+        assert time.monotonic() < deadline, "koala dev did not serve the gateway in time"
+        line = proc.stdout.readline()
+        assert line, "koala dev exited before serving the gateway"
+    assert f"gateway on ws://0.0.0.0:{port}" in line
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=15)
+    assert proc.returncode == 0, out

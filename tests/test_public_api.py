@@ -17,6 +17,7 @@ def test_public_names() -> None:
         "ActorNotFoundError",
         "ArgumentTypeError",
         "ConfigError",
+        "DeadlineExceededError",
         "HostConfig",
         "HostUnavailableError",
         "InterfaceError",

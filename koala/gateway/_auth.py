@@ -46,6 +46,7 @@ class FirstPacket:
     actor_type: str | None
     actor_id: Key | None
     fields: dict[str, str]
+    digest: bytes = b""  # the checksum as bytes: the packet's identity for replay checks
 
 
 def _text(name: str, value: Any) -> str:
@@ -112,7 +113,8 @@ def check_first_packet(
     """Parse and authenticate a first packet; AuthError (code, reason) if refused.
 
     The checks run in this order: size, text and JSON object, required fields and their
-    types, the checksum, then the timestamp window.
+    types, the checksum, then the timestamp window. Replays are the gateway's to refuse
+    (:class:`koala.gateway._replay.ReplayCache`, keyed by ``FirstPacket.digest``).
     """
     if isinstance(data, bytes):
         raise AuthError(
@@ -171,4 +173,5 @@ def check_first_packet(
         actor_type=actor_type,
         actor_id=actor_id,
         fields=fields,
+        digest=bytes.fromhex(expected),
     )

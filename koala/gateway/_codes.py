@@ -23,6 +23,8 @@ class ClientCloseCode(enum.IntEnum):
     STALE_TIMESTAMP = 4003  # timestamp outside the window (replay protection)
     AUTH_TIMEOUT = 4004  # no first packet within auth_timeout
     NO_ACTOR = 4005  # no actor to bind: unknown actor type, or the account service refused
+    REPLAYED = 4006  # this first packet was already accepted within the window
+    REPLAY_CACHE_FULL = 4007  # the replay cache is full within the window: try again later
     RATE_LIMITED = 4008  # the client sent faster than its token bucket allows
     SEND_QUEUE_FULL = 4009  # the client does not read what is pushed to it
     IDLE_TIMEOUT = 4010  # nothing received from the client for idle_timeout

@@ -8,8 +8,16 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from .._errors import ConfigError
+from ._replay import MAX_FIRST_PACKETS_SEEN
 
 KEY_ENV = "KOALA_GATEWAY_KEY"
+DEV_KEY = "koala-dev-key"  # the documented development key: loopback only
+# A first packet may be this far off the gateway's clock, either way. Short, because a
+# copy of a packet is replayable to another gateway for that long (each gateway keeps
+# its own replay cache), and because the cache holds every packet accepted within it:
+# at 60 s, MAX_FIRST_PACKETS_SEEN (100,000) allows 1,666 new sessions a second before it
+# fails closed (300 s: 333). NTP-synced clients are within a second; 60 s leaves room.
+DEFAULT_TIMESTAMP_WINDOW = 60.0
 CHECKSUM_MODES = ("sha256", "hmac-sha256")
 _INTS = (
     "max_frame_size",
@@ -19,6 +27,7 @@ _INTS = (
     "burst",
     "unacked_frames",
     "unacked_bytes",
+    "replay_cache_size",
 )
 
 
@@ -30,7 +39,9 @@ class GatewayConfig:
     - ``checksum``: ``"sha256"`` (the seed's scheme: SHA-256 of the signing text followed
       by the key) or ``"hmac-sha256"`` (HMAC-SHA256 of the signing text keyed by the key).
     - ``timestamp_window``: a first packet's timestamp may be this many seconds off the
-      gateway's clock, either way.
+      gateway's clock, either way (``DEFAULT_TIMESTAMP_WINDOW``, 60 s).
+    - ``replay_cache_size``: most first packets remembered within the window (a replay
+      of one is refused with 4006; a full cache refuses new packets with 4007).
     - ``auth_timeout``: seconds a client has to send its first packet.
     - ``max_first_packet`` / ``max_frame_size``: bytes.
     - ``rate`` / ``burst``: the token bucket of each client (frames per second, and the
@@ -52,7 +63,7 @@ class GatewayConfig:
 
     private_key: str
     checksum: str = "sha256"
-    timestamp_window: float = 300.0
+    timestamp_window: float = DEFAULT_TIMESTAMP_WINDOW
     auth_timeout: float = 10.0
     max_first_packet: int = 4096
     max_frame_size: int = 65536
@@ -67,6 +78,7 @@ class GatewayConfig:
     failover_timeout: float = 30.0
     unacked_frames: int = 1024
     unacked_bytes: int = 1024 * 1024
+    replay_cache_size: int = MAX_FIRST_PACKETS_SEEN
 
     def __post_init__(self) -> None:
         if not isinstance(self.private_key, str) or not self.private_key:

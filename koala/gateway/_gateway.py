@@ -15,6 +15,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
@@ -24,9 +25,11 @@ from .._errors import KoalaError
 from .._interface import ActorInterface
 from .._messages import Key
 from .._proxy import make_proxy
+from .._tls import TLSConfig
 from ._auth import AuthError, FirstPacket, check_first_packet
 from ._codes import ClientCloseCode
 from ._config import GatewayConfig
+from ._replay import ReplayCache
 from ._session import Data, IAccount, SessionClosedError, hub_for
 
 if TYPE_CHECKING:
@@ -153,6 +156,8 @@ class GatewayStatistics:
     refused: int
     frames_in: int
     frames_out: int
+    replays: int = 0  # first packets refused as replays (4006)
+    first_packets_seen: int = 0  # entries of the replay cache (packets still in the window)
 
 
 class Gateway:
@@ -167,6 +172,7 @@ class Gateway:
         self._refused = 0
         self._frames_in = 0
         self._frames_out = 0
+        self.replay_cache = ReplayCache(config.replay_cache_size)
         self._stopping = False
         self._all: set[ClientConnection] = set()
         self._gone = anyio.Event()
@@ -180,6 +186,8 @@ class Gateway:
             refused=self._refused,
             frames_in=self._frames_in,
             frames_out=self._frames_out,
+            replays=self.replay_cache.statistics().replays,
+            first_packets_seen=len(self.replay_cache),
         )
 
     # ------------------------------------------------------------ serving
@@ -190,16 +198,19 @@ class Gateway:
         port: int,
         shutdown: anyio.Event,
         *,
+        tls: TLSConfig | None = None,
         task_status: TaskStatus[tuple[str, int]] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         """Serve on host:port until ``shutdown`` is set; clients are then closed with 1001
-        (so hypercorn need not wait its graceful timeout for them)."""
+        (so hypercorn need not wait its graceful timeout for them). With ``tls`` holding a
+        certificate, clients connect with wss."""
         from ..http import serve_asgi
 
         stop = anyio.Event()
         async with anyio.create_task_group() as tg:
-            bound = await tg.start(serve_asgi, self, host, port, stop)
-            log.info("gateway listening on ws://%s:%d", bound[0], bound[1])
+            bound = await tg.start(partial(serve_asgi, self, host, port, stop, tls=tls))
+            scheme = "wss" if tls is not None and tls.enabled else "ws"
+            log.info("gateway listening on %s://%s:%d", scheme, bound[0], bound[1])
             task_status.started(bound)
             await shutdown.wait()
             await self.close_all()
@@ -331,14 +342,16 @@ class Gateway:
         if first is None:
             return
         try:
+            now = time.time()
             packet = check_first_packet(
                 first,
                 private_key=cfg.private_key,
                 mode=cfg.checksum,
-                now=time.time(),
+                now=now,
                 window=cfg.timestamp_window,
                 max_size=cfg.max_first_packet,
             )
+            self.replay_cache.admit(packet.digest, packet.timestamp + cfg.timestamp_window, now)
         except AuthError as exc:
             self._refused += 1
             log.warning("refused client %s: %s (close %d)", conn.remote, exc.reason, exc.code)

@@ -6,19 +6,21 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from functools import partial
 
 import anyio
 from anyio.abc import TaskStatus
 
 from .._runtime import Runtime
+from .._tls import TLSConfig
 from ..transport import Transport, TransportConfig
 from ._cluster import ClusterLink
-from ._config import KEY_ENV, GatewayConfig
+from ._config import DEV_KEY, KEY_ENV, GatewayConfig
 from ._gateway import Gateway, LocalLink
 
 log = logging.getLogger("koala.gateway")
 
-DEV_KEY = "koala-dev-key"
+__all__ = ["DEV_KEY", "dev_config", "serve_cluster_gateway", "serve_dev_gateway"]
 
 
 def dev_config() -> GatewayConfig:
@@ -40,11 +42,13 @@ async def serve_dev_gateway(
     port: int,
     shutdown: anyio.Event,
     *,
+    tls: TLSConfig | None = None,
     task_status: TaskStatus[tuple[str, int]] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve an in-process gateway for ``runtime`` until ``shutdown`` is set."""
+    """Serve an in-process gateway for ``runtime`` until ``shutdown`` is set (wss when
+    ``tls`` holds a certificate)."""
     gateway = Gateway(dev_config(), LocalLink(runtime))
-    await gateway.serve(host, port, shutdown, task_status=task_status)
+    await gateway.serve(host, port, shutdown, tls=tls, task_status=task_status)
 
 
 async def serve_cluster_gateway(
@@ -54,10 +58,12 @@ async def serve_cluster_gateway(
     *,
     config: GatewayConfig | None = None,
     transport_config: TransportConfig | None = None,
+    tls: TLSConfig | None = None,
     announce: Callable[[str], None] | None = None,
 ) -> None:
     """``koala gateway``: a gateway that reaches the cluster's hosts through the PD at
-    ``pd_url`` and the transport, until ``shutdown`` is set."""
+    ``pd_url`` and the transport, until ``shutdown`` is set. ``tls`` (with a certificate)
+    makes its clients connect with wss; links to hosts follow ``transport_config``."""
     from ..pd._client import PDClient
 
     cfg = config or GatewayConfig.from_env()
@@ -69,9 +75,10 @@ async def serve_cluster_gateway(
             anyio.create_task_group() as tg,
         ):
             gateway = Gateway(cfg, link)
-            bound = await tg.start(gateway.serve, listen[0], listen[1], shutdown)
+            bound = await tg.start(partial(gateway.serve, *listen, shutdown, tls=tls))
+            scheme = "wss" if tls is not None and tls.enabled else "ws"
             (announce or _say)(
-                f"koala gateway: ws://{bound[0]}:{bound[1]}; PD {', '.join(pd.urls)}"
+                f"koala gateway: {scheme}://{bound[0]}:{bound[1]}; PD {', '.join(pd.urls)}"
             )
     finally:
         with anyio.CancelScope(shield=True):

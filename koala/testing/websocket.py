@@ -1,10 +1,13 @@
 """A small WebSocket client for gateway tests and benchmarks: wsproto over anyio sockets,
 so it runs the same on asyncio, uvloop and trio, and can send what a polite client would
-not. ``first_packet`` signs a first packet with ``KEY`` unless given another key."""
+not. ``first_packet`` signs a first packet with ``KEY`` unless given another key, with a
+random ``nonce`` field so that no two are alike (the gateway refuses a replayed one)."""
 
 from __future__ import annotations
 
 import json
+import secrets
+import ssl
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -12,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
-from anyio.abc import SocketStream
+from anyio.abc import ByteStream
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
     AcceptConnection,
@@ -37,7 +40,7 @@ class Closed:
 
 
 class WSClient:
-    def __init__(self, stream: SocketStream) -> None:
+    def __init__(self, stream: ByteStream) -> None:
         self.stream = stream
         self.ws = WSConnection(ConnectionType.CLIENT)
         self.closed: Closed | None = None
@@ -116,8 +119,21 @@ def _message(data: str | bytes) -> Message[Any]:
 
 
 @asynccontextmanager
-async def connect(address: tuple[str, int]) -> AsyncIterator[WSClient]:
-    stream = await anyio.connect_tcp(*address)
+async def connect(
+    address: tuple[str, int], *, ssl_context: ssl.SSLContext | None = None
+) -> AsyncIterator[WSClient]:
+    """A WebSocket to the gateway at ``address``: ws, or wss with ``ssl_context`` (the
+    server's name checked against the host part of ``address``)."""
+    stream: ByteStream
+    if ssl_context is None:
+        stream = await anyio.connect_tcp(*address)
+    else:
+        stream = await anyio.connect_tcp(
+            *address,
+            ssl_context=ssl_context,
+            tls_hostname=address[0],
+            tls_standard_compatible=False,  # a close need not wait for the TLS goodbye
+        )
     client = WSClient(stream)
     try:
         with anyio.fail_after(5):
@@ -134,22 +150,31 @@ def first_packet(
     key: str = KEY,
     mode: str = "sha256",
     timestamp: int | None = None,
+    nonce: str | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
+    """A signed first packet; ``nonce`` is random unless given ("" leaves it out)."""
     fields: dict[str, Any] = {
         "open_id": open_id,
         "server_id": "1",
         "timestamp": int(time.time()) if timestamp is None else timestamp,
         **extra,
     }
+    if nonce != "":
+        fields["nonce"] = secrets.token_hex(8) if nonce is None else nonce
     return sign(fields, key, mode)
 
 
 @asynccontextmanager
 async def session(
-    address: tuple[str, int], actor_type: str = "EchoClient", actor_id: str | int = "a1", **kw: Any
+    address: tuple[str, int],
+    actor_type: str = "EchoClient",
+    actor_id: str | int = "a1",
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    **kw: Any,
 ) -> AsyncIterator[WSClient]:
     """A connected client that sent a valid first packet binding it to the actor."""
-    async with connect(address) as client:
+    async with connect(address, ssl_context=ssl_context) as client:
         await client.send_json(first_packet(actor_type=actor_type, actor_id=actor_id, **kw))
         yield client
