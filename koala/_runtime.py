@@ -517,9 +517,13 @@ class Runtime:
             return await self.directory.resolve(actor_type, key)
         with anyio.CancelScope(deadline=deadline):  # the fast clock is anyio's timeline
             return await self.directory.resolve(actor_type, key)
-        raise TimeoutError(
+        raise DeadlineExceededError(
             f"{spec.qualname} on {actor_type}/{key!r}: the deadline passed while finding "
-            "where the actor lives (is the placement driver reachable?)"
+            "where the actor lives (is the placement driver reachable?)",
+            None,
+            actor_type,
+            key,
+            spec.name,
         )
 
     async def _await_call(self, call: Call, spec: MethodSpec) -> Any:

@@ -34,6 +34,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from .._errors import (
     ConfigError,
+    DeadlineExceededError,
     HostUnavailableError,
     KoalaError,
     ShuttingDownError,
@@ -1213,9 +1214,13 @@ class PlacementRemote:
             else:
                 await self._reach(host, req)
         except TimeoutError:
-            raise TimeoutError(
+            raise DeadlineExceededError(
                 f"{req.interface}.{req.method} on {req.actor_type}/{req.key!r}: the deadline "
-                f"passed while reaching {host}"
+                f"passed while reaching {host}",
+                None,
+                req.actor_type,
+                req.key,
+                req.method,
             ) from None
         req.placement = self.directory.ticket_of(req.actor_type, req.key)
         try:
