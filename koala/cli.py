@@ -325,7 +325,9 @@ def _run_cluster_command(args: argparse.Namespace, backend: _backend.Backend) ->
         timeout = {"failover_timeout": args.failover_timeout} if args.failover_timeout else {}
         gateway = GatewayConfig.from_env(**timeout)
         _backend.run(
-            lambda: _until_signal(serve_cluster_gateway, args.pd, listen, config=gateway),
+            lambda: _until_signal(
+                serve_cluster_gateway, args.pd, listen, config=gateway, tls=_tls(args)
+            ),
             backend,
         )
         print("koala gateway: stopped", flush=True)
