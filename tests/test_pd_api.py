@@ -3,6 +3,7 @@ fields and errors as docs/pd.md describes them."""
 
 from __future__ import annotations
 
+import secrets
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
@@ -49,8 +50,31 @@ async def pd(store: Store) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
-async def post(client: httpx.AsyncClient, path: str, body: Any = None, status: int = 200) -> Any:
-    resp = await client.post(API + path, json=body if body is not None else {})
+# server id -> the owner key the tests register it with (ids repeat across prefixes:
+# one key per id serves them all, and a PD only compares a key with its record's hash)
+OWNERS: dict[int, bytes] = {}
+
+
+async def post(
+    client: httpx.AsyncClient,
+    path: str,
+    body: Any = None,
+    status: int = 200,
+    *,
+    owner: bytes | None = None,
+) -> Any:
+    """POST ``body``; a body naming a server id carries its owner key (``owner``, else
+    the one it was registered with here, a new one for a registration)."""
+    headers = {}
+    server_id = body.get("server_id") if isinstance(body, dict) else None
+    if owner is None and isinstance(server_id, int):
+        if path == "/membership/register":
+            owner = OWNERS.setdefault(server_id, secrets.token_bytes(32))
+        else:
+            owner = OWNERS.get(server_id)
+    if owner is not None:
+        headers["Koala-Owner"] = owner.hex()
+    resp = await client.post(API + path, json=body if body is not None else {}, headers=headers)
     assert resp.status_code == status, resp.text
     return resp.json()
 
@@ -76,7 +100,7 @@ async def register(
 
 async def test_version(pd: httpx.AsyncClient) -> None:
     resp = await pd.get(API + "/version")
-    assert resp.json() == {"version": "koala-pd/1"}
+    assert resp.json() == {"version": "koala-pd/2"}
 
 
 async def test_server_ids_are_unique_and_increasing(pd: httpx.AsyncClient) -> None:
@@ -106,8 +130,8 @@ async def test_bad_sequence_requests(pd: httpx.AsyncClient) -> None:
     assert "step" in body["message"]
     body = await post(pd, "/id/new_sequence/has space/5", status=400)
     assert body["error"] == "bad_request"
-    body = await post(pd, "/id/new_sequence/orders/many", status=400)
-    assert body["error"] == "bad_request"
+    body = await post(pd, "/id/new_sequence/orders/many", status=422)
+    assert (body["error"], body["field"]) == ("invalid_request", "step")
 
 
 async def test_register_keep_alive_and_membership(pd: httpx.AsyncClient) -> None:
@@ -148,16 +172,21 @@ async def test_register_twice_is_refused(pd: httpx.AsyncClient) -> None:
 
 
 async def test_register_validates_its_input(pd: httpx.AsyncClient) -> None:
-    answer = await post(pd, "/membership/register", {"server_id": "x"}, status=400)
-    assert answer["error"] == "bad_request"
+    answer = await post(pd, "/membership/register", {"server_id": "x"}, status=422)
+    assert (answer["error"], answer["field"]) == ("invalid_request", "server_id")
     assert "server_id" in answer["message"]
     assert "address" in answer["message"]
     body = {"server_id": 5, "address": "127.0.0.1:1", "ttl": 0}
-    answer = await post(pd, "/membership/register", body, status=400)
-    assert "ttl" in answer["message"]
+    answer = await post(pd, "/membership/register", body, status=422)
+    assert answer["field"] == "ttl"
     resp = await pd.post(API + "/membership/register", content=b"garbage")
-    assert resp.status_code == 400
+    assert resp.status_code == 422
+    assert resp.json()["field"] == "body"
     assert "Content-Type: application/json" in resp.json()["message"]
+    # the owner key is required: it binds the registration
+    resp = await pd.post(API + "/membership/register", json={"server_id": 5, "address": "a:1"})
+    assert resp.status_code == 422
+    assert resp.json()["field"] == "Koala-Owner"
 
 
 async def test_keep_alive_on_a_dead_lease_says_register_again(pd: httpx.AsyncClient) -> None:
@@ -190,10 +219,10 @@ async def test_find_position_errors(pd: httpx.AsyncClient) -> None:
     answer = await post(pd, "/placement/find_position", body, status=503)
     assert answer["error"] == "no_host"
     assert "Nobody" in answer["message"]
-    answer = await post(pd, "/placement/find_position", {"actor_type": "", "actor_id": "1"}, 400)
-    assert answer["error"] == "bad_request"
-    answer = await post(pd, "/placement/find_position", {"actor_type": "A/B", "actor_id": "1"}, 400)
-    assert answer["error"] == "bad_request"
+    answer = await post(pd, "/placement/find_position", {"actor_type": "", "actor_id": "1"}, 422)
+    assert (answer["error"], answer["field"]) == ("invalid_request", "actor_type")
+    answer = await post(pd, "/placement/find_position", {"actor_type": "A/B", "actor_id": "1"}, 422)
+    assert (answer["error"], answer["field"]) == ("invalid_request", "actor_type")
 
 
 async def test_positions_die_with_the_host(pd: httpx.AsyncClient) -> None:
@@ -269,13 +298,16 @@ async def test_find_positions_answers_each_actor_in_order(pd: httpx.AsyncClient)
 
 
 async def test_find_positions_bad_requests(pd: httpx.AsyncClient) -> None:
-    answer = await post(pd, "/placement/find_positions", {"positions": "no"}, 400)
-    assert answer["error"] == "bad_request"
-    answer = await post(pd, "/placement/find_positions", {}, 400)
+    answer = await post(pd, "/placement/find_positions", {"positions": "no"}, 422)
+    assert (answer["error"], answer["field"]) == ("invalid_request", "positions")
+    answer = await post(pd, "/placement/find_positions", {}, 422)
     assert "positions" in answer["message"]
     many = [{"actor_type": "Player", "actor_id": str(i)} for i in range(MAX_BATCH + 1)]
-    answer = await post(pd, "/placement/find_positions", {"positions": many}, 400)
-    assert answer["error"] == "bad_request"
+    answer = await post(pd, "/placement/find_positions", {"positions": many}, 422)
+    assert (answer["error"], answer["field"]) == ("invalid_request", "positions")
+    one = [{"actor_type": "Player", "actor_id": 5}]  # not a string: no coercion
+    answer = await post(pd, "/placement/find_positions", {"positions": one}, 422)
+    assert answer["field"] == "positions.0.actor_id"
     assert (await post(pd, "/placement/find_positions", {"positions": []})) == {"positions": []}
 
 
@@ -493,8 +525,8 @@ async def test_keep_alive_answers_membership_deltas(store: Store) -> None:
         # fetch_all: always the whole table, with the version
         everything = await post(pd, "/membership/fetch_all")
         assert (everything["full"], everything["version"]) == (True, left["version"])
-        bad = await post(pd, "/membership/keep_alive", {**{"server_id": a}, "version": "x"}, 400)
-        assert bad["error"] == "bad_request"
+        bad = await post(pd, "/membership/keep_alive", {**{"server_id": a}, "version": "x"}, 422)
+        assert bad["error"] == "invalid_request"
 
 
 async def test_old_version_horizon_answers_the_whole_table(

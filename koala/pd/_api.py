@@ -145,8 +145,8 @@ class KeepAliveRequest(_Strict):
     lease_id: LeaseId
     load: Count = 0
     activations: Count | None = None
-    # the membership version the host holds: answer a delta
-    version: Annotated[int, Field(ge=0, le=INT64_MAX)] | None = None
+    # the membership version the host holds: answer a delta (one never given: the table)
+    version: Annotated[int, Field(ge=-INT64_MAX - 1, le=INT64_MAX)] | None = None
 
 
 class GrowLeasesRequest(_Strict):

@@ -42,7 +42,7 @@ from .._errors import (
 )
 from .._messages import Key, Request
 from .._runtime import LOCAL
-from ._auth import OWNER_HEADER, authorization, new_owner_key, request_key
+from ._auth import OWNER_HEADER, OWNER_KEY_SIZE, authorization, new_owner_key, request_key
 from ._positions import Ident, OwnPositions
 from ._rebalance import RebalanceConfig, to_shed
 from ._ticket import PLACEMENT_KEY_SIZE, check_ticket
@@ -246,6 +246,21 @@ class PDClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
+    def owner_key(self, server_id: int) -> bytes | None:
+        """The owner key of registration ``server_id`` made through this client (None:
+        not made here, or forgotten: MAX_OWNER_KEYS are kept)."""
+        return self._owners.get(server_id)
+
+    def adopt(self, server_id: int, owner_key: bytes) -> None:
+        """Act for registration ``server_id`` with its owner key (e.g. from another
+        client's :meth:`owner_key`): later requests naming it carry the key."""
+        if not isinstance(owner_key, bytes) or len(owner_key) != OWNER_KEY_SIZE:
+            raise ConfigError(f"an owner key is {OWNER_KEY_SIZE} bytes, got {owner_key!r:.80}")
+        self._owners[server_id] = owner_key
+        self._owners.move_to_end(server_id)
+        while len(self._owners) > MAX_OWNER_KEYS:
+            self._owners.popitem(last=False)
+
     def _headers(self, request: httpx.Request, data: bytes, owner: bytes | None) -> None:
         """Sign ``request`` (a fresh nonce each time) and add the owner's key."""
         if self._key is not None:
@@ -372,10 +387,7 @@ class PDClient:
             "labels": labels or {},
             "placement_key": placement_key.hex(),
         }
-        self._owners[server_id] = new_owner_key()
-        self._owners.move_to_end(server_id)
-        while len(self._owners) > MAX_OWNER_KEYS:
-            self._owners.popitem(last=False)
+        self.adopt(server_id, new_owner_key())
         path = "/pd/api/v1/membership/register"
         return int((await self._post(path, body, server_id=server_id))["lease_id"])
 
