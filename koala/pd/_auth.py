@@ -161,7 +161,7 @@ class AuthConfig:
       server ids) per second, and how many may come at once (429 beyond).
     """
 
-    secret: bytes | None = None
+    secret: bytes | str | None = None  # kept as bytes
     window: float = DEFAULT_WINDOW
     max_nonces: int = DEFAULT_MAX_NONCES
     max_body: int = DEFAULT_MAX_BODY
