@@ -11,9 +11,12 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from koala.pd import EtcdStore, MemoryStore, Store, StoreUnavailableError
 from koala.pd import _service as service
+from koala.pd._api import check_address
 from koala.pd._service import MAX_BATCH, MaintenanceConfig, Position
 from koala.pd._store import CreateOutcome
 from koala.pd.server import PlacementDriver, create_app
@@ -639,3 +642,80 @@ def test_maintenance_config_is_validated() -> None:
     ):
         with pytest.raises(ConfigError, match="MaintenanceConfig"):
             MaintenanceConfig(**bad)
+
+
+# ---------------------------------------------------------------- strict input
+
+
+async def test_lax_input_is_refused_with_422_naming_the_field(store: Store) -> None:
+    """What an adversary got accepted before: a string server id, an address with a NUL
+    and a surrogate, a load of -10^18 (it then won every placement), a NUL in an actor id.
+    Each is refused, naming its field, and nothing is stored."""
+    prefix = unique_prefix("strict")
+    async with client_for(PlacementDriver(store, prefix=prefix)) as pd:
+        a, lease = await register(pd, ["Player"])
+        before = {kv.key: kv.value for kv in await store.get_prefix(prefix)}
+        good = {"server_id": 99, "address": "127.0.0.1:7099", "services": {"Player": "x"}}
+        cases: list[tuple[str, dict[str, Any], str]] = [
+            ("/membership/register", {**good, "server_id": "99"}, "server_id"),
+            ("/membership/register", {**good, "server_id": 99.0}, "server_id"),
+            ("/membership/register", {**good, "server_id": True}, "server_id"),
+            ("/membership/register", {**good, "address": "\0../\ud7ff:x"}, "address"),
+            ("/membership/register", {**good, "address": "127.0.0.1:0"}, "address"),
+            ("/membership/register", {**good, "address": "host"}, "address"),
+            ("/membership/register", {**good, "load": -(10**18)}, "load"),
+            ("/membership/register", {**good, "ttl": 3601}, "ttl"),
+            ("/membership/register", {**good, "services": {"A/B": "x"}}, "services.A/B.[key]"),
+            ("/membership/register", {**good, "surprise": 1}, "surprise"),
+            ("/membership/keep_alive", {"server_id": a, "lease_id": lease, "load": -1}, "load"),
+            ("/membership/keep_alive", {"server_id": a, "lease_id": str(lease)}, "lease_id"),
+            ("/membership/grow_leases", {"server_id": a, "lease_id": lease, "count": 257}, "count"),
+            ("/placement/find_position", {"actor_type": "Player", "actor_id": "a\0b"}, "actor_id"),
+            (
+                "/placement/find_position",
+                {"actor_type": "Player", "actor_id": "x" * 257},
+                "actor_id",
+            ),
+            (
+                "/placement/release",
+                {
+                    "server_id": a,
+                    "positions": [{"actor_type": "Player", "actor_id": "\0", "revision": 5}],
+                },
+                "positions.0.actor_id",
+            ),
+            ("/membership/delete", {"server_id": -a}, "server_id"),
+        ]
+        for path, body, field in cases:
+            answer = await post(pd, path, body, status=422)
+            assert (answer["error"], answer["field"]) == ("invalid_request", field), (path, body)
+            assert answer["message"].startswith(field)
+        assert {kv.key: kv.value for kv in await store.get_prefix(prefix)} == before
+        # a NUL in one actor of a batch fails that actor alone
+        body = {"positions": [{"actor_type": "Player", "actor_id": "a\0"}]}
+        (only,) = (await post(pd, "/placement/find_positions", body))["positions"]
+        assert (only["status"], only["error"]) == (400, "bad_request")
+        assert "control" in only["message"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(
+        st.ip_addresses(v=4).map(str),
+        st.ip_addresses(v=6).map(lambda ip: f"[{ip}]"),
+        st.from_regex(r"\A[a-z][a-z0-9-]{0,20}[a-z0-9](\.[a-z][a-z0-9-]{0,20}[a-z0-9]){0,3}\Z"),
+    ),
+    st.integers(min_value=1, max_value=65535),
+)
+def test_every_host_port_address_is_accepted(host: str, port: int) -> None:
+    assert check_address(f"{host}:{port}") == f"{host}:{port}"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(min_size=1, max_size=40), st.integers(min_value=0, max_value=10**6))
+def test_an_address_with_a_bad_character_or_port_is_refused(junk: str, port: int) -> None:
+    bad = any(not (c.isascii() and c.isprintable()) or c in " " for c in junk)
+    address = f"h{junk}:{port}"
+    if bad or not 1 <= port <= 65535:
+        with pytest.raises(ValueError, match=r"printable ASCII|port|HOST:PORT"):
+            check_address(address)

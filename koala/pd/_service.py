@@ -379,6 +379,7 @@ class PlacementDriver:
         self._hosts: dict[int, HostInfo] = {}
         self._view_time = -1e18
         self._view_lock = anyio.Lock()
+        self._advancing = anyio.Lock()  # id counters (_advance)
         self._has_view = False
         self._events: deque[tuple[float, MembershipEvent]] = deque(maxlen=MAX_EVENTS)
         self._blocks: OrderedDict[str, tuple[int, int]] = OrderedDict()  # key -> [next, end)
@@ -416,7 +417,15 @@ class PlacementDriver:
     # ------------------------------------------------------------ ids
 
     async def _advance(self, key: str, step: int) -> int:
-        """Add ``step`` to the counter at ``key`` atomically; the new value."""
+        """Add ``step`` to the counter at ``key`` atomically; the new value.
+
+        One at a time in this PD: concurrent compare-and-swaps of one counter would
+        fail each other (n callers cost n² store requests, and 503 contention), so
+        only callers on other PDs can make one retry."""
+        async with self._advancing:
+            return await self._advance_now(key, step)
+
+    async def _advance_now(self, key: str, step: int) -> int:
         for _ in range(CAS_RETRIES):
             kv = await self.store.get(key)
             current = int(kv.value) if kv is not None else 0
