@@ -3,6 +3,7 @@ fields and errors as docs/pd.md describes them."""
 
 from __future__ import annotations
 
+import secrets
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
@@ -10,9 +11,12 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from koala.pd import EtcdStore, MemoryStore, Store, StoreUnavailableError
 from koala.pd import _service as service
+from koala.pd._api import check_address
 from koala.pd._service import MAX_BATCH, MaintenanceConfig, Position
 from koala.pd._store import CreateOutcome
 from koala.pd.server import PlacementDriver, create_app
@@ -49,8 +53,31 @@ async def pd(store: Store) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
-async def post(client: httpx.AsyncClient, path: str, body: Any = None, status: int = 200) -> Any:
-    resp = await client.post(API + path, json=body if body is not None else {})
+# server id -> the owner key the tests register it with (ids repeat across prefixes:
+# one key per id serves them all, and a PD only compares a key with its record's hash)
+OWNERS: dict[int, bytes] = {}
+
+
+async def post(
+    client: httpx.AsyncClient,
+    path: str,
+    body: Any = None,
+    status: int = 200,
+    *,
+    owner: bytes | None = None,
+) -> Any:
+    """POST ``body``; a body naming a server id carries its owner key (``owner``, else
+    the one it was registered with here, a new one for a registration)."""
+    headers = {}
+    server_id = body.get("server_id") if isinstance(body, dict) else None
+    if owner is None and isinstance(server_id, int):
+        if path == "/membership/register":
+            owner = OWNERS.setdefault(server_id, secrets.token_bytes(32))
+        else:
+            owner = OWNERS.get(server_id)
+    if owner is not None:
+        headers["Koala-Owner"] = owner.hex()
+    resp = await client.post(API + path, json=body if body is not None else {}, headers=headers)
     assert resp.status_code == status, resp.text
     return resp.json()
 
@@ -76,7 +103,7 @@ async def register(
 
 async def test_version(pd: httpx.AsyncClient) -> None:
     resp = await pd.get(API + "/version")
-    assert resp.json() == {"version": "koala-pd/1"}
+    assert resp.json() == {"version": "koala-pd/2"}
 
 
 async def test_server_ids_are_unique_and_increasing(pd: httpx.AsyncClient) -> None:
@@ -106,8 +133,8 @@ async def test_bad_sequence_requests(pd: httpx.AsyncClient) -> None:
     assert "step" in body["message"]
     body = await post(pd, "/id/new_sequence/has space/5", status=400)
     assert body["error"] == "bad_request"
-    body = await post(pd, "/id/new_sequence/orders/many", status=400)
-    assert body["error"] == "bad_request"
+    body = await post(pd, "/id/new_sequence/orders/many", status=422)
+    assert (body["error"], body["field"]) == ("invalid_request", "step")
 
 
 async def test_register_keep_alive_and_membership(pd: httpx.AsyncClient) -> None:
@@ -148,16 +175,21 @@ async def test_register_twice_is_refused(pd: httpx.AsyncClient) -> None:
 
 
 async def test_register_validates_its_input(pd: httpx.AsyncClient) -> None:
-    answer = await post(pd, "/membership/register", {"server_id": "x"}, status=400)
-    assert answer["error"] == "bad_request"
+    answer = await post(pd, "/membership/register", {"server_id": "x"}, status=422)
+    assert (answer["error"], answer["field"]) == ("invalid_request", "server_id")
     assert "server_id" in answer["message"]
     assert "address" in answer["message"]
     body = {"server_id": 5, "address": "127.0.0.1:1", "ttl": 0}
-    answer = await post(pd, "/membership/register", body, status=400)
-    assert "ttl" in answer["message"]
+    answer = await post(pd, "/membership/register", body, status=422)
+    assert answer["field"] == "ttl"
     resp = await pd.post(API + "/membership/register", content=b"garbage")
-    assert resp.status_code == 400
+    assert resp.status_code == 422
+    assert resp.json()["field"] == "body"
     assert "Content-Type: application/json" in resp.json()["message"]
+    # the owner key is required: it binds the registration
+    resp = await pd.post(API + "/membership/register", json={"server_id": 5, "address": "a:1"})
+    assert resp.status_code == 422
+    assert resp.json()["field"] == "Koala-Owner"
 
 
 async def test_keep_alive_on_a_dead_lease_says_register_again(pd: httpx.AsyncClient) -> None:
@@ -190,10 +222,10 @@ async def test_find_position_errors(pd: httpx.AsyncClient) -> None:
     answer = await post(pd, "/placement/find_position", body, status=503)
     assert answer["error"] == "no_host"
     assert "Nobody" in answer["message"]
-    answer = await post(pd, "/placement/find_position", {"actor_type": "", "actor_id": "1"}, 400)
-    assert answer["error"] == "bad_request"
-    answer = await post(pd, "/placement/find_position", {"actor_type": "A/B", "actor_id": "1"}, 400)
-    assert answer["error"] == "bad_request"
+    answer = await post(pd, "/placement/find_position", {"actor_type": "", "actor_id": "1"}, 422)
+    assert (answer["error"], answer["field"]) == ("invalid_request", "actor_type")
+    answer = await post(pd, "/placement/find_position", {"actor_type": "A/B", "actor_id": "1"}, 422)
+    assert (answer["error"], answer["field"]) == ("invalid_request", "actor_type")
 
 
 async def test_positions_die_with_the_host(pd: httpx.AsyncClient) -> None:
@@ -269,13 +301,16 @@ async def test_find_positions_answers_each_actor_in_order(pd: httpx.AsyncClient)
 
 
 async def test_find_positions_bad_requests(pd: httpx.AsyncClient) -> None:
-    answer = await post(pd, "/placement/find_positions", {"positions": "no"}, 400)
-    assert answer["error"] == "bad_request"
-    answer = await post(pd, "/placement/find_positions", {}, 400)
+    answer = await post(pd, "/placement/find_positions", {"positions": "no"}, 422)
+    assert (answer["error"], answer["field"]) == ("invalid_request", "positions")
+    answer = await post(pd, "/placement/find_positions", {}, 422)
     assert "positions" in answer["message"]
     many = [{"actor_type": "Player", "actor_id": str(i)} for i in range(MAX_BATCH + 1)]
-    answer = await post(pd, "/placement/find_positions", {"positions": many}, 400)
-    assert answer["error"] == "bad_request"
+    answer = await post(pd, "/placement/find_positions", {"positions": many}, 422)
+    assert (answer["error"], answer["field"]) == ("invalid_request", "positions")
+    one = [{"actor_type": "Player", "actor_id": 5}]  # not a string: no coercion
+    answer = await post(pd, "/placement/find_positions", {"positions": one}, 422)
+    assert answer["field"] == "positions.0.actor_id"
     assert (await post(pd, "/placement/find_positions", {"positions": []})) == {"positions": []}
 
 
@@ -493,8 +528,8 @@ async def test_keep_alive_answers_membership_deltas(store: Store) -> None:
         # fetch_all: always the whole table, with the version
         everything = await post(pd, "/membership/fetch_all")
         assert (everything["full"], everything["version"]) == (True, left["version"])
-        bad = await post(pd, "/membership/keep_alive", {**{"server_id": a}, "version": "x"}, 400)
-        assert bad["error"] == "bad_request"
+        bad = await post(pd, "/membership/keep_alive", {**{"server_id": a}, "version": "x"}, 422)
+        assert bad["error"] == "invalid_request"
 
 
 async def test_old_version_horizon_answers_the_whole_table(
@@ -607,3 +642,80 @@ def test_maintenance_config_is_validated() -> None:
     ):
         with pytest.raises(ConfigError, match="MaintenanceConfig"):
             MaintenanceConfig(**bad)
+
+
+# ---------------------------------------------------------------- strict input
+
+
+async def test_lax_input_is_refused_with_422_naming_the_field(store: Store) -> None:
+    """What an adversary got accepted before: a string server id, an address with a NUL
+    and a surrogate, a load of -10^18 (it then won every placement), a NUL in an actor id.
+    Each is refused, naming its field, and nothing is stored."""
+    prefix = unique_prefix("strict")
+    async with client_for(PlacementDriver(store, prefix=prefix)) as pd:
+        a, lease = await register(pd, ["Player"])
+        before = {kv.key: kv.value for kv in await store.get_prefix(prefix)}
+        good = {"server_id": 99, "address": "127.0.0.1:7099", "services": {"Player": "x"}}
+        cases: list[tuple[str, dict[str, Any], str]] = [
+            ("/membership/register", {**good, "server_id": "99"}, "server_id"),
+            ("/membership/register", {**good, "server_id": 99.0}, "server_id"),
+            ("/membership/register", {**good, "server_id": True}, "server_id"),
+            ("/membership/register", {**good, "address": "\0../\ud7ff:x"}, "address"),
+            ("/membership/register", {**good, "address": "127.0.0.1:0"}, "address"),
+            ("/membership/register", {**good, "address": "host"}, "address"),
+            ("/membership/register", {**good, "load": -(10**18)}, "load"),
+            ("/membership/register", {**good, "ttl": 3601}, "ttl"),
+            ("/membership/register", {**good, "services": {"A/B": "x"}}, "services.A/B.[key]"),
+            ("/membership/register", {**good, "surprise": 1}, "surprise"),
+            ("/membership/keep_alive", {"server_id": a, "lease_id": lease, "load": -1}, "load"),
+            ("/membership/keep_alive", {"server_id": a, "lease_id": str(lease)}, "lease_id"),
+            ("/membership/grow_leases", {"server_id": a, "lease_id": lease, "count": 257}, "count"),
+            ("/placement/find_position", {"actor_type": "Player", "actor_id": "a\0b"}, "actor_id"),
+            (
+                "/placement/find_position",
+                {"actor_type": "Player", "actor_id": "x" * 257},
+                "actor_id",
+            ),
+            (
+                "/placement/release",
+                {
+                    "server_id": a,
+                    "positions": [{"actor_type": "Player", "actor_id": "\0", "revision": 5}],
+                },
+                "positions.0.actor_id",
+            ),
+            ("/membership/delete", {"server_id": -a}, "server_id"),
+        ]
+        for path, body, field in cases:
+            answer = await post(pd, path, body, status=422)
+            assert (answer["error"], answer["field"]) == ("invalid_request", field), (path, body)
+            assert answer["message"].startswith(field)
+        assert {kv.key: kv.value for kv in await store.get_prefix(prefix)} == before
+        # a NUL in one actor of a batch fails that actor alone
+        body = {"positions": [{"actor_type": "Player", "actor_id": "a\0"}]}
+        (only,) = (await post(pd, "/placement/find_positions", body))["positions"]
+        assert (only["status"], only["error"]) == (400, "bad_request")
+        assert "control" in only["message"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(
+        st.ip_addresses(v=4).map(str),
+        st.ip_addresses(v=6).map(lambda ip: f"[{ip}]"),
+        st.from_regex(r"\A[a-z][a-z0-9-]{0,20}[a-z0-9](\.[a-z][a-z0-9-]{0,20}[a-z0-9]){0,3}\Z"),
+    ),
+    st.integers(min_value=1, max_value=65535),
+)
+def test_every_host_port_address_is_accepted(host: str, port: int) -> None:
+    assert check_address(f"{host}:{port}") == f"{host}:{port}"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(min_size=1, max_size=40), st.integers(min_value=0, max_value=10**6))
+def test_an_address_with_a_bad_character_or_port_is_refused(junk: str, port: int) -> None:
+    bad = any(not (c.isascii() and c.isprintable()) or c in " " for c in junk)
+    address = f"h{junk}:{port}"
+    if bad or not 1 <= port <= 65535:
+        with pytest.raises(ValueError, match=r"printable ASCII|port|HOST:PORT"):
+            check_address(address)

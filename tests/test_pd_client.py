@@ -481,6 +481,9 @@ async def test_a_connection_dropped_under_a_renewal_does_not_fail_it() -> None:
             proxy = Proxy(pd.port, kill={0})
             await proxies.start(proxy.serve)
             client = PDClient(f"http://127.0.0.1:{proxy.port}", timeout=5.0)
+            owner = direct.owner_key(server_id)
+            assert owner is not None
+            client.adopt(server_id, owner)  # it renews the registration `direct` made
             view = await client.keep_alive(server_id, lease, 1)
             assert server_id in view.hosts
             assert (client.retries, proxy.connections) == (1, 2)
@@ -496,6 +499,7 @@ async def test_a_connection_dropped_under_a_renewal_does_not_fail_it() -> None:
             idle = Proxy(pd.port, kill=set(), idle_close=0.05)
             await proxies.start(idle.serve)
             client = PDClient(f"http://127.0.0.1:{idle.port}", timeout=5.0)
+            client.adopt(server_id, owner)
             for n in range(20):
                 await client.keep_alive(server_id, lease, n)
                 await anyio.sleep(0.04 + 0.001 * n)  # around the idle timeout

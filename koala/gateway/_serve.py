@@ -67,7 +67,7 @@ async def serve_cluster_gateway(
     from ..pd._client import PDClient
 
     cfg = config or GatewayConfig.from_env()
-    pd = PDClient(pd_url)
+    pd = PDClient(pd_url, secret=(transport_config or TransportConfig.from_env()).secret)
     try:
         async with (
             Transport(transport_config or TransportConfig.from_env()) as transport,

@@ -2,21 +2,39 @@
 
 Every answer is JSON. Failures have a non-200 status and the body
 ``{"error": CODE, "message": TEXT}`` (see docs/pd.md for every path and code).
+
+In front of the routes, a pure ASGI middleware (:class:`_Guard`) reads the body once
+(bounded: 413 beyond ``AuthConfig.max_body``), checks the request's signature when
+the PD has a cluster secret (401), and the rate of registrations and new server ids
+(429), all before anything is parsed and without touching the store
+(:class:`koala.pd._auth.Gate`). Requests naming a server id must carry that host's
+owner key (403 otherwise). Bodies are validated strictly: no coercion, no unknown
+field, bounded values; a 422 names the field.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import json
+import math
+import re
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Annotated, Any
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from .._errors import KoalaError
+from ._auth import OWNER_HEADER, AuthConfig, AuthError, Gate, parse_owner
 from ._service import (
     DEFAULT_HOST_TTL,
     MAX_BATCH,
+    MAX_HOST_TTL,
+    MAX_NAME,
+    MAX_POSITION_LEASES,
     STORE_FULL_FIX,
     HostInfo,
     MembershipView,
@@ -26,27 +44,94 @@ from ._service import (
 )
 from ._store import StoreError, StoreFullError, StoreUnavailableError
 
-API_VERSION = "koala-pd/1"
+API_VERSION = "koala-pd/2"
 
-Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
-Name = Annotated[str, Field(max_length=256)]
-Labels = Annotated[dict[Name, Annotated[str, Field(max_length=4096)]], Field(max_length=1024)]
+INT64_MAX = 2**63 - 1
+MAX_LOAD = 1_000_000_000  # a host's load or activation count, as reported
+MAX_TEXT = 4096  # desc, label values, held's `after`
+MAX_ENTRIES = 1024  # services or labels of one host
+MAX_ADDRESS = 261  # "[" 253 "]:65535" at most
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_TEXT_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")  # tab, newline ok
+_DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+def _no_control(value: str) -> str:
+    if _CONTROL.search(value):
+        raise ValueError("must not contain control characters (or lone surrogates)")
+    return value
+
+
+def _text(value: str) -> str:
+    if _TEXT_CONTROL.search(value):
+        raise ValueError("must not contain control characters other than tab and newline")
+    return value
+
+
+def _actor_type(value: str) -> str:
+    if "/" in value:
+        raise ValueError("must not contain '/'")
+    return value
+
+
+def check_address(value: str) -> str:
+    """``HOST:PORT``: HOST a DNS name, an IPv4 literal or a bracketed IPv6 literal,
+    PORT 1-65535; printable ASCII only. ValueError says what is wrong."""
+    if not (value.isascii() and value.isprintable()) or " " in value:
+        raise ValueError("must be printable ASCII without spaces, as HOST:PORT")
+    host, sep, port = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError("must be HOST:PORT (e.g. 10.0.0.7:7001 or [::1]:7001)")
+    if not (port.isdigit() and len(port) <= 5 and 1 <= int(port) <= 65535):
+        raise ValueError(f"the port must be a number from 1 to 65535, got {port!r}")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise ValueError(f"{host} is not an IPv6 address") from None
+        return value
+    try:
+        ipaddress.IPv4Address(host)
+        return value
+    except ValueError:
+        pass
+    labels = host.removesuffix(".").split(".")
+    if len(host) > 253 or not all(_DNS_LABEL.match(label) for label in labels):
+        raise ValueError(f"{host!r} is neither an IP address nor a DNS name")
+    if labels[-1].isdigit():
+        raise ValueError(f"{host!r} is not an IPv4 address (and a DNS name cannot end in digits)")
+    return value
+
+
+ServerId = Annotated[int, Field(ge=1, le=INT64_MAX)]
+LeaseId = Annotated[int, Field(ge=1, le=INT64_MAX)]
+Count = Annotated[int, Field(ge=0, le=MAX_LOAD)]
+Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME), AfterValidator(_no_control)]
+ActorType = Annotated[Name, AfterValidator(_actor_type)]
+Text = Annotated[str, Field(max_length=MAX_TEXT), AfterValidator(_text)]
+Address = Annotated[str, Field(min_length=3, max_length=MAX_ADDRESS), AfterValidator(check_address)]
+
+
+class _Strict(BaseModel):
+    """A request body: no coercion (a string is not a number), no unknown field."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
 
 
 class NewIdResponse(BaseModel):
     id: int
 
 
-class RegisterRequest(BaseModel):
-    server_id: Int64
-    load: Int64 = 0
-    start_time: Int64 = 0
-    ttl: Int64 = DEFAULT_HOST_TTL
-    address: Name
-    services: Labels = {}
-    desc: Annotated[str, Field(max_length=4096)] = ""
-    labels: Labels = {}
-    placement_key: Annotated[str, Field(max_length=64)] = ""
+class RegisterRequest(_Strict):
+    server_id: ServerId
+    load: Count = 0
+    start_time: Annotated[int, Field(ge=0, le=INT64_MAX)] = 0
+    ttl: Annotated[int, Field(ge=1, le=MAX_HOST_TTL)] = DEFAULT_HOST_TTL
+    address: Address
+    services: Annotated[dict[ActorType, Name], Field(max_length=MAX_ENTRIES)] = {}
+    desc: Text = ""
+    labels: Annotated[dict[Name, Text], Field(max_length=MAX_ENTRIES)] = {}
+    placement_key: Annotated[str, Field(pattern=r"^(?:[0-9a-fA-F]{64})?$")] = ""
 
 
 class RegisterResponse(BaseModel):
@@ -55,18 +140,19 @@ class RegisterResponse(BaseModel):
     ttl: int
 
 
-class KeepAliveRequest(BaseModel):
-    server_id: Int64
-    lease_id: Int64
-    load: Int64 = 0
-    activations: Int64 | None = None
-    version: Int64 | None = None  # the membership version the host holds: answer a delta
+class KeepAliveRequest(_Strict):
+    server_id: ServerId
+    lease_id: LeaseId
+    load: Count = 0
+    activations: Count | None = None
+    # the membership version the host holds: answer a delta (one never given: the table)
+    version: Annotated[int, Field(ge=-INT64_MAX - 1, le=INT64_MAX)] | None = None
 
 
-class GrowLeasesRequest(BaseModel):
-    server_id: Int64
-    lease_id: Int64
-    count: Int64
+class GrowLeasesRequest(_Strict):
+    server_id: ServerId
+    lease_id: LeaseId
+    count: Annotated[int, Field(ge=1, le=MAX_POSITION_LEASES)]
 
 
 class GrowLeasesResponse(BaseModel):
@@ -104,9 +190,9 @@ class MembershipResponse(BaseModel):
     min_activations: int = 0
 
 
-class DeleteRequest(BaseModel):
-    server_id: Int64
-    address: str = ""
+class DeleteRequest(_Strict):
+    server_id: ServerId
+    address: Annotated[str, Field(max_length=MAX_ADDRESS)] = ""  # accepted and ignored
 
 
 class DeleteResponse(BaseModel):
@@ -114,10 +200,10 @@ class DeleteResponse(BaseModel):
     deleted: bool
 
 
-class FindPositionRequest(BaseModel):
-    actor_type: Name
+class FindPositionRequest(_Strict):
+    actor_type: ActorType
     actor_id: Name
-    ttl: Int64 = 0
+    ttl: Annotated[int, Field(ge=0, le=INT64_MAX)] = 0
 
 
 class FindPositionResponse(BaseModel):
@@ -133,25 +219,25 @@ class FindPositionResponse(BaseModel):
     ticket: str
 
 
-class ActorName(BaseModel):
-    # lengths are checked per actor by the PD, so one bad name fails only its own answer
-    actor_type: str
-    actor_id: str
+class ActorName(_Strict):
+    # names are checked per actor by the PD, so one bad name fails only its own answer
+    actor_type: Annotated[str, Field(max_length=4 * MAX_NAME)]
+    actor_id: Annotated[str, Field(max_length=4 * MAX_NAME)]
 
 
-class FindPositionsRequest(BaseModel):
+class FindPositionsRequest(_Strict):
     positions: Annotated[list[ActorName], Field(max_length=MAX_BATCH)]
-    ttl: Int64 = 0
+    ttl: Annotated[int, Field(ge=0, le=INT64_MAX)] = 0
 
 
-class ReleasedPosition(BaseModel):
-    actor_type: Name
+class ReleasedPosition(_Strict):
+    actor_type: ActorType
     actor_id: Name
-    revision: Int64
+    revision: Annotated[int, Field(ge=1, le=INT64_MAX)]
 
 
-class ReleaseRequest(BaseModel):
-    server_id: Int64
+class ReleaseRequest(_Strict):
+    server_id: ServerId
     positions: Annotated[list[ReleasedPosition], Field(max_length=MAX_BATCH)]
 
 
@@ -159,12 +245,12 @@ class ReleaseResponse(BaseModel):
     released: list[bool]
 
 
-class HeldRequest(BaseModel):
-    server_id: Int64
-    lease_id: Int64
-    lease: Int64
-    after: Annotated[str, Field(max_length=4096)] = ""
-    limit: Int64 = MAX_BATCH
+class HeldRequest(_Strict):
+    server_id: ServerId
+    lease_id: LeaseId
+    lease: LeaseId
+    after: Annotated[str, Field(max_length=MAX_TEXT), AfterValidator(_no_control)] = ""
+    limit: Annotated[int, Field(ge=1, le=MAX_BATCH)] = MAX_BATCH
 
 
 class HeldPosition(BaseModel):
@@ -187,9 +273,140 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"error": code, "message": message}, status_code=status)
 
 
-def create_app(pd: PlacementDriver) -> FastAPI:
-    """The PD's FastAPI application over ``pd``."""
+def _owner(request: Request) -> bytes:
+    """The owner key the request carries (b"": none, which owns nothing)."""
+    return parse_owner(request.headers.get(OWNER_HEADER))
+
+
+# ---------------------------------------------------------------- the guard (ASGI)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class _Disconnected(Exception):
+    """The client went away before its body was read: nothing to answer."""
+
+
+class _Guard:
+    """Pure ASGI middleware: the body read once and bounded, then :class:`Gate`'s
+    checks, before the application sees the request."""
+
+    def __init__(self, app: ASGIApp, gate: Gate) -> None:
+        self.app = app
+        self.gate = gate
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        gate = self.gate
+        headers: dict[bytes, bytes] = {}
+        for name, value in scope.get("headers") or ():
+            headers.setdefault(bytes(name).lower(), bytes(value))
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > gate.config.max_body:
+            await _refuse(send, gate.too_large())  # said so before sending it: not read
+            return
+        try:
+            body = await self._body(receive)
+        except _Disconnected:
+            return
+        if body is None:
+            await _refuse(send, gate.too_large())
+            return
+        target = bytes(scope.get("raw_path") or str(scope["path"]).encode())
+        query = bytes(scope.get("query_string") or b"")
+        if query:
+            target += b"?" + query
+        auth = headers.get(b"authorization")
+        refused = gate.check(
+            str(scope["method"]),
+            target,
+            str(scope["path"]),
+            auth.decode("latin-1") if auth is not None else None,
+            body,
+            now_ms=now_ms(),
+            now=anyio.current_time(),
+        )
+        if refused is not None:
+            await _refuse(send, refused)
+            return
+        delivered = False
+
+        async def replay() -> Message:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _body(self, receive: Receive) -> bytes | None:
+        """The whole body, or None once it is over the limit (the rest is not read)."""
+        limit = self.gate.config.max_body
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _Disconnected
+            chunk = bytes(message.get("body") or b"")
+            size += len(chunk)
+            if size > limit:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                return b"".join(chunks)
+
+
+async def _refuse(send: Send, exc: AuthError) -> None:
+    body = json.dumps({"error": exc.code, "message": exc.message}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if exc.retry_after:
+        headers.append((b"retry-after", str(max(1, math.ceil(exc.retry_after))).encode()))
+    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+# ---------------------------------------------------------------- the application
+
+
+def _invalid(exc: RequestValidationError, request: Request) -> JSONResponse:
+    """422 naming the first field at fault (its path in the body, e.g. ``positions.3.actor_id``)."""
+    errors = exc.errors()
+    parts: list[str] = []
+    fields: list[str] = []
+    for err in errors[:5]:
+        loc = [str(p) for p in err.get("loc", ())]
+        if loc and loc[0] in ("body", "path", "query", "header"):
+            loc = loc[1:]
+        if err.get("type") == "json_invalid":
+            loc = []
+        where = ".".join(loc) or "body"
+        fields.append(where)
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    message = "; ".join(parts) or "the request is malformed"
+    if "json" not in request.headers.get("content-type", ""):
+        message += " (send the body as JSON with Content-Type: application/json)"
+    field = fields[0] if fields else "body"
+    return JSONResponse(
+        {"error": "invalid_request", "field": field, "message": message}, status_code=422
+    )
+
+
+def create_app(pd: PlacementDriver, auth: AuthConfig | None = None) -> FastAPI:
+    """The PD's FastAPI application over ``pd``, guarded as ``auth`` says (default: no
+    secret, so requests are not signed; bodies and registrations are still bounded).
+    ``app.state.gate`` is the guard (its ``statistics()``: requests refused)."""
+    gate = Gate(auth or AuthConfig())
     app = FastAPI(title="Koala placement driver", version=API_VERSION)
+    app.state.gate = gate
+    app.add_middleware(_Guard, gate=gate)
 
     @app.exception_handler(PDError)
     async def pd_error(request: Request, exc: PDError) -> JSONResponse:
@@ -214,14 +431,7 @@ def create_app(pd: PlacementDriver) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        parts = []
-        for err in exc.errors()[:5]:
-            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-            parts.append(f"{where or 'body'}: {err.get('msg', 'invalid')}")
-        message = "; ".join(parts) or "the request is malformed"
-        if "json" not in request.headers.get("content-type", ""):
-            message += " (send the body as JSON with Content-Type: application/json)"
-        return _error(400, "bad_request", message)
+        return _invalid(exc, request)
 
     def membership(view: MembershipView) -> MembershipResponse:
         # events only with the whole table: a delta names its removals itself
@@ -250,20 +460,36 @@ def create_app(pd: PlacementDriver) -> FastAPI:
         return NewIdResponse(id=await pd.new_sequence(key, step))
 
     @app.post("/pd/api/v1/membership/register")
-    async def register(body: RegisterRequest) -> RegisterResponse:
+    async def register(body: RegisterRequest, request: Request) -> JSONResponse:
+        owner = _owner(request)
+        if not owner:
+            return JSONResponse(
+                {
+                    "error": "invalid_request",
+                    "field": "Koala-Owner",
+                    "message": "register needs a Koala-Owner header: a fresh random 32-byte "
+                    "key as 64 hex digits, which later requests for this server id repeat",
+                },
+                status_code=422,
+            )
         info = HostInfo(**body.model_dump())
-        lease = await pd.register(info)
-        return RegisterResponse(lease_id=lease, server_id=info.server_id, ttl=info.ttl)
+        lease = await pd.register(info, owner=owner)
+        answer = RegisterResponse(lease_id=lease, server_id=info.server_id, ttl=info.ttl)
+        return JSONResponse(answer.model_dump())
 
     @app.post("/pd/api/v1/membership/keep_alive")
-    async def keep_alive(body: KeepAliveRequest) -> MembershipResponse:
-        await pd.keep_alive(body.server_id, body.lease_id, body.load, body.activations)
+    async def keep_alive(body: KeepAliveRequest, request: Request) -> MembershipResponse:
+        await pd.keep_alive(
+            body.server_id, body.lease_id, body.load, body.activations, owner=_owner(request)
+        )
         await pd.hosts()
         return membership(pd.membership(body.version))
 
     @app.post("/pd/api/v1/membership/grow_leases")
-    async def grow_leases(body: GrowLeasesRequest) -> GrowLeasesResponse:
-        leases = await pd.grow_leases(body.server_id, body.lease_id, body.count)
+    async def grow_leases(body: GrowLeasesRequest, request: Request) -> GrowLeasesResponse:
+        leases = await pd.grow_leases(
+            body.server_id, body.lease_id, body.count, owner=_owner(request)
+        )
         return GrowLeasesResponse(position_leases=leases)
 
     @app.post("/pd/api/v1/membership/fetch_all")
@@ -272,8 +498,8 @@ def create_app(pd: PlacementDriver) -> FastAPI:
         return membership(pd.membership())
 
     @app.post("/pd/api/v1/membership/delete")
-    async def delete(body: DeleteRequest) -> DeleteResponse:
-        deleted = await pd.delete(body.server_id)
+    async def delete(body: DeleteRequest, request: Request) -> DeleteResponse:
+        deleted = await pd.delete(body.server_id, owner=_owner(request))
         if not deleted:
             raise PDError(404, "not_registered", f"server {body.server_id} is not registered")
         return DeleteResponse(server_id=body.server_id, deleted=True)
@@ -304,9 +530,9 @@ def create_app(pd: PlacementDriver) -> FastAPI:
         return JSONResponse({"positions": out})
 
     @app.post("/pd/api/v1/placement/held")
-    async def held(body: HeldRequest) -> HeldResponse:
+    async def held(body: HeldRequest, request: Request) -> HeldResponse:
         found, after = await pd.held(
-            body.server_id, body.lease_id, body.lease, body.after, body.limit
+            body.server_id, body.lease_id, body.lease, body.after, body.limit, owner=_owner(request)
         )
         return HeldResponse(
             positions=[
@@ -322,9 +548,10 @@ def create_app(pd: PlacementDriver) -> FastAPI:
         )
 
     @app.post("/pd/api/v1/placement/release")
-    async def release(body: ReleaseRequest) -> ReleaseResponse:
+    async def release(body: ReleaseRequest, request: Request) -> ReleaseResponse:
         items = [(p.actor_type, p.actor_id, p.revision) for p in body.positions]
-        return ReleaseResponse(released=await pd.release(body.server_id, items))
+        released = await pd.release(body.server_id, items, owner=_owner(request))
+        return ReleaseResponse(released=released)
 
     return app
 

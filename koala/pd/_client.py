@@ -18,6 +18,7 @@ This module never imports the PD server.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import secrets
@@ -42,6 +43,7 @@ from .._errors import (
 )
 from .._messages import Key, Request
 from .._runtime import LOCAL
+from ._auth import OWNER_HEADER, OWNER_KEY_SIZE, authorization, new_owner_key, request_key
 from ._positions import Ident, OwnPositions
 from ._rebalance import RebalanceConfig, to_shed
 from ._ticket import PLACEMENT_KEY_SIZE, check_ticket
@@ -49,6 +51,7 @@ from ._ticket import PLACEMENT_KEY_SIZE, check_ticket
 if TYPE_CHECKING:
     from .._interface import MethodSpec
     from .._runtime import Runtime
+    from .._tls import TLSConfig
     from ..transport import Transport
 
 # Connections kept per client; requests beyond wait on a semaphore, because httpx's
@@ -65,6 +68,9 @@ KEEPALIVE_EXPIRY = 2.0
 RETRY_ROUNDS = 3  # rounds over the PDs for a repeatable request after transient failures
 RETRY_PAUSE = 0.05  # seconds between two rounds; doubles
 MAX_DEPARTED = 10_000  # ids of hosts seen leaving, remembered to drop their positions
+# owner keys of the registrations a client made, remembered to prove them (the oldest
+# are forgotten: a host's earlier registrations ended when it registered again)
+MAX_OWNER_KEYS = 64
 
 # Position lookups of a host go to the PD in batches: while LOOKUP_BATCHES batches are
 # in flight, new lookups wait in a queue (at most LOOKUP_QUEUE; a caller beyond waits
@@ -179,6 +185,12 @@ class _OneChunk(httpx.AsyncByteStream):
 class PDClient:
     """The PD's HTTP API. Every request has a deadline (``timeout``).
 
+    With the cluster ``secret``, every request is signed (a retry too, with a fresh
+    nonce: docs/pd.md, "Authentication"). Each registration gets a fresh owner key,
+    which this client remembers and sends with every later request naming that server
+    id (renewals, leases, releases, delete): the PD lets only its holder touch the
+    registration.
+
     Requests that are safe to repeat (renewal, lookups, fetch_all, delete) are retried
     on a fresh connection and the other PDs, a few rounds within the deadline: a
     connection that broke (e.g. a pooled one the server closed) or a PD that could not
@@ -194,9 +206,13 @@ class PDClient:
         *,
         timeout: float = DEFAULT_PD_TIMEOUT,
         transport: httpx.AsyncBaseTransport | None = None,
+        secret: bytes | str | None = None,
+        tls: TLSConfig | None = None,
     ) -> None:
         """``transport`` replaces the network (e.g. ``httpx.ASGITransport`` over the PD's
-        app in this process: the embedded PD of ``koala dev``)."""
+        app in this process: the embedded PD of ``koala dev``). ``secret``: the cluster
+        secret (KOALA_CLUSTER_SECRET) to sign with; ``tls``: whom to trust for
+        ``https://`` PD URLs (and the certificate to present)."""
         urls = [u.strip().rstrip("/") for u in url.split(",") if u.strip()]
         if not urls:
             raise ConfigError("the PD URL is empty; pass e.g. --pd http://127.0.0.1:9000")
@@ -213,8 +229,12 @@ class PDClient:
         self.timeout = float(timeout)
         self._current = 0
         self._slots = anyio.Semaphore(HTTP_POOL)
+        self._key = request_key(secret) if secret is not None else None
+        self._owners: OrderedDict[int, bytes] = OrderedDict()
+        verify: Any = tls.client_context() if tls is not None else True
         self._http = httpx.AsyncClient(
             transport=transport,
+            verify=verify,
             timeout=httpx.Timeout(timeout),
             limits=httpx.Limits(
                 max_connections=HTTP_POOL,
@@ -227,8 +247,37 @@ class PDClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
+    def owner_key(self, server_id: int) -> bytes | None:
+        """The owner key of registration ``server_id`` made through this client (None:
+        not made here, or forgotten: MAX_OWNER_KEYS are kept)."""
+        return self._owners.get(server_id)
+
+    def adopt(self, server_id: int, owner_key: bytes) -> None:
+        """Act for registration ``server_id`` with its owner key (e.g. from another
+        client's :meth:`owner_key`): later requests naming it carry the key."""
+        if not isinstance(owner_key, bytes) or len(owner_key) != OWNER_KEY_SIZE:
+            raise ConfigError(f"an owner key is {OWNER_KEY_SIZE} bytes, got {owner_key!r:.80}")
+        self._owners[server_id] = owner_key
+        self._owners.move_to_end(server_id)
+        while len(self._owners) > MAX_OWNER_KEYS:
+            self._owners.popitem(last=False)
+
+    def _headers(self, request: httpx.Request, data: bytes, owner: bytes | None) -> None:
+        """Sign ``request`` (a fresh nonce each time) and add the owner's key."""
+        if self._key is not None:
+            request.headers["Authorization"] = authorization(
+                self._key, request.method, request.url.raw_path, data
+            )
+        if owner is not None:
+            request.headers[OWNER_HEADER] = owner.hex()
+
     async def _post(
-        self, path: str, body: dict[str, Any] | None = None, *, repeatable: bool = False
+        self,
+        path: str,
+        body: dict[str, Any] | None = None,
+        *,
+        repeatable: bool = False,
+        server_id: int | None = None,
     ) -> dict[str, Any]:
         """POST to the current PD; after a failure, to the next (see the class docstring).
 
@@ -237,8 +286,13 @@ class PDClient:
         that broke and after a PD's 502-504 (it cannot reach its store, or is
         overloaded), and when a round saw such a transient failure, another round
         follows after a short pause (at most RETRY_ROUNDS, within ``timeout``); a round
-        where every PD refused the connection ends it: nobody is listening."""
+        where every PD refused the connection ends it: nobody is listening.
+
+        ``server_id``: the registration the request names; its owner key goes with it.
+        Each attempt is signed anew (a fresh nonce: the PD refuses a nonce twice)."""
         failures: list[str] = []
+        data = json.dumps(body or {}, separators=(",", ":"), allow_nan=False).encode()
+        owner = self._owners.get(server_id) if server_id is not None else None
         deadline = anyio.current_time() + self.timeout
         pause = RETRY_PAUSE
         for _ in range(RETRY_ROUNDS if repeatable else 1):
@@ -249,8 +303,14 @@ class PDClient:
                 if left <= 0:
                     break
                 try:
-                    request = self._http.build_request("POST", url + path, json=body or {})
-                    request.stream = _OneChunk(request.content)
+                    request = self._http.build_request(
+                        "POST",
+                        url + path,
+                        content=data,
+                        headers={"Content-Type": "application/json"},
+                    )
+                    self._headers(request, data, owner)
+                    request.stream = _OneChunk(data)
                     with anyio.fail_after(left):
                         async with self._slots:  # queue here, not in httpx's pool (slow scans)
                             resp = await self._http.send(request)
@@ -315,7 +375,9 @@ class PDClient:
         placement_key: bytes = b"",
     ) -> int:
         """``placement_key``: the secret the PD keys this host's placement tickets with
-        (koala.pd._ticket); a new one per registration."""
+        (koala.pd._ticket); a new one per registration. A fresh owner key binds the
+        registration to this client (remembered before it is sent: the registration
+        may land even if the answer is lost)."""
         body = {
             "server_id": server_id,
             "address": address,
@@ -326,7 +388,9 @@ class PDClient:
             "labels": labels or {},
             "placement_key": placement_key.hex(),
         }
-        return int((await self._post("/pd/api/v1/membership/register", body))["lease_id"])
+        self.adopt(server_id, new_owner_key())
+        path = "/pd/api/v1/membership/register"
+        return int((await self._post(path, body, server_id=server_id))["lease_id"])
 
     async def keep_alive(
         self,
@@ -344,7 +408,7 @@ class PDClient:
         if version is not None:
             body["version"] = version
         path = "/pd/api/v1/membership/keep_alive"
-        return _membership(await self._post(path, body, repeatable=True))
+        return _membership(await self._post(path, body, repeatable=True, server_id=server_id))
 
     async def fetch_all(self) -> Membership:
         return _membership(await self._post("/pd/api/v1/membership/fetch_all", repeatable=True))
@@ -353,7 +417,8 @@ class PDClient:
         """Ask for ``count`` more leases to bind this host's positions to; all of them.
         Not repeated on a broken connection (it grants leases)."""
         body = {"server_id": server_id, "lease_id": lease_id, "count": count}
-        data = await self._post("/pd/api/v1/membership/grow_leases", body)
+        path = "/pd/api/v1/membership/grow_leases"
+        data = await self._post(path, body, server_id=server_id)
         leases = data.get("position_leases")
         if not isinstance(leases, list):
             raise PDUnavailableError(f"the PD answered grow_leases with {data!r:.200}")
@@ -363,7 +428,7 @@ class PDClient:
         """Deregister; repeated after a broken connection, a delete that had landed
         answers not_registered (LeaseExpiredError): the host is gone either way."""
         path = "/pd/api/v1/membership/delete"
-        await self._post(path, {"server_id": server_id}, repeatable=True)
+        await self._post(path, {"server_id": server_id}, repeatable=True, server_id=server_id)
 
     async def find_positions(
         self, actors: Sequence[tuple[str, str]], ttl: int = 0
@@ -407,7 +472,8 @@ class PDClient:
             "server_id": server_id,
             "positions": [{"actor_type": t, "actor_id": a, "revision": r} for t, a, r in positions],
         }
-        data = await self._post("/pd/api/v1/placement/release", body, repeatable=True)
+        path = "/pd/api/v1/placement/release"
+        data = await self._post(path, body, repeatable=True, server_id=server_id)
         released = data.get("released")
         if not isinstance(released, list) or len(released) != len(positions):
             raise PDUnavailableError(
@@ -422,7 +488,8 @@ class PDClient:
         ``(actor_type, actor_id, revision, create_time)`` each, and where the next page
         starts ("" for none)."""
         body = {"server_id": server_id, "lease_id": lease_id, "lease": lease, "after": after}
-        data = await self._post("/pd/api/v1/placement/held", body, repeatable=True)
+        path = "/pd/api/v1/placement/held"
+        data = await self._post(path, body, repeatable=True, server_id=server_id)
         try:
             found = [
                 (

@@ -28,6 +28,7 @@ from ..transport import Transport, TransportConfig
 from ._client import ClusterDirectory, MemberConfig, Membership, PDClient, PlacementRemote
 
 if TYPE_CHECKING:
+    from ._auth import AuthConfig
     from ._service import MaintenanceConfig
 
 log = logging.getLogger("koala.pd")
@@ -60,15 +61,19 @@ async def serve_pd(
     *,
     prefix: str = "/koala/",
     maintenance: MaintenanceConfig | None = None,
+    auth: AuthConfig | None = None,
     task_status: TaskStatus[tuple[str, int]] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the PD's HTTP API over ``store`` until ``shutdown`` is set, looking after
-    the store meanwhile (compaction, recovery from NOSPACE: ``maintenance``)."""
+    the store meanwhile (compaction, recovery from NOSPACE: ``maintenance``).
+
+    ``auth``: the cluster secret every request must be signed with, and the API's
+    bounds (``AuthConfig.from_env()`` reads KOALA_CLUSTER_SECRET); None: no secret."""
     from ._api import create_app
     from ._service import PlacementDriver
 
     pd = PlacementDriver(store, prefix=prefix, maintenance=maintenance)
-    app = create_app(pd)
+    app = create_app(pd, auth)
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(pd.maintain)
@@ -85,6 +90,9 @@ async def serve_pd(
 
 
 EMBEDDED_PD_URL = "http://embedded-pd"
+# what the embedded host registers as its address: never dialled (every actor is local),
+# and a name that cannot resolve (RFC 2606's .invalid)
+EMBEDDED_ADDRESS = "embedded.invalid:1"
 
 
 def embedded_pd() -> PDClient:
@@ -108,7 +116,7 @@ async def embedded_host(
     services = served_types()
     pd = embedded_pd()
     try:
-        directory = ClusterDirectory(pd, "embedded", services, member)
+        directory = ClusterDirectory(pd, EMBEDDED_ADDRESS, services, member)
         async with Runtime(config, directory=directory) as rt, anyio.create_task_group() as tg:
             directory.attach(rt)
             await tg.start(directory.run)
@@ -146,14 +154,16 @@ async def serve_host(
     announce: Callable[[str], None] = print,
 ) -> None:
     """A host of the cluster: runtime, transport and PD membership, and the module's
-    ``app`` over HTTP if it has one; until ``shutdown``, then drain and leave."""
+    ``app`` over HTTP if it has one; until ``shutdown``, then drain and leave. Its PD
+    requests are signed with the transport's cluster secret (KOALA_CLUSTER_SECRET)."""
     services = served_types()
     if not services:
         raise ConfigError("the app defines no actor implementation: a host would serve nothing")
     app: Any = getattr(module, "app", None)
-    pd = PDClient(pd_url)
+    transport_config = TransportConfig.from_env()
+    pd = PDClient(pd_url, secret=transport_config.secret)
     try:
-        async with Transport(TransportConfig.from_env()) as transport:
+        async with Transport(transport_config) as transport:
             directory = ClusterDirectory(pd, "", services, member)
             remote = PlacementRemote(transport, directory)
             rt = Runtime(config or HostConfig(), directory=directory, remote=remote)
@@ -225,8 +235,10 @@ def status_table(view: Membership) -> str:
     return "\n".join(lines)
 
 
-async def fetch_status(pd_url: str) -> str:
-    pd = PDClient(pd_url)
+async def fetch_status(pd_url: str, *, secret: bytes | str | None = None) -> str:
+    """``koala status``: the PD's membership as a table; ``secret`` signs the request
+    (the cluster secret, when the PD has one)."""
+    pd = PDClient(pd_url, secret=secret)
     try:
         return status_table(await pd.fetch_all())
     finally:

@@ -41,6 +41,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from .._errors import ConfigError, KoalaError
+from ._auth import owner_hash, owner_matches
 from ._store import (
     NOSPACE,
     CreateOutcome,
@@ -85,6 +86,7 @@ MAX_VERSIONS = 1024  # membership changes remembered to answer deltas; older: th
 FULL_LOG_EVERY = 30.0  # seconds between two error lines about a full store
 ROOM = 0.9  # a full store is disarmed once its file is below this share of the quota
 _SEQUENCE_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 class PDError(KoalaError):
@@ -190,6 +192,9 @@ class HostInfo:
     # further leases of the host that positions are bound to (spread over them with
     # lease_id), so its positions never all go in one step (grow_leases)
     position_leases: list[int] = field(default_factory=list)
+    # hex SHA-256 of the host's owner key (koala.pd._auth): only who holds the key may
+    # renew, change or delete this registration. Never sent to anyone.
+    owner: str = ""
 
     def leases(self) -> list[int]:
         """Every lease of the host: the registration's first."""
@@ -374,6 +379,7 @@ class PlacementDriver:
         self._hosts: dict[int, HostInfo] = {}
         self._view_time = -1e18
         self._view_lock = anyio.Lock()
+        self._advancing = anyio.Lock()  # id counters (_advance)
         self._has_view = False
         self._events: deque[tuple[float, MembershipEvent]] = deque(maxlen=MAX_EVENTS)
         self._blocks: OrderedDict[str, tuple[int, int]] = OrderedDict()  # key -> [next, end)
@@ -411,7 +417,15 @@ class PlacementDriver:
     # ------------------------------------------------------------ ids
 
     async def _advance(self, key: str, step: int) -> int:
-        """Add ``step`` to the counter at ``key`` atomically; the new value."""
+        """Add ``step`` to the counter at ``key`` atomically; the new value.
+
+        One at a time in this PD: concurrent compare-and-swaps of one counter would
+        fail each other (n callers cost n² store requests, and 503 contention), so
+        only callers on other PDs can make one retry."""
+        async with self._advancing:
+            return await self._advance_now(key, step)
+
+    async def _advance_now(self, key: str, step: int) -> int:
         for _ in range(CAS_RETRIES):
             kv = await self.store.get(key)
             current = int(kv.value) if kv is not None else 0
@@ -448,8 +462,12 @@ class PlacementDriver:
 
     # ------------------------------------------------------------ membership
 
-    async def register(self, info: HostInfo) -> int:
-        """Record a host under a new lease of ``info.ttl`` seconds; the lease id."""
+    async def register(self, info: HostInfo, *, owner: bytes | None = None) -> int:
+        """Record a host under a new lease of ``info.ttl`` seconds; the lease id.
+
+        ``owner``: the host's owner key (the API passes the one the request carries);
+        the record keeps its hash, and later requests for this server id must carry
+        the key (:meth:`_check_owner`). None: an in-process caller, bound to no key."""
         if info.server_id <= 0:
             raise PDError(400, "bad_request", "server_id must be a positive id from new_server_id")
         if not 1 <= info.ttl <= MAX_HOST_TTL:
@@ -462,6 +480,8 @@ class PlacementDriver:
                 "bad_request",
                 f"placement_key must be {2 * PLACEMENT_KEY_SIZE} hexadecimal digits",
             )
+        if owner is not None:
+            info.owner = owner_hash(owner)
         lease = await self.store.grant(info.ttl)
         info.start_time = info.renew_time = now_ms()
         info.lease_id = lease
@@ -475,6 +495,9 @@ class PlacementDriver:
             raise
         if not created:
             await self.store.revoke(lease)
+            kv = await self.store.get(self._host_key(info.server_id))
+            if kv is not None and owner is not None:
+                self._check_owner(_record(kv.value, info.server_id), owner)
             raise PDError(
                 409,
                 "already_registered",
@@ -486,14 +509,23 @@ class PlacementDriver:
         return lease
 
     async def keep_alive(
-        self, server_id: int, lease_id: int, load: int, activations: int | None = None
+        self,
+        server_id: int,
+        lease_id: int,
+        load: int,
+        activations: int | None = None,
+        *,
+        owner: bytes | None = None,
     ) -> None:
         """Renew a host's lease and record its load, in this PD's memory only.
 
         No write: the host must be registered under that lease in this PD's view of
-        the store (read again if it is not, e.g. it registered through another PD)."""
+        the store (read again if it is not, e.g. it registered through another PD),
+        and ``owner`` must be its owner key; only then is the lease renewed."""
         if server_id <= 0 or lease_id == 0:
             raise PDError(400, "bad_request", "server_id and lease_id are required")
+        info = await self._registered(server_id, lease_id)
+        self._check_owner(info, owner)
         try:
             await self.store.keep_alive(lease_id)
         except LeaseNotFoundError:
@@ -503,15 +535,6 @@ class PlacementDriver:
                 f"the lease {lease_id} of server {server_id} expired: the host must stop "
                 "serving and register again with a new server_id",
             ) from None
-        info = (await self.hosts()).get(server_id)
-        if info is None or info.lease_id != lease_id:
-            info = (await self.hosts(max_age=0.0)).get(server_id)
-        if info is None or info.lease_id != lease_id:
-            raise PDError(
-                404,
-                "not_registered",
-                f"server {server_id} is not registered under lease {lease_id}; register again",
-            )
         if info.position_leases:
             await self._keep_alive_leases(server_id, info.position_leases)
         if activations is None:
@@ -519,6 +542,51 @@ class PlacementDriver:
         self._reports[server_id] = (load, activations, now_ms())
         info.load, info.activations, info.renew_time = self._reports[server_id]
         self._placed.pop(server_id, None)
+
+    async def _registered(self, server_id: int, lease_id: int) -> HostInfo:
+        """The host ``server_id`` registered under ``lease_id`` in this PD's view (read
+        again if it is not there); 404 if there is none. A registration whose lease
+        expired has no record any more: that answers ``lease_expired``."""
+        info = (await self.hosts()).get(server_id)
+        if info is None or info.lease_id != lease_id:
+            info = (await self.hosts(max_age=0.0)).get(server_id)
+        if info is None:
+            raise PDError(
+                404,
+                "lease_expired",
+                f"server {server_id} has no registration (its lease {lease_id} expired, or it "
+                "was deleted): the host must stop serving and register again with a new "
+                "server_id",
+            )
+        if info.lease_id != lease_id:
+            raise PDError(
+                404,
+                "not_registered",
+                f"server {server_id} is not registered under lease {lease_id}; register again",
+            )
+        return info
+
+    def _check_owner(self, info: HostInfo, owner: bytes | None) -> None:
+        """403 unless ``owner`` is the key ``info`` was registered with (None: an
+        in-process caller, trusted)."""
+        if owner is None or owner_matches(info.owner, owner):
+            return
+        if not info.owner:
+            message = (
+                f"server {info.server_id} was registered without an owner key (by an older "
+                "PD): nobody may change it through the API; it ends with its lease"
+            )
+        elif not owner:
+            message = (
+                f"server {info.server_id} is bound to its owner key: send it in the "
+                "Koala-Owner header (64 hex digits), as at registration"
+            )
+        else:
+            message = (
+                f"the Koala-Owner key is not the one server {info.server_id} registered with: "
+                "a host may renew, change or delete only its own registration"
+            )
+        raise PDError(403, "not_owner", message)
 
     async def _keep_alive_leases(self, server_id: int, leases: list[int]) -> None:
         """Renew a host's position leases, a few at a time; 404 if one is gone (its
@@ -544,7 +612,9 @@ class PlacementDriver:
                 "stop serving and register again with a new server_id",
             )
 
-    async def grow_leases(self, server_id: int, lease_id: int, count: int) -> list[int]:
+    async def grow_leases(
+        self, server_id: int, lease_id: int, count: int, *, owner: bytes | None = None
+    ) -> list[int]:
         """Give host ``server_id`` (registered under ``lease_id``) ``count`` more leases
         for its positions (at most MAX_POSITION_LEASES in all); all of them, in order.
 
@@ -562,7 +632,8 @@ class PlacementDriver:
                     "not_registered",
                     f"server {server_id} is not registered under lease {lease_id}; register again",
                 )
-            info = HostInfo.from_json(json.loads(kv.value))
+            info = _record(kv.value, server_id)
+            self._check_owner(info, owner)
             count = min(count, MAX_POSITION_LEASES - len(info.position_leases))
             if count <= 0:
                 return info.position_leases
@@ -590,16 +661,14 @@ class PlacementDriver:
             for lease in leases:
                 await self.store.revoke(lease)
 
-    async def delete(self, server_id: int) -> bool:
+    async def delete(self, server_id: int, *, owner: bytes | None = None) -> bool:
         """Remove a host now: its leases are revoked, which drops its positions too, one
-        lease at a time (other writes go on in between)."""
+        lease at a time (other writes go on in between). ``owner``: as for keep_alive."""
         kv = await self.store.get(self._host_key(server_id))
         if kv is None:
             return False
-        try:
-            info = HostInfo.from_json(json.loads(kv.value))
-        except (ValueError, TypeError):
-            info = HostInfo(server_id)
+        info = _record(kv.value, server_id)
+        self._check_owner(info, owner)
         for lease in info.position_leases:
             await self.store.revoke(lease)
         if kv.lease:
@@ -995,7 +1064,14 @@ class PlacementDriver:
         )
 
     async def held(
-        self, server_id: int, lease_id: int, lease: int, after: str = "", limit: int = MAX_BATCH
+        self,
+        server_id: int,
+        lease_id: int,
+        lease: int,
+        after: str = "",
+        limit: int = MAX_BATCH,
+        *,
+        owner: bytes | None = None,
     ) -> tuple[list[Position], str]:
         """The positions bound to ``lease``, one of the leases of host ``server_id``
         (registered under ``lease_id``), in key order after the key ``after``: at most
@@ -1008,6 +1084,7 @@ class PlacementDriver:
             info = (await self.hosts(max_age=0.0)).get(server_id)
         if info is None or info.lease_id != lease_id:
             raise PDError(404, "not_registered", f"server {server_id} is not registered")
+        self._check_owner(info, owner)
         if lease not in info.leases():
             raise PDError(400, "bad_request", f"lease {lease} is not one of server {server_id}")
         keys = await self.store.lease_keys(lease)
@@ -1024,12 +1101,19 @@ class PlacementDriver:
         return found, page[-1] if len(keys) > limit else ""
 
     async def release(
-        self, server_id: int, positions: Sequence[tuple[str, str, int]]
+        self,
+        server_id: int,
+        positions: Sequence[tuple[str, str, int]],
+        *,
+        owner: bytes | None = None,
     ) -> list[bool]:
         """Delete positions whose activation ended on host ``server_id``: each
         ``(actor_type, actor_id, revision)`` only if the stored position is still that
-        revision (a newer placement of the same actor is never touched); one answer per
-        position, True if it was deleted (False: already gone, or placed anew)."""
+        revision and names that host (a newer placement of the same actor, or another
+        host's, is never touched); one answer per position, True if it was deleted
+        (False: already gone, placed anew, or not the host's). ``owner``: as for
+        keep_alive; a host that is not registered any more answers 404 (its positions
+        went with its leases)."""
         if len(positions) > MAX_BATCH:
             raise PDError(400, "bad_request", f"at most {MAX_BATCH} positions per request")
         wanted: dict[str, int] = {}
@@ -1044,14 +1128,46 @@ class PlacementDriver:
             keys.append(key)
             if wanted.setdefault(key, revision) != revision:
                 raise PDError(400, "bad_request", f"{actor_type}/{actor_id} is named twice")
-        items = list(wanted.items())
-        done = dict(zip(wanted, await self.store.delete_many(items), strict=True))
+        if owner is not None:
+            info = (await self.hosts()).get(server_id)
+            if info is None:
+                info = (await self.hosts(max_age=0.0)).get(server_id)
+            if info is None:
+                raise PDError(404, "not_registered", f"server {server_id} is not registered")
+            self._check_owner(info, owner)
+        # only positions that name this host: one host cannot give back another's
+        stored = await self.store.get_many(list(wanted))
+        items = [
+            (key, revision)
+            for (key, revision), kv in zip(wanted.items(), stored, strict=True)
+            if kv is not None and kv.mod_revision == revision and _names(kv.value, server_id)
+        ]
+        done = dict.fromkeys(wanted, False)
+        if items:
+            deleted = await self.store.delete_many(items)
+            done.update(zip([key for key, _ in items], deleted, strict=True))
         released = sum(done.values())
         if released:
             seen = self._placed.get(server_id)
             if seen is not None:  # placements counted since its report are fewer now
                 self._placed[server_id] = (seen[0], max(0, seen[1] - released))
         return [done[key] for key in keys]
+
+
+def _record(value: bytes, server_id: int) -> HostInfo:
+    """A host record as stored (a malformed one: a record bound to no owner key)."""
+    try:
+        return HostInfo.from_json(json.loads(value))
+    except (ValueError, TypeError):
+        return HostInfo(server_id)
+
+
+def _names(value: bytes, server_id: int) -> bool:
+    """Whether the stored position ``value`` is on host ``server_id``."""
+    try:
+        return bool(json.loads(value).get("server_id") == server_id)
+    except (ValueError, TypeError, AttributeError):
+        return False
 
 
 def _is_placement_key(text: str) -> bool:
@@ -1076,6 +1192,8 @@ def _check_names(actor_type: str, actor_id: str) -> PDError | None:
     for name, value in (("actor_type", actor_type), ("actor_id", actor_id)):
         if not isinstance(value, str) or not value or len(value) > MAX_NAME:
             return PDError(400, "bad_request", f"{name} must be 1-{MAX_NAME} characters")
+        if _CONTROL.search(value):
+            return PDError(400, "bad_request", f"{name} must not contain control characters")
     if "/" in actor_type:
         return PDError(400, "bad_request", "actor_type must not contain '/'")
     return None
