@@ -264,14 +264,18 @@ def _run_cluster_command(args: argparse.Namespace, backend: _backend.Backend) ->
         maintenance = _maintenance_config(args)
         store = _run.open_store(args.store or ("etcd" if args.etcd else ""), args.etcd)
 
+        tls = _tls(args)
+
         def started(bound: tuple[str, int]) -> None:
             kind = "memory" if args.store == "memory" else f"etcd {args.etcd}"
-            print(f"koala pd: http://{bound[0]}:{bound[1]} on {kind}", flush=True)
+            print(f"koala pd: {tls.scheme}://{bound[0]}:{bound[1]} on {kind}", flush=True)
 
         async def pd_main(shutdown: anyio.Event) -> None:
             async with anyio.create_task_group() as tg:
                 started(
-                    await tg.start(_serve_pd, store, host, port, shutdown, args.prefix, maintenance)
+                    await tg.start(
+                        _serve_pd, store, host, port, shutdown, args.prefix, maintenance, tls
+                    )
                 )
 
         _backend.run(lambda: _until_signal(pd_main), backend)
@@ -310,6 +314,7 @@ def _run_cluster_command(args: argparse.Namespace, backend: _backend.Backend) ->
                 http=http,
                 config=config,
                 member=member,
+                tls=_tls(args),
                 announce=announce,
             ),
             backend,
@@ -332,7 +337,11 @@ def _run_cluster_command(args: argparse.Namespace, backend: _backend.Backend) ->
         )
         print("koala gateway: stopped", flush=True)
         return 0
-    print(_backend.run(lambda: _run.fetch_status(args.pd), backend), flush=True)
+    secret = os.environ.get("KOALA_CLUSTER_SECRET") or None
+    status = _backend.run(
+        lambda: _run.fetch_status(args.pd, secret=secret, tls=_tls(args)), backend
+    )
+    print(status, flush=True)
     return 0
 
 
@@ -360,10 +369,12 @@ async def _serve_pd(
     shutdown: anyio.Event,
     prefix: str,
     maintenance: Any,
+    tls: TLSConfig,
     *,
     task_status: Any = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     from .pd import _run
+    from .pd._auth import AuthConfig
 
     await _run.serve_pd(
         store,
@@ -372,6 +383,8 @@ async def _serve_pd(
         shutdown,
         prefix=prefix,
         maintenance=maintenance,
+        auth=AuthConfig.from_env(),
+        tls=tls,
         task_status=task_status,
     )
 

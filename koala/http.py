@@ -214,6 +214,7 @@ async def serve_asgi(
     *,
     graceful_timeout: float = 3.0,
     tls: TLSConfig | None = None,
+    require_client_cert: bool = False,
     task_status: TaskStatus[tuple[str, int]] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` on host:port until ``shutdown`` is set; report the bound address.
@@ -221,6 +222,8 @@ async def serve_asgi(
     The socket is bound here (so port 0 works on every backend and errors are ours) and
     handed to hypercorn by file descriptor. With ``tls`` holding a certificate, it serves
     HTTPS (WebSockets: wss); a ``tls`` without one (or None) serves plain HTTP.
+    ``require_client_cert``: clients must present a certificate ``tls.ca`` signed
+    (mutual TLS: the PD's API).
     """
     secure = tls if tls is not None and tls.enabled else None
     if secure is not None:
@@ -233,7 +236,8 @@ async def serve_asgi(
     config.accesslog = None
     config.errorlog = None
     if secure is not None:
-        for name, value in secure.hypercorn_settings().items():
+        settings = secure.hypercorn_settings(require_client_cert=require_client_cert)
+        for name, value in settings.items():
             setattr(config, name, value)
         config.ssl_handshake_timeout = TLS_HANDSHAKE_TIMEOUT
     try:

@@ -89,8 +89,8 @@ async def test_grow_leases_refuses_what_it_must(
     server_id, lease = await register(pd, ["Player"])
     for body, status, code in [
         ({"server_id": server_id, "lease_id": lease + 1, "count": 1}, 404, "not_registered"),
-        ({"server_id": server_id, "lease_id": lease, "count": 0}, 400, "bad_request"),
-        ({"server_id": server_id, "lease_id": lease, "count": 10_000}, 400, "bad_request"),
+        ({"server_id": server_id, "lease_id": lease, "count": 0}, 422, "invalid_request"),
+        ({"server_id": server_id, "lease_id": lease, "count": 10_000}, 422, "invalid_request"),
         ({"server_id": server_id + 99, "lease_id": lease, "count": 1}, 404, "not_registered"),
     ]:
         answer = await post(pd, "/membership/grow_leases", body, status=status)

@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,7 @@ from .._actor import _implementations
 from .._config import HostConfig
 from .._errors import ConfigError
 from .._runtime import Runtime
+from .._tls import TLSConfig
 from ..gateway import HostBridge
 from ..http import add_error_handlers, serve_asgi
 from ..transport import Transport, TransportConfig
@@ -62,13 +64,16 @@ async def serve_pd(
     prefix: str = "/koala/",
     maintenance: MaintenanceConfig | None = None,
     auth: AuthConfig | None = None,
+    tls: TLSConfig | None = None,
     task_status: TaskStatus[tuple[str, int]] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the PD's HTTP API over ``store`` until ``shutdown`` is set, looking after
     the store meanwhile (compaction, recovery from NOSPACE: ``maintenance``).
 
     ``auth``: the cluster secret every request must be signed with, and the API's
-    bounds (``AuthConfig.from_env()`` reads KOALA_CLUSTER_SECRET); None: no secret."""
+    bounds (``AuthConfig.from_env()`` reads KOALA_CLUSTER_SECRET); None: no secret.
+    ``tls`` with a certificate serves HTTPS; with a CA too, callers must present a
+    certificate it signed (mutual TLS)."""
     from ._api import create_app
     from ._service import PlacementDriver
 
@@ -78,7 +83,15 @@ async def serve_pd(
         async with anyio.create_task_group() as tg:
             await tg.start(pd.maintain)
             try:
-                await serve_asgi(app, host, port, shutdown, task_status=task_status)
+                await serve_asgi(
+                    app,
+                    host,
+                    port,
+                    shutdown,
+                    tls=tls,
+                    require_client_cert=tls is not None and tls.ca is not None,
+                    task_status=task_status,
+                )
             finally:
                 # maintenance ends by its own scope: cancelling this task group instead
                 # left one of hypercorn's connections open on uvloop (the loop then
@@ -151,17 +164,21 @@ async def serve_host(
     http: tuple[str, int] | None = None,
     config: HostConfig | None = None,
     member: MemberConfig | None = None,
+    tls: TLSConfig | None = None,
     announce: Callable[[str], None] = print,
 ) -> None:
     """A host of the cluster: runtime, transport and PD membership, and the module's
     ``app`` over HTTP if it has one; until ``shutdown``, then drain and leave. Its PD
-    requests are signed with the transport's cluster secret (KOALA_CLUSTER_SECRET)."""
+    requests are signed with the transport's cluster secret (KOALA_CLUSTER_SECRET).
+    ``tls`` (default: KOALA_TLS_*) secures all three: mutual TLS on host links, HTTPS
+    to the PD (checked against its CA) and HTTPS for the app."""
     services = served_types()
     if not services:
         raise ConfigError("the app defines no actor implementation: a host would serve nothing")
     app: Any = getattr(module, "app", None)
-    transport_config = TransportConfig.from_env()
-    pd = PDClient(pd_url, secret=transport_config.secret)
+    tls = tls if tls is not None else TLSConfig.from_env()
+    transport_config = TransportConfig.from_env(tls=tls)
+    pd = PDClient(pd_url, secret=transport_config.secret, tls=tls)
     try:
         async with Transport(transport_config) as transport:
             directory = ClusterDirectory(pd, "", services, member)
@@ -180,8 +197,10 @@ async def serve_host(
                         where = ""
                         if app is not None and http is not None:
                             add_error_handlers(app)
-                            bound = await http_tg.start(serve_asgi, app, http[0], http[1], shutdown)
-                            where = f"; HTTP on http://{bound[0]}:{bound[1]}"
+                            bound = await http_tg.start(
+                                partial(serve_asgi, tls=tls), app, http[0], http[1], shutdown
+                            )
+                            where = f"; HTTP on {tls.scheme}://{bound[0]}:{bound[1]}"
                         announce(
                             f"koala host: server {directory.server_id} on {directory.address}"
                             f"{where}; serving {', '.join(sorted(services))}"
@@ -235,10 +254,13 @@ def status_table(view: Membership) -> str:
     return "\n".join(lines)
 
 
-async def fetch_status(pd_url: str, *, secret: bytes | str | None = None) -> str:
+async def fetch_status(
+    pd_url: str, *, secret: bytes | str | None = None, tls: TLSConfig | None = None
+) -> str:
     """``koala status``: the PD's membership as a table; ``secret`` signs the request
-    (the cluster secret, when the PD has one)."""
-    pd = PDClient(pd_url, secret=secret)
+    (the cluster secret, when the PD has one); ``tls``: the CA to check the PD against
+    (and this client's certificate, for a PD that asks for one)."""
+    pd = PDClient(pd_url, secret=secret, tls=tls)
     try:
         return status_table(await pd.fetch_all())
     finally:
