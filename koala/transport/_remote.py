@@ -36,6 +36,7 @@ from anyio.streams.tls import TLSStream
 from .._errors import ConfigError, HostUnavailableError
 from .._messages import Request as CallRequest
 from .._messages import rebuild_error
+from ._accept import StrangerStream, accept_forever
 from ._channel import Channel, EventHandler, Handler, NotSent
 from ._config import TransportConfig
 from ._events import (
@@ -47,6 +48,7 @@ from ._events import (
     ProtocolError,
     RemoteProtocolError,
 )
+from ._pipe import hold_reads
 from ._protocol import Connection, Role
 from ._secure import TLS_FILES_HINT, TLS_HANDSHAKE_RECORD, TLSRefused, broken_session, contexts
 from ._secure import accept as tls_accept
@@ -236,10 +238,12 @@ class Transport:
         address = join_address(str(bound[0]), int(bound[1]))
         if not self.address:
             self.address = address
-        tg.start_soon(listener.serve, self._accept, tg)
+        for one in getattr(listener, "listeners", [listener]):  # a MultiListener, or one
+            sock = one.extra(SocketAttribute.raw_socket)
+            tg.start_soon(accept_forever, sock, self._accept, tg)
         return address
 
-    async def _accept(self, stream: ByteStream) -> None:
+    async def _accept(self, stream: StrangerStream) -> None:
         try:
             await self._serve_inbound(stream)
         except Exception:  # one connection's failure never stops the listener
@@ -259,7 +263,9 @@ class Transport:
             max_frame_size=cfg.max_frame_size,
         )
 
-    async def _serve_inbound(self, stream: ByteStream) -> None:
+    async def _serve_inbound(self, stream: StrangerStream) -> None:
+        """A connection, from its first byte: nothing is read that the handshake does not
+        ask for (see ``_accept``) until the peer is proven."""
         cfg = self.config
         conn = self._connection(Role.SERVER)
         _set_nodelay(stream)
@@ -309,11 +315,11 @@ class Transport:
             if refusal is not None and stranger.stream is not None:
                 await _send_close(stranger.stream, conn, refusal)
             return
-        stream, peer = proven
+        proven_stream, peer = proven
         if self._inbound >= cfg.max_connections:
             self._refused += 1
             await _send_close(
-                stream,
+                proven_stream,
                 conn,
                 ProtocolError(
                     f"this node holds {self._inbound} connections (max_connections)",
@@ -321,10 +327,12 @@ class Transport:
                 ),
             )
             return
+        handed = await stream.hand_over()  # anyio's stream from here on (under TLS too)
+        channel_stream = handed if proven_stream is stream else proven_stream
         self._inbound += 1
         try:
             name = peer.peer_address or f"{peer_host} (node {peer.peer_node_id})"
-            ch = self._channel_for(stream, conn, peer, name)
+            ch = self._channel_for(channel_stream, conn, peer, name)
             if peer.peer_address and peer.peer_address not in self._channels:
                 self._channels[peer.peer_address] = ch  # call the peer back on it
             await ch.run()
@@ -442,6 +450,7 @@ class Transport:
             raw = await anyio.connect_tcp(host, port)
         stream: ByteStream = raw
         try:
+            hold_reads(raw)
             _set_nodelay(raw)
             conn = self._connection(Role.CLIENT)
             with anyio.fail_after(cfg.handshake_timeout):
