@@ -50,7 +50,14 @@ from ._events import (
 )
 from ._pipe import hold_reads
 from ._protocol import Connection, Role
-from ._secure import TLS_FILES_HINT, TLS_HANDSHAKE_RECORD, TLSRefused, broken_session, contexts
+from ._secure import (
+    CLOSED_AFTER_TLS,
+    TLS_FILES_HINT,
+    TLS_HANDSHAKE_RECORD,
+    TLSRefused,
+    broken_session,
+    contexts,
+)
 from ._secure import accept as tls_accept
 from ._secure import connect as tls_connect
 
@@ -456,9 +463,8 @@ class Transport:
             with anyio.fail_after(cfg.handshake_timeout):
                 if self._tls is not None:
                     stream = await tls_connect(raw, host, self._tls.client)
-                await stream.send(conn.initiate())
                 try:
-                    peer = await _handshake(stream, conn)
+                    peer = await _handshake(stream, conn, conn.initiate())
                 except RemoteProtocolError as exc:
                     await _send_close(stream, conn, exc)
                     raise
@@ -504,30 +510,59 @@ class _Closed(Exception):
     """The peer closed the connection during the handshake."""
 
 
-async def _handshake(stream: ByteStream, conn: Connection) -> HandshakeComplete:
-    """Run the handshake on ``conn`` (after initiate() on a client) to completion."""
+async def _handshake(stream: ByteStream, conn: Connection, first: bytes = b"") -> HandshakeComplete:
+    """Run the handshake on ``conn`` to completion; a client gives its HELLO as ``first``."""
+
+    async def send(data: bytes) -> None:
+        try:
+            await stream.send(data)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            raise _broke(stream, conn, exc) from None
+
+    out = first
     while True:
+        if out:
+            await send(out)
         ev = conn.next_event()
         out = conn.data_to_send()
-        if out:
-            await stream.send(out)
         if isinstance(ev, HandshakeComplete):
+            if out:
+                await send(out)
             return ev
         if isinstance(ev, ConnectionClosed):
+            if _refused_by_tls(stream, conn):
+                raise _Closed(CLOSED_AFTER_TLS)
             raise _Closed(f"the peer closed the connection: {ev.reason or 'no reason given'}")
-        if ev is NEED_DATA:
-            conn.receive_data(await _receive(stream) or None)
+        if ev is NEED_DATA and not out:
+            try:
+                data = await stream.receive()
+            except anyio.EndOfStream:
+                data = b""
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                raise _broke(stream, conn, exc) from None
+            conn.receive_data(data or None)
+
+
+def _refused_by_tls(stream: ByteStream, conn: Connection) -> bool:
+    """Whether a dialler's TLS session ended before a word of Koala came back: with
+    TLS 1.3 that is how a listener refuses the dialler's certificate."""
+    return isinstance(stream, TLSStream) and conn.role is Role.CLIENT and not conn.frames_received
+
+
+def _broke(stream: ByteStream, conn: Connection, exc: BaseException) -> _Closed:
+    if _refused_by_tls(stream, conn):
+        return _Closed(broken_session(exc) or CLOSED_AFTER_TLS)
+    return _Closed(f"the connection broke during the handshake: {exc!r}")
 
 
 async def _receive(stream: ByteStream) -> bytes:
-    """Bytes of a handshake (b"": the stream ended); _Closed if it broke."""
+    """The first bytes of an inbound connection (b"": the stream ended)."""
     try:
         return await stream.receive()
     except anyio.EndOfStream:
         return b""
     except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-        tls = broken_session(exc) if isinstance(stream, TLSStream) else None
-        raise _Closed(tls or f"the connection broke during the handshake: {exc!r}") from None
+        raise _Closed(f"the connection broke before its handshake: {exc!r}") from None
 
 
 async def _send_close(stream: ByteStream, conn: Connection, exc: ProtocolError) -> None:

@@ -146,3 +146,12 @@ def broken_session(exc: BaseException) -> str | None:
         f"TLS: the node refused this one's certificate ({_reason(cause)}); present one "
         f"signed by the cluster's CA: check {TLS_FILES_HINT}"
     )
+
+
+CLOSED_AFTER_TLS = (
+    "TLS: the node refused this one's certificate (it closed the session before the "
+    "Koala handshake); present one signed by the cluster's CA: check " + TLS_FILES_HINT
+)
+"""Why a listener closed a TLS session at once: with TLS 1.3 a dialler's handshake is
+done before the listener has checked its certificate, and the listener's refusal
+(its alert) does not always reach the dialler before the connection ends."""
