@@ -39,10 +39,9 @@ async def host_process(
     tls: TLSConfig | None = None,
 ) -> AsyncIterator[Process]:
     """``python -m tests._transport_helpers`` listening on ``port``; killed on exit."""
-    cmd = [sys.executable, "-m", "tests._transport_helpers", "--listen", f"127.0.0.1:{port}"]
-    cmd += ["--backend", backend]
+    args = ["--listen", f"127.0.0.1:{port}", "--backend", backend]
     for actor_type, address in placements.items():
-        cmd += ["--place", f"{actor_type}={address}"]
+        args += ["--place", f"{actor_type}={address}"]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     for name in ("KOALA_CLUSTER_SECRET", CERT_ENV, KEY_ENV, CA_ENV):
         env.pop(name, None)
@@ -52,14 +51,25 @@ async def host_process(
         for name, path in ((CERT_ENV, tls.cert), (KEY_ENV, tls.key), (CA_ENV, tls.ca)):
             if path is not None:
                 env[name] = path
+    async with helper_process(args, env, b"READY") as process:
+        yield process
+
+
+@asynccontextmanager
+async def helper_process(
+    args: list[str], env: Mapping[str, str], ready: bytes
+) -> AsyncIterator[Process]:
+    """``python -m tests._transport_helpers ARGS`` once its first line starts with
+    ``ready``; killed on exit."""
+    cmd = [sys.executable, "-m", "tests._transport_helpers", *args]
     process = await anyio.open_process(cmd, cwd=ROOT, env=env)
     try:
         assert process.stdout is not None
         line = b""
-        with anyio.fail_after(30):
+        with anyio.fail_after(60):
             while not line.endswith(b"\n"):
                 line += await process.stdout.receive(1)
-        assert line.startswith(b"READY"), line
+        assert line.startswith(ready), line
         yield process
     finally:
         if process.returncode is None:
@@ -227,18 +237,12 @@ async def test_oversized_frames_before_the_handshake_do_not_grow_the_host(
 async def flood(address: str, count: int) -> AsyncIterator[list[str]]:
     """An attacker's process keeping ``count`` idle strangers on the host at ``address``;
     on exit, the lines it printed (``REOPENED n``: how many the host dropped)."""
-    cmd = [sys.executable, "-m", "tests._transport_helpers", "--flood", address]
-    cmd += ["--count", str(count)]
-    process = await anyio.open_process(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    said: list[str] = []
-    try:
-        assert process.stdout is not None
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    args = ["--flood", address, "--count", str(count)]
+    async with helper_process(args, env, b"FLOODING") as process:
         assert process.stdin is not None
-        line = b""
-        with anyio.fail_after(60):
-            while not line.endswith(b"\n"):
-                line += await process.stdout.receive(1)
-        assert line.startswith(b"FLOODING"), line
+        assert process.stdout is not None
+        said: list[str] = []
         yield said
         await process.stdin.aclose()
         with anyio.fail_after(30):
@@ -246,12 +250,6 @@ async def flood(address: str, count: int) -> AsyncIterator[list[str]]:
             async for data in process.stdout:
                 rest += data
         said.extend(rest.decode().splitlines())
-    finally:
-        if process.returncode is None:
-            process.kill()
-        with anyio.CancelScope(shield=True):
-            await process.wait()
-            await process.aclose()
 
 
 async def test_a_flood_of_strangers_keeps_no_peer_out(
