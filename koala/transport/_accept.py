@@ -17,11 +17,11 @@ from __future__ import annotations
 import errno
 import logging
 import socket
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 import anyio
-from anyio.abc import ByteStream, SocketAttribute, SocketStream
+from anyio.abc import ByteStream, SocketAttribute, SocketStream, TaskGroup
 
 log = logging.getLogger("koala.transport")
 
@@ -102,7 +102,9 @@ class StrangerStream(ByteStream):
 
 
 async def accept_forever(
-    listener: socket.socket, handle: Callable[[StrangerStream], Awaitable[None]], tg: Any
+    listener: socket.socket,
+    handle: Callable[[StrangerStream], Coroutine[Any, Any, None]],
+    tg: TaskGroup,
 ) -> None:
     """Accept connections on ``listener`` (a listening socket) and start ``handle`` on
     each in ``tg``. A failure to accept (out of file descriptors) pauses, never ends it."""

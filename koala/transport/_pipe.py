@@ -185,11 +185,11 @@ class Pipe(asyncio.BufferedProtocol):
 def hold_reads(stream: Any) -> None:
     """Keep anyio's asyncio ``stream`` from reading ahead of its ``receive()`` calls.
 
-    A stream anyio has just accepted (or connected) reads whatever arrives until a
-    ``receive()`` finds nothing queued, so a stranger blasting bytes could have
-    megabytes read for it before its first frame is checked (uvloop read 1.5 MB per
-    connection so, measured). Paused, it reads only inside ``receive()``, which resumes
-    reading while it waits. Nothing to do on trio, which reads only when asked."""
+    A stream anyio has just connected reads whatever arrives until a ``receive()``
+    finds nothing queued, so the node dialled could have megabytes read before its
+    WELCOME is checked. Paused, it reads only inside ``receive()``, which resumes
+    reading while it waits. (Inbound connections never get such a stream before they
+    are proven: see ``_accept``.) Nothing to do on trio, which reads only when asked."""
     transport: Any = getattr(stream, "_transport", None)
     pause = getattr(transport, "pause_reading", None)
     if callable(pause) and not transport.is_closing():
