@@ -5,7 +5,16 @@ Also runnable as a host process for the cross-process tests::
     python -m tests._transport_helpers --listen 127.0.0.1:PORT --backend trio \\
         --place Alpha=127.0.0.1:P1 --place Beta=127.0.0.1:P2
 
-It prints ``READY <address>`` once listening and serves until stdin closes.
+It prints ``READY <address>`` once listening and serves until stdin closes. With
+KOALA_TLS_CERT/KEY/CA set it speaks TLS on its host links.
+
+Or as a flood of idle strangers against a host (an attacker's process)::
+
+    python -m tests._transport_helpers --flood 127.0.0.1:PORT --count 1100
+
+It keeps ``count`` connections open that never send a byte, opening a new one for each
+the host drops; prints ``FLOODING`` once they are all open and the host has dropped
+one, and ``REOPENED <n>`` when stdin closes.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import anyio
 from koala import ActorBase, ActorInterface, HostConfig, Runtime, one_way
 from koala._messages import Key
 from koala._runtime import LOCAL
+from koala._tls import TLSConfig
 from koala.testing import free_port as free_port
 from koala.transport import Transport, TransportConfig
 
@@ -205,19 +215,65 @@ async def node(
 async def _serve(args: argparse.Namespace) -> None:
     placements = dict(p.split("=", 1) for p in args.place)
     host, _, port = args.listen.rpartition(":")
-    secret = os.environ.get("KOALA_CLUSTER_SECRET")
-    cfg = transport_config(secret=secret) if secret else transport_config()
+    secret = os.environ.get("KOALA_CLUSTER_SECRET") or None
+    cfg = transport_config(secret=secret, tls=TLSConfig.from_env())
     async with node(placements, listen=(host, int(port)), config=cfg) as (_, transport, _):
         print("READY", transport.address, flush=True)
         await anyio.to_thread.run_sync(sys.stdin.read, abandon_on_cancel=True)
 
 
+async def _flood(args: argparse.Namespace) -> None:
+    host, _, port = args.flood.rpartition(":")
+    reopened = 0
+    opened = anyio.Event()
+    count = 0
+
+    async def stranger() -> None:
+        nonlocal reopened, count
+        first = True
+        while True:
+            try:
+                stream = await anyio.connect_tcp(host, int(port))
+            except OSError:
+                await anyio.sleep(0.01)
+                continue
+            if first:
+                first = False
+                count += 1
+            else:
+                reopened += 1
+            if count == args.count and reopened:  # all open, and the host drops some
+                opened.set()
+            async with stream:
+                try:
+                    while True:  # never says a word; waits to be dropped
+                        await stream.receive()
+                except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                    pass
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(args.count):
+            tg.start_soon(stranger)
+        await opened.wait()
+        print("FLOODING", flush=True)
+        await anyio.to_thread.run_sync(sys.stdin.read, abandon_on_cancel=True)
+        print("REOPENED", reopened, flush=True)
+        tg.cancel_scope.cancel()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--listen", required=True)
+    parser.add_argument("--listen")
+    parser.add_argument("--flood")
+    parser.add_argument("--count", type=int, default=1100)
     parser.add_argument("--backend", default="asyncio")
     parser.add_argument("--place", action="append", default=[])
     args = parser.parse_args()
+    if args.flood:
+        anyio.run(_flood, args)
+        return
+    if not args.listen:
+        parser.error("give --listen HOST:PORT (or --flood HOST:PORT)")
     backend = "trio" if args.backend == "trio" else "asyncio"
     options = {"use_uvloop": True} if args.backend == "uvloop" else {}
     anyio.run(_serve, args, backend=backend, backend_options=options)

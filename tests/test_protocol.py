@@ -37,7 +37,8 @@ from koala.transport import (
     Role,
     State,
 )
-from koala.transport._events import ClientAck
+from koala.transport._events import ClientAck, ProtocolError
+from koala.transport._protocol import MAX_HANDSHAKE_BUFFER, MAX_HANDSHAKE_FRAME
 from koala.transport._wire import decode, encode
 
 SECRET = b"0123456789abcdef-secret"
@@ -391,6 +392,125 @@ def test_protocol_error_names_the_close_to_send() -> None:
     data = s.close_frame(err)
     assert decode(data[4:]) == Close(CloseCode.PROTOCOL_ERROR, str(err))
     assert s.state is State.CLOSED
+
+
+# ---------------------------------------------------------------- bounded before trust
+
+
+def test_reject_oversized_frame_before_hello_from_its_prefix() -> None:
+    s = server()
+    s.receive_data(struct.pack(">I", 16 * 1024 * 1024))  # the body never arrives
+    assert s.state is State.ERROR  # refused in receive_data, before any body is kept
+    with pytest.raises(RemoteProtocolError) as info:
+        s.next_event()
+    assert info.value.close_code is CloseCode.FRAME_TOO_LARGE
+    assert "before the handshake" in str(info.value)
+    assert str(MAX_HANDSHAKE_FRAME) in str(info.value)
+
+
+def test_reject_oversized_frame_before_hello_sent_whole() -> None:
+    s = server()
+    body = b"\x00" * (MAX_HANDSHAKE_FRAME + 1)
+    s.receive_data(struct.pack(">I", len(body)) + body)
+    assert s._buf == bytearray()  # dropped at once
+    with pytest.raises(RemoteProtocolError, match="MAX_HANDSHAKE_FRAME"):
+        s.next_event()
+
+
+def test_reject_oversized_auth() -> None:
+    c, s = client(), server()
+    s.receive_data(c.initiate())
+    assert events(s) == []
+    assert s.state is State.AWAIT_AUTH
+    err = reject(s, struct.pack(">I", MAX_HANDSHAKE_FRAME + 1))
+    assert err.close_code is CloseCode.FRAME_TOO_LARGE
+
+
+def test_reject_oversized_welcome() -> None:
+    c = client()
+    c.initiate()
+    err = reject(c, struct.pack(">I", MAX_HANDSHAKE_FRAME + 1))
+    assert err.close_code is CloseCode.FRAME_TOO_LARGE
+    assert "before the handshake" in str(err)
+
+
+def test_reject_more_than_a_handshake_while_the_peer_must_wait() -> None:
+    # a small HELLO, then more bytes than the peer may send before it is answered
+    s = server()
+    s.receive_data(client().initiate() + frame_of([5, 1]) * (MAX_HANDSHAKE_BUFFER // 4))
+    assert s.state is State.ERROR
+    with pytest.raises(RemoteProtocolError, match="must wait for the answer"):
+        s.next_event()
+
+
+def test_reject_tls_spoken_to_a_plain_node() -> None:
+    # the first bytes of a TLS ClientHello record, as a node with TLS on sends them
+    err = reject(server(), bytes.fromhex("16030100f8010000f40303") + b"\x00" * 32)
+    assert err.close_code is CloseCode.NOT_ALLOWED
+    assert "speaks TLS" in str(err)
+
+
+def test_a_handshake_bounds_only_the_handshake() -> None:
+    # a request larger than MAX_HANDSHAKE_FRAME, pipelined right after AUTH, is taken
+    c, s = client(), server()
+    s.receive_data(c.initiate())
+    events(s)
+    c.receive_data(s.data_to_send())
+    events(c)
+    big = Request(1, 1, 1.0, "T", "k", "I", "m", ["x" * 100_000])
+    s.receive_data(c.data_to_send() + c.send(big))
+    assert events(s)[1:] == [big]
+
+
+def test_input_after_a_refusal_is_not_kept() -> None:
+    s = server()
+    s.receive_data(struct.pack(">I", 1 << 30))
+    s.receive_data(b"x" * 1_000_000)
+    assert len(s._buf) == 0
+    with pytest.raises(RemoteProtocolError):
+        s.next_event()
+
+
+def test_a_close_sent_before_the_handshake_fits_the_peers_bound() -> None:
+    s = server()
+    data = s.close_frame(ProtocolError("\u00e9" * 1000, CloseCode.PROTOCOL_ERROR))
+    assert len(data) - 4 <= MAX_HANDSHAKE_FRAME
+    assert isinstance(decode(data[4:]), Close)
+
+
+def test_an_identity_too_large_for_a_handshake_is_refused() -> None:
+    with pytest.raises(LocalProtocolError, match="shorten them"):
+        client(node_id="n" * MAX_HANDSHAKE_FRAME)
+
+
+def test_frames_received_counts_whole_frames_only() -> None:
+    c, s = open_pair()
+    before = s.frames_received
+    ping = c.send(Ping(1))
+    for byte in ping[:-1]:  # a frame that never ends moves nothing
+        s.receive_data(bytes([byte]))
+        assert events(s) == []
+    assert s.frames_received == before
+    s.receive_data(ping[-1:])
+    assert events(s) == [Ping(1)]
+    assert s.frames_received == before + 1
+
+
+@given(st.lists(st.binary(min_size=1, max_size=3000), max_size=8))
+@settings(max_examples=150)
+def test_before_trust_no_more_than_a_handshake_is_held(chunks: list[bytes]) -> None:
+    # whatever a stranger sends, in whatever pieces, a server waiting for HELLO holds at
+    # most MAX_HANDSHAKE_BUFFER bytes of it once each piece has been given
+    s = server()
+    for chunk in chunks:
+        s.receive_data(chunk)
+        assert len(s._buf) - s._pos <= MAX_HANDSHAKE_BUFFER
+        try:
+            events(s)
+        except RemoteProtocolError:
+            assert s.state is State.ERROR
+        if s.state is not State.AWAIT_HELLO:
+            break
 
 
 # ---------------------------------------------------------------- ending

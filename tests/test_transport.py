@@ -423,6 +423,7 @@ async def test_gateway_messages_reach_the_event_handler() -> None:
 async def test_go_away_marks_the_peer_draining() -> None:
     async with two_nodes() as (rt1, t1, _, t2):
         ch = await t1.channel(t2.address)
+        await wait_until(lambda: t2.statistics().connections == 1)  # t2 has its end too
         await t2.go_away()
         await wait_until(lambda: ch.peer_draining)
         assert await echo(rt1).echo("still served") == "still served"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import struct
 import sys
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -15,6 +16,7 @@ from anyio.abc import Process
 
 from koala import HostUnavailableError
 from koala._proxy import make_proxy
+from koala._tls import CA_ENV, CERT_ENV, KEY_ENV, TLSConfig
 from tests._transport_helpers import SECRET, IAlpha, IEcho, free_port, node, transport_config
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -34,24 +36,40 @@ async def host_process(
     placements: Mapping[str, str],
     backend: str,
     secret: str | None = None,
+    tls: TLSConfig | None = None,
 ) -> AsyncIterator[Process]:
     """``python -m tests._transport_helpers`` listening on ``port``; killed on exit."""
-    cmd = [sys.executable, "-m", "tests._transport_helpers", "--listen", f"127.0.0.1:{port}"]
-    cmd += ["--backend", backend]
+    args = ["--listen", f"127.0.0.1:{port}", "--backend", backend]
     for actor_type, address in placements.items():
-        cmd += ["--place", f"{actor_type}={address}"]
+        args += ["--place", f"{actor_type}={address}"]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    env.pop("KOALA_CLUSTER_SECRET", None)
+    for name in ("KOALA_CLUSTER_SECRET", CERT_ENV, KEY_ENV, CA_ENV):
+        env.pop(name, None)
     if secret:
         env["KOALA_CLUSTER_SECRET"] = secret
+    if tls is not None:
+        for name, path in ((CERT_ENV, tls.cert), (KEY_ENV, tls.key), (CA_ENV, tls.ca)):
+            if path is not None:
+                env[name] = path
+    async with helper_process(args, env, b"READY") as process:
+        yield process
+
+
+@asynccontextmanager
+async def helper_process(
+    args: list[str], env: Mapping[str, str], ready: bytes
+) -> AsyncIterator[Process]:
+    """``python -m tests._transport_helpers ARGS`` once its first line starts with
+    ``ready``; killed on exit."""
+    cmd = [sys.executable, "-m", "tests._transport_helpers", *args]
     process = await anyio.open_process(cmd, cwd=ROOT, env=env)
     try:
         assert process.stdout is not None
         line = b""
-        with anyio.fail_after(30):
+        with anyio.fail_after(60):
             while not line.endswith(b"\n"):
                 line += await process.stdout.receive(1)
-        assert line.startswith(b"READY"), line
+        assert line.startswith(ready), line
         yield process
     finally:
         if process.returncode is None:
@@ -157,3 +175,109 @@ async def test_wrong_secret_across_processes(
         node({"Echo": address}, config=right) as (rt, _, _),
     ):
         assert await make_proxy(IEcho, "x", rt).echo("in") == "in"
+
+
+# ---------------------------------------------------------------- bounded before trust
+
+
+def memory(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (its peak) of process ``pid``, in bytes."""
+    found: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "VmHWM"):
+            found[name] = int(value.split()[0]) * 1024
+    return found
+
+
+MiB = 1024 * 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc/PID/status")
+async def test_oversized_frames_before_the_handshake_do_not_grow_the_host(
+    anyio_backend: tuple[str, dict[str, object]],
+) -> None:
+    # 128 strangers each announce a 16 MiB frame before HELLO and try to send it; before
+    # the handshake the host accepts 4 KiB frames, so it drops each from its prefix
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    async with host_process(port, {}, backend_name(anyio_backend)) as proc:
+        async with node({"Echo": address}) as (rt, _, _):
+            assert await make_proxy(IEcho, "warm", rt).echo("warm") == "warm"
+        before = memory(proc.pid)
+        chunk = b"\x00" * 65536
+        sent: list[int] = []
+
+        async def stranger() -> None:
+            total = 0
+            try:
+                async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+                    await stream.send(struct.pack(">I", 16 * MiB))
+                    while total < 16 * MiB:
+                        await stream.send(chunk)
+                        total += len(chunk)
+            except (anyio.BrokenResourceError, anyio.EndOfStream, OSError):
+                pass
+            sent.append(total)
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                for _ in range(128):
+                    tg.start_soon(stranger)
+        after = memory(proc.pid)
+        assert len(sent) == 128  # each was cut off, or sent all (into the kernel's buffers)
+        peak = after["VmHWM"] - before["VmRSS"]
+        assert peak < 64 * MiB, (before, after)
+        async with node({"Echo": address}) as (rt, t, _):  # a real peer still gets in
+            assert await make_proxy(IEcho, "after").echo("after") == "after"
+            assert t.statistics().connects == 1
+
+
+@asynccontextmanager
+async def flood(address: str, count: int) -> AsyncIterator[list[str]]:
+    """An attacker's process keeping ``count`` idle strangers on the host at ``address``;
+    on exit, the lines it printed (``REOPENED n``: how many the host dropped)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    args = ["--flood", address, "--count", str(count)]
+    async with helper_process(args, env, b"FLOODING") as process:
+        assert process.stdin is not None
+        assert process.stdout is not None
+        said: list[str] = []
+        yield said
+        await process.stdin.aclose()
+        with anyio.fail_after(30):
+            rest = b""
+            async for data in process.stdout:
+                rest += data
+        said.extend(rest.decode().splitlines())
+
+
+async def test_a_flood_of_strangers_keeps_no_peer_out(
+    anyio_backend: tuple[str, dict[str, object]],
+) -> None:
+    # 1,100 idle connections, renewed as fast as the host drops them, against a host
+    # holding 64 strangers: new peers still connect and call, and a proven peer's
+    # connection is never the one dropped
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    async with (
+        host_process(port, {}, backend_name(anyio_backend)),
+        node({"Echo": address}) as (rt0, t0, _),
+    ):
+        assert await make_proxy(IEcho, "proven").echo("proven") == "proven"
+        async with flood(address, 1100) as said:
+            for i in range(12):
+                async with node({"Echo": address}) as (rt, _, _):
+                    with anyio.fail_after(PROMPTLY):
+                        while True:
+                            try:
+                                text = await make_proxy(IEcho, f"new{i}", rt).echo("in")
+                                break
+                            except HostUnavailableError:  # displaced mid-handshake
+                                await anyio.sleep(0.05)
+                    assert text == "in"
+            assert await make_proxy(IEcho, "proven", rt0).echo("kept") == "kept"
+            assert t0.statistics().connects == 1  # its connection was never dropped
+        reopened = [int(line.split()[1]) for line in said if line.startswith("REOPENED")]
+        assert len(reopened) == 1
+        assert reopened[0] > 0  # the host dropped strangers to make room

@@ -5,8 +5,10 @@ transport over (see ``_pipe``): frames are decoded and dispatched as bytes arriv
 written with ``transport.write``. Elsewhere (trio) a reader task does the reading, and
 frames go through one bounded queue: the first task that finds no writer busy writes
 it, joining the frames queued meanwhile into one ``send`` (a lone frame goes straight
-to the socket). Beside it run the heartbeat (PING every interval; a peer silent for
-``heartbeat_timeout`` is dead) and the expiry of calls that carry the default deadline.
+to the socket). A TLS stream is always driven the second way: its bytes must pass
+through the TLS layer. Beside it run the heartbeat (PING every interval; a peer from
+which no whole frame came for ``heartbeat_timeout`` is dead, however many bytes of an
+unfinished one arrive) and the expiry of calls that carry the default deadline.
 Incoming requests queue in arrival order and one serving task at a time starts them
 (see ``_work``). Requests both ways are matched by id. When the
 connection ends for any reason every pending call fails at once: with
@@ -210,7 +212,6 @@ class Channel:
         self.closed = False
         self.close_reason = ""
         self._close_frame = b""
-        self.last_received = anyio.current_time()
         self.peer_draining = False
         self._ended = anyio.Event()
 
@@ -312,7 +313,7 @@ class Channel:
 
     def _take_over(self) -> bool:
         """On asyncio, read and write through the transport itself (see _pipe)."""
-        if not self.config.direct_io:
+        if not self.config.direct_io or self.config.tls is not None:
             return False
         taken = takeover(self.stream, self._received, self._lost, self._written)
         if taken is None:
@@ -326,15 +327,17 @@ class Channel:
     def _raw_socket(self) -> socket.socket | None:
         """On trio, the stream's socket, to write a lone frame to it directly: trio keeps
         no buffer of its own, so bytes written here stay in order with its sends."""
-        if not self.config.direct_io or type(self.stream).__module__ != _TRIO_STREAMS:
+        if (
+            not self.config.direct_io
+            or self.config.tls is not None  # the bytes must go through TLS
+            or type(self.stream).__module__ != _TRIO_STREAMS
+        ):
             return None
         raw = self.stream.extra(SocketAttribute.raw_socket, None)
         return raw if isinstance(raw, socket.socket) else None
 
     def _received(self, data: bytes | bytearray | memoryview) -> None:
         """The pipe's bytes (b"": the peer closed its side)."""
-        assert self._pipe is not None
-        self.last_received = self._pipe.loop.time()
         self.conn.receive_data(data or None)
         self._process()
 
@@ -391,7 +394,6 @@ class Channel:
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
                 self._stop(CloseCode.NORMAL, f"the connection broke: {exc!r}", send_close=False)
                 return
-            self.last_received = anyio.current_time()
             self._corked = False  # a new exchange: its first frame may go out at once
             conn.receive_data(data or None)
 
@@ -875,15 +877,23 @@ class Channel:
     # ------------------------------------------------------------ liveness
 
     async def _heartbeat(self) -> None:
+        """PING every interval; close when no whole frame came for the timeout. Frames
+        are counted by the protocol (``frames_received``), so the reading costs no clock
+        call, and a frame that never ends keeps nothing alive."""
         interval, limit = self.config.heartbeat_interval, self.config.heartbeat_timeout
         token = 0
+        seen = self.conn.frames_received
+        last = anyio.current_time()  # the handshake's frames just came
         while True:
             await anyio.sleep(interval)
-            silent = anyio.current_time() - self.last_received
+            now = anyio.current_time()
+            if self.conn.frames_received != seen:
+                seen, last = self.conn.frames_received, now
+            silent = now - last
             if silent >= limit:
                 self._stop(
                     CloseCode.HEARTBEAT_TIMEOUT,
-                    f"no frame from the peer in {silent:.1f} s (heartbeat_timeout {limit} s)",
+                    f"no whole frame from the peer in {silent:.1f} s (heartbeat_timeout {limit} s)",
                 )
                 return
             token += 1

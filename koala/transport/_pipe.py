@@ -182,6 +182,20 @@ class Pipe(asyncio.BufferedProtocol):
             self.loop.call_later(1.0, self.transport.abort)
 
 
+def hold_reads(stream: Any) -> None:
+    """Keep anyio's asyncio ``stream`` from reading ahead of its ``receive()`` calls.
+
+    A stream anyio has just connected reads whatever arrives until a ``receive()``
+    finds nothing queued, so the node dialled could have megabytes read before its
+    WELCOME is checked. Paused, it reads only inside ``receive()``, which resumes
+    reading while it waits. (Inbound connections never get such a stream before they
+    are proven: see ``_accept``.) Nothing to do on trio, which reads only when asked."""
+    transport: Any = getattr(stream, "_transport", None)
+    pause = getattr(transport, "pause_reading", None)
+    if callable(pause) and not transport.is_closing():
+        pause()
+
+
 _TRANSPORT_METHODS = (
     "write",
     "close",

@@ -10,6 +10,16 @@ The handshake, client side: ``initiate()`` gives HELLO; the server answers WELCO
 its proof; the client checks it and answers AUTH with its own. Each side reports
 :class:`HandshakeComplete` once the other is proven. The states and what may be sent and
 received in each are the tables below.
+
+Until the handshake is done the peer is a stranger, so its input is bounded by what a
+handshake needs, not by ``max_frame_size``: a frame (or a length prefix) above
+:data:`MAX_HANDSHAKE_FRAME` is refused as soon as its 4 length bytes arrive, and while
+the peer has to wait for this side's answer (states AWAIT_HELLO and AWAIT_WELCOME) more
+than :data:`MAX_HANDSHAKE_BUFFER` bytes is refused too. Either way the bytes are dropped
+at once, in :meth:`Connection.receive_data`.
+
+Liveness is for the transport to judge, from :attr:`Connection.frames_received`: the
+count of whole frames received, which bytes of an unfinished frame do not move.
 """
 
 from __future__ import annotations
@@ -59,6 +69,22 @@ from ._wire import (
 MIN_FRAME_SIZE = 1024
 MIN_SECRET_SIZE = 16
 
+# The largest frame accepted before the handshake is done. HELLO, WELCOME and AUTH of
+# ids within MAX_ID_BYTES take a few hundred bytes; a CLOSE sent before the handshake
+# is cut to fit (see close_frame).
+MAX_HANDSHAKE_FRAME = 4096
+# Most bytes held from a peer that must wait for this side's answer before it may send
+# more (a server before HELLO is answered, a client before WELCOME): its one handshake
+# frame and a CLOSE.
+MAX_HANDSHAKE_BUFFER = 2 * MAX_HANDSHAKE_FRAME
+# Most UTF-8 bytes of a cluster id or node id (so HELLO and WELCOME fit the bound above).
+MAX_ID_BYTES = 1024
+# The first bytes of a TLS record carrying a handshake (a ClientHello): a peer that
+# speaks TLS to a node that does not is told so.
+_TLS_RECORD = b"\x16\x03"
+# UTF-8 bytes of a CLOSE reason sent before the handshake is done (so it fits).
+_CLOSE_REASON_BYTES = MAX_HANDSHAKE_FRAME - 64
+
 
 class Role(enum.Enum):
     CLIENT = "client"  # dialed the connection; sends HELLO
@@ -78,6 +104,9 @@ class State(enum.Enum):
 _CALLS: frozenset[type[Event]] = frozenset(
     {Request, Response, Cancel, Ping, Pong, GoAway, Close, *GATEWAY_EVENTS}
 )
+
+# States where the peer has to wait for this side before it may send a second frame.
+_PEER_WAITS = frozenset({State.AWAIT_HELLO, State.AWAIT_WELCOME})
 
 # What the user may send in each state (handshake messages are sent by the connection).
 SEND: dict[State, frozenset[type[Event]]] = {
@@ -115,8 +144,11 @@ _MEANING: dict[State, str] = {
 class Connection:
     """One side of one connection, as a state machine over frames.
 
-    ``secret`` is the cluster secret (None: no authentication, for loopback peers);
-    ``nonce`` may be fixed for test vectors, else it is random.
+    ``secret`` is the cluster secret (None: no authentication, for loopback peers, or
+    when mutual TLS proves the peer); ``nonce`` may be fixed for test vectors, else it is
+    random. ``max_frame_size`` bounds frames once the handshake is done; before, the
+    bound is :data:`MAX_HANDSHAKE_FRAME`. ``frames_received`` counts the whole frames
+    received (the transport's heartbeat watches it).
     """
 
     def __init__(
@@ -153,6 +185,9 @@ class Connection:
         self.state = State.IDLE if role is Role.CLIENT else State.AWAIT_HELLO
         self._buf = bytearray()
         self._pos = 0
+        # the largest frame accepted now: the handshake's bound until the state is OPEN
+        self._limit = min(max_frame_size, MAX_HANDSHAKE_FRAME)
+        self.frames_received = 0
         self._eof = False
         self._error: RemoteProtocolError | None = None
         self._closed: ConnectionClosed | None = None
@@ -162,7 +197,12 @@ class Connection:
         self.peer: HandshakeComplete | None = None
         self.peer_draining = False
         # validate the identity now rather than at the first frame
-        Hello(PROTOCOL_VERSION, cluster_id, node_id, address, self._nonce)
+        hello = frame(Hello(PROTOCOL_VERSION, cluster_id, node_id, address, self._nonce))
+        if len(hello) > MAX_HANDSHAKE_FRAME:
+            raise LocalProtocolError(
+                f"the cluster id, node id and address take {len(hello)} bytes in HELLO; "
+                f"a handshake frame holds at most {MAX_HANDSHAKE_FRAME}: shorten them"
+            )
 
     # ------------------------------------------------------------ sending
 
@@ -244,7 +284,11 @@ class Connection:
     # ------------------------------------------------------------ receiving
 
     def receive_data(self, data: bytes | bytearray | memoryview | None) -> None:
-        """Feed bytes read from the peer; ``None`` (or b"") means the stream ended."""
+        """Feed bytes read from the peer; ``None`` (or b"") means the stream ended.
+
+        Before the handshake is done, input no handshake sends is refused here (the
+        error comes out of the next :meth:`next_event`) and dropped; so is anything
+        fed after the peer broke the protocol or closed."""
         if self._eof:
             if data:
                 raise LocalProtocolError("received data after the end of the stream")
@@ -252,11 +296,61 @@ class Connection:
         if not data:
             self._eof = True
             return
+        if self._error is not None or self._closed is not None:
+            return  # nothing more will be read from it
         buf = self._buf
         if self._pos and self._pos * 2 >= len(buf):
             del buf[: self._pos]
             self._pos = 0
         buf += data
+        if self.state is not State.OPEN:
+            self._check_before_trust()
+
+    def _check_before_trust(self) -> None:
+        """Refuse at once, from the bytes buffered, what no handshake sends."""
+        buf, pos = self._buf, self._pos
+        avail = len(buf) - pos
+        try:
+            if avail >= HEADER_SIZE:
+                (size,) = HEADER.unpack_from(buf, pos)
+                if size > self._limit:
+                    raise self._too_large(size)
+            if avail > MAX_HANDSHAKE_BUFFER and self.state in _PEER_WAITS:
+                raise RemoteProtocolError(
+                    f"the peer sent {avail} bytes before its handshake was answered; it "
+                    f"must wait for the answer, and a handshake frame is at most "
+                    f"{MAX_HANDSHAKE_FRAME} bytes (MAX_HANDSHAKE_FRAME)",
+                    CloseCode.FRAME_TOO_LARGE,
+                )
+        except RemoteProtocolError as exc:
+            self._fail(exc)
+
+    def _too_large(self, size: int) -> RemoteProtocolError:
+        if self.state is State.OPEN:
+            return RemoteProtocolError(
+                f"the peer announced a frame of {size} bytes; the limit is "
+                f"{self.max_frame_size} (max_frame_size)",
+                CloseCode.FRAME_TOO_LARGE,
+            )
+        buf, pos = self._buf, self._pos
+        if self.state is State.AWAIT_HELLO and buf[pos : pos + 2] == _TLS_RECORD:
+            return RemoteProtocolError(
+                "the peer speaks TLS and this node does not: turn TLS on host links on "
+                "every node or on none (--tls-cert/--tls-key/--tls-ca)",
+                CloseCode.NOT_ALLOWED,
+            )
+        return RemoteProtocolError(
+            f"the peer announced a frame of {size} bytes before the handshake was done; "
+            f"until then the limit is {self._limit} (MAX_HANDSHAKE_FRAME)",
+            CloseCode.FRAME_TOO_LARGE,
+        )
+
+    def _fail(self, exc: RemoteProtocolError) -> None:
+        """The peer broke the protocol: keep ``exc`` for next_event, drop the input."""
+        self._error = exc
+        self.state = State.ERROR
+        self._buf.clear()
+        self._pos = 0
 
     def next_event(self) -> Event | _NeedData:
         """The next event, or :data:`NEED_DATA`. Raises RemoteProtocolError for garbage
@@ -273,10 +367,7 @@ class Connection:
                 assert isinstance(ev, Event)
                 result = self._handle(ev)
             except RemoteProtocolError as exc:
-                self._error = exc
-                self.state = State.ERROR
-                self._buf.clear()
-                self._pos = 0
+                self._fail(exc)
                 raise
             if result is not None:
                 return result
@@ -286,12 +377,8 @@ class Connection:
         avail = len(buf) - pos
         if avail >= HEADER_SIZE:
             (size,) = HEADER.unpack_from(buf, pos)
-            if size > self.max_frame_size:
-                raise RemoteProtocolError(
-                    f"the peer announced a frame of {size} bytes; the limit is "
-                    f"{self.max_frame_size} (max_frame_size)",
-                    CloseCode.FRAME_TOO_LARGE,
-                )
+            if size > self._limit:
+                raise self._too_large(size)
             if size == 0:
                 raise RemoteProtocolError("the peer sent an empty frame (length 0)")
             end = pos + HEADER_SIZE + size
@@ -302,6 +389,7 @@ class Connection:
                     self._pos = 0
                 else:
                     self._pos = end
+                self.frames_received += 1
                 return decode(body)
         if not self._eof:
             return NEED_DATA
@@ -394,7 +482,7 @@ class Connection:
             mine = proof(self.secret, "client", hello, welcome.node_id, welcome.nonce)
         self._check_proof(welcome.proof, expected)
         self._out.append(frame(Auth(mine), self.max_frame_size))
-        self.state = State.OPEN
+        self._open()
         self.peer = HandshakeComplete(
             welcome.node_id, "", welcome.cluster_id, self.secret is not None
         )
@@ -408,11 +496,15 @@ class Connection:
         if self.secret is not None:
             expected = proof(self.secret, "client", hello, welcome.node_id, welcome.nonce)
         self._check_proof(auth.proof, expected)
-        self.state = State.OPEN
+        self._open()
         self.peer = HandshakeComplete(
             hello.node_id, hello.address, hello.cluster_id, self.secret is not None
         )
         return self.peer
+
+    def _open(self) -> None:
+        self.state = State.OPEN
+        self._limit = self.max_frame_size  # the peer is proven: frames of any size
 
     # ------------------------------------------------------------ helpers
 
@@ -421,4 +513,8 @@ class Connection:
         if self.state is State.CLOSED:
             return b""
         ev = Close(exc.close_code, str(exc)) if exc is not None else Close(CloseCode.NORMAL, reason)
+        raw = ev.reason.encode()
+        if self.state is not State.OPEN and len(raw) > _CLOSE_REASON_BYTES:
+            # the peer accepts no more than a handshake frame yet
+            ev = Close(ev.code, raw[:_CLOSE_REASON_BYTES].decode(errors="ignore") + "...")
         return self.send(ev)

@@ -8,6 +8,15 @@ A host that cannot be reached is dialed again on the next call, no sooner than t
 backoff allows. Inbound requests go to ``handler`` (a host's ``Runtime.serve_request``).
 
 Use it as ``async with Transport(config, handler=...) as t: await t.listen(...)``.
+
+Inbound connections are strangers until their handshake is done (TLS first, when it is
+on, then Koala's): at most ``max_unauthenticated`` of them are held, each for at most
+``handshake_timeout``, apart from the ``max_connections`` of proven peers. When a new
+one finds that cap full, the *oldest* stranger is dropped (CLOSE code 8): a real peer
+finishes its handshake in a round trip or two, so it is displaced only if the cap's
+worth of connections arrives within that time, whereas refusing the newest would let a
+flood of idle connections, renewed every ``handshake_timeout``, keep every peer out.
+A proven peer's connection is never dropped for a stranger.
 """
 
 from __future__ import annotations
@@ -22,10 +31,12 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import ByteStream, SocketAttribute, TaskGroup
+from anyio.streams.tls import TLSStream
 
 from .._errors import ConfigError, HostUnavailableError
 from .._messages import Request as CallRequest
 from .._messages import rebuild_error
+from ._accept import StrangerStream, accept_forever
 from ._channel import Channel, EventHandler, Handler, NotSent
 from ._config import TransportConfig
 from ._events import (
@@ -37,7 +48,18 @@ from ._events import (
     ProtocolError,
     RemoteProtocolError,
 )
+from ._pipe import hold_reads
 from ._protocol import Connection, Role
+from ._secure import (
+    CLOSED_AFTER_TLS,
+    TLS_FILES_HINT,
+    TLS_HANDSHAKE_RECORD,
+    TLSRefused,
+    broken_session,
+    contexts,
+)
+from ._secure import accept as tls_accept
+from ._secure import connect as tls_connect
 
 if TYPE_CHECKING:
     from .._interface import MethodSpec
@@ -71,12 +93,18 @@ def is_loopback(host: str) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class TransportStatistics:
+    """``connections``: open channels; ``unauthenticated``: inbound connections still in
+    their handshake; ``refused_connections``: inbound ones closed before or at their
+    handshake (``displaced`` of them to make room for newer ones)."""
+
     connections: int
     pending_calls: int
     serving: int
     connects: int
     failed_connects: int
     refused_connections: int
+    unauthenticated: int = 0
+    displaced: int = 0
 
 
 @dataclass(slots=True)
@@ -84,6 +112,18 @@ class _Backoff:
     delay: float
     next_try: float
     error: str
+
+
+class _Stranger:
+    """An inbound connection that has not proven itself yet. ``stream`` is where a CLOSE
+    frame can reach it (None while its TLS handshake runs)."""
+
+    __slots__ = ("displaced", "scope", "stream")
+
+    def __init__(self, stream: ByteStream) -> None:
+        self.scope = anyio.CancelScope()
+        self.displaced = False
+        self.stream: ByteStream | None = stream
 
 
 class _Attempt:
@@ -115,10 +155,14 @@ class Transport:
         self._backoff: dict[str, _Backoff] = {}
         self._tg: TaskGroup | None = None
         self._listeners: list[anyio.abc.Listener[Any]] = []
-        self._inbound = 0
+        self._inbound = 0  # proven inbound connections
+        # inbound connections in their handshake, oldest first (a dict keeps the order)
+        self._strangers: dict[_Stranger, None] = {}
         self._connects = 0
         self._failed = 0
         self._refused = 0
+        self._displaced = 0
+        self._tls = contexts(self.config.tls) if self.config.tls is not None else None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -162,6 +206,8 @@ class Transport:
             connects=self._connects,
             failed_connects=self._failed,
             refused_connections=self._refused,
+            unauthenticated=len(self._strangers),
+            displaced=self._displaced,
         )
 
     async def go_away(self, reason: str = "the node is draining") -> None:
@@ -176,15 +222,22 @@ class Transport:
     async def listen(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Accept connections on ``host:port``; returns the bound address ("ip:port").
 
-        Without a cluster secret only loopback addresses may be bound (and only
-        loopback peers are accepted).
+        Without a cluster secret or mutual TLS only loopback addresses may be bound (and
+        only loopback peers are accepted). With TLS, every connection is a TLS session.
         """
         tg = self._task_group()
-        if self.config.secret is None and not is_loopback(host):
+        if not self.config.proves_peers and not is_loopback(host):
             raise ConfigError(
-                f"refusing to listen on {host}: without a cluster secret a node accepts "
-                "loopback peers only; set KOALA_CLUSTER_SECRET (openssl rand -hex 32) on "
-                "every node, or listen on 127.0.0.1"
+                f"refusing to listen on {host}: without a cluster secret or mutual TLS a "
+                "node accepts loopback peers only; set KOALA_CLUSTER_SECRET (openssl rand "
+                f"-hex 32) on every node, or give every node {TLS_FILES_HINT} (a "
+                "certificate of the cluster's CA is proof enough), or listen on 127.0.0.1"
+            )
+        if self._tls is not None and self._tls.server is None:
+            raise ConfigError(
+                "this node trusts a TLS CA but has no certificate of its own: it can dial "
+                "TLS nodes but not listen; set --tls-cert and --tls-key (KOALA_TLS_CERT, "
+                "KOALA_TLS_KEY)"
             )
         listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
         self._listeners.append(listener)
@@ -192,10 +245,12 @@ class Transport:
         address = join_address(str(bound[0]), int(bound[1]))
         if not self.address:
             self.address = address
-        tg.start_soon(listener.serve, self._accept, tg)
+        for one in getattr(listener, "listeners", [listener]):  # a MultiListener, or one
+            sock = one.extra(SocketAttribute.raw_socket)
+            tg.start_soon(accept_forever, sock, self._accept, tg)
         return address
 
-    async def _accept(self, stream: ByteStream) -> None:
+    async def _accept(self, stream: StrangerStream) -> None:
         try:
             await self._serve_inbound(stream)
         except Exception:  # one connection's failure never stops the listener
@@ -215,27 +270,63 @@ class Transport:
             max_frame_size=cfg.max_frame_size,
         )
 
-    async def _serve_inbound(self, stream: ByteStream) -> None:
+    async def _serve_inbound(self, stream: StrangerStream) -> None:
+        """A connection, from its first byte: nothing is read that the handshake does not
+        ask for (see ``_accept``) until the peer is proven."""
         cfg = self.config
         conn = self._connection(Role.SERVER)
         _set_nodelay(stream)
         peer_host = str(stream.extra(SocketAttribute.remote_address, ("?", 0))[0])
-        if cfg.secret is None and not is_loopback(peer_host):
+        if not cfg.proves_peers and not is_loopback(peer_host):
             self._refused += 1
             await _send_close(
                 stream,
                 conn,
                 ProtocolError(
-                    f"this node has no cluster secret and accepts loopback peers only, not "
-                    f"{peer_host}",
+                    f"this node has no cluster secret nor mutual TLS and accepts loopback "
+                    f"peers only, not {peer_host}",
                     CloseCode.NOT_ALLOWED,
                 ),
             )
             return
+        stranger = self._admit(stream)
+        proven: tuple[ByteStream, HandshakeComplete] | None = None
+        refusal: ProtocolError | None = None
+        try:
+            with stranger.scope, anyio.move_on_after(cfg.handshake_timeout) as timer:
+                try:
+                    proven = await self._prove(stranger, conn)
+                except RemoteProtocolError as exc:
+                    log.warning("refused a connection from %s: %s", peer_host, exc)
+                    refusal = exc
+                except TLSRefused as exc:
+                    log.warning("refused a connection from %s: %s", peer_host, exc)
+                except _Closed:
+                    pass
+            if proven is None and stranger.displaced:
+                refusal = ProtocolError(
+                    f"displaced by newer connections: this node holds at most "
+                    f"{cfg.max_unauthenticated} connections in their handshake "
+                    "(max_unauthenticated)",
+                    CloseCode.OVERLOADED,
+                )
+            elif proven is None and timer.cancelled_caught:
+                refusal = ProtocolError(
+                    f"no handshake within {cfg.handshake_timeout} s (handshake_timeout)",
+                    CloseCode.HANDSHAKE_TIMEOUT,
+                )
+        finally:
+            self._strangers.pop(stranger, None)
+        if proven is None:
+            self._refused += 1
+            if refusal is not None and stranger.stream is not None:
+                await _send_close(stranger.stream, conn, refusal)
+            return
+        proven_stream, peer = proven
         if self._inbound >= cfg.max_connections:
             self._refused += 1
             await _send_close(
-                stream,
+                proven_stream,
                 conn,
                 ProtocolError(
                     f"this node holds {self._inbound} connections (max_connections)",
@@ -243,36 +334,53 @@ class Transport:
                 ),
             )
             return
+        handed = await stream.hand_over()  # anyio's stream from here on (under TLS too)
+        channel_stream = handed if proven_stream is stream else proven_stream
         self._inbound += 1
         try:
-            with anyio.move_on_after(cfg.handshake_timeout) as scope:
-                try:
-                    peer = await _handshake(stream, conn)
-                except RemoteProtocolError as exc:
-                    log.warning("refused a connection from %s: %s", peer_host, exc)
-                    self._refused += 1
-                    await _send_close(stream, conn, exc)
-                    return
-                except _Closed:
-                    return
-            if scope.cancelled_caught:
-                self._refused += 1
-                await _send_close(
-                    stream,
-                    conn,
-                    ProtocolError(
-                        f"no handshake within {cfg.handshake_timeout} s",
-                        CloseCode.HANDSHAKE_TIMEOUT,
-                    ),
-                )
-                return
             name = peer.peer_address or f"{peer_host} (node {peer.peer_node_id})"
-            ch = self._channel_for(stream, conn, peer, name)
+            ch = self._channel_for(channel_stream, conn, peer, name)
             if peer.peer_address and peer.peer_address not in self._channels:
                 self._channels[peer.peer_address] = ch  # call the peer back on it
             await ch.run()
         finally:
             self._inbound -= 1
+
+    def _admit(self, stream: ByteStream) -> _Stranger:
+        """Hold a new inbound connection as a stranger, displacing the oldest one if
+        ``max_unauthenticated`` are held (see the module docstring for why the oldest)."""
+        strangers = self._strangers
+        if len(strangers) >= self.config.max_unauthenticated:
+            oldest = next(iter(strangers))
+            del strangers[oldest]
+            oldest.displaced = True
+            oldest.scope.cancel()
+            self._displaced += 1
+        stranger = _Stranger(stream)
+        strangers[stranger] = None
+        return stranger
+
+    async def _prove(
+        self, stranger: _Stranger, conn: Connection
+    ) -> tuple[ByteStream, HandshakeComplete]:
+        """The inbound handshake: TLS when it is on, then Koala's; the stream to use."""
+        stream = stranger.stream
+        assert stream is not None
+        if self._tls is not None:
+            assert self._tls.server is not None  # listen() checked it
+            head = await _receive(stream)
+            if not head:
+                raise _Closed("the peer closed the connection before its TLS handshake")
+            if head[0] != TLS_HANDSHAKE_RECORD:
+                raise RemoteProtocolError(
+                    "this node speaks TLS on host links and the peer sent plain TCP: turn "
+                    f"TLS on for every node or none, with {TLS_FILES_HINT}",
+                    CloseCode.NOT_ALLOWED,
+                )
+            stranger.stream = None  # until TLS is up, a CLOSE frame cannot be sent
+            stream = await tls_accept(stream, head, self._tls.server)
+            stranger.stream = stream
+        return stream, await _handshake(stream, conn)
 
     def _channel_for(
         self, stream: ByteStream, conn: Connection, peer: HandshakeComplete, name: str
@@ -323,7 +431,7 @@ class Transport:
         attempt = self._attempts[address] = _Attempt()
         try:
             ch = await self._dial(address)
-        except (OSError, ProtocolError, TimeoutError, _Closed, ValueError) as exc:
+        except (OSError, ProtocolError, TimeoutError, _Closed, TLSRefused, ValueError) as exc:
             self._failed += 1
             delay = self.config.reconnect_min
             if backoff is not None:
@@ -346,14 +454,17 @@ class Transport:
         cfg = self.config
         host, port = split_address(address)
         with anyio.fail_after(cfg.connect_timeout):
-            stream: ByteStream = await anyio.connect_tcp(host, port)
+            raw = await anyio.connect_tcp(host, port)
+        stream: ByteStream = raw
         try:
-            _set_nodelay(stream)
+            hold_reads(raw)
+            _set_nodelay(raw)
             conn = self._connection(Role.CLIENT)
             with anyio.fail_after(cfg.handshake_timeout):
-                await stream.send(conn.initiate())
+                if self._tls is not None:
+                    stream = await tls_connect(raw, host, self._tls.client)
                 try:
-                    peer = await _handshake(stream, conn)
+                    peer = await _handshake(stream, conn, conn.initiate())
                 except RemoteProtocolError as exc:
                     await _send_close(stream, conn, exc)
                     raise
@@ -363,7 +474,7 @@ class Transport:
             await self._task_group().start(ch.run)
             return ch
         except BaseException:
-            await anyio.aclose_forcefully(stream)
+            await anyio.aclose_forcefully(raw)
             raise
 
     # ------------------------------------------------------------ RemoteDelivery
@@ -399,25 +510,59 @@ class _Closed(Exception):
     """The peer closed the connection during the handshake."""
 
 
-async def _handshake(stream: ByteStream, conn: Connection) -> HandshakeComplete:
-    """Run the handshake on ``conn`` (after initiate() on a client) to completion."""
+async def _handshake(stream: ByteStream, conn: Connection, first: bytes = b"") -> HandshakeComplete:
+    """Run the handshake on ``conn`` to completion; a client gives its HELLO as ``first``."""
+
+    async def send(data: bytes) -> None:
+        try:
+            await stream.send(data)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            raise _broke(stream, conn, exc) from None
+
+    out = first
     while True:
+        if out:
+            await send(out)
         ev = conn.next_event()
         out = conn.data_to_send()
-        if out:
-            await stream.send(out)
         if isinstance(ev, HandshakeComplete):
+            if out:
+                await send(out)
             return ev
         if isinstance(ev, ConnectionClosed):
+            if _refused_by_tls(stream, conn):
+                raise _Closed(CLOSED_AFTER_TLS)
             raise _Closed(f"the peer closed the connection: {ev.reason or 'no reason given'}")
-        if ev is NEED_DATA:
+        if ev is NEED_DATA and not out:
             try:
                 data = await stream.receive()
             except anyio.EndOfStream:
                 data = b""
-            except (anyio.BrokenResourceError, OSError) as exc:
-                raise _Closed(f"the connection broke during the handshake: {exc!r}") from None
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                raise _broke(stream, conn, exc) from None
             conn.receive_data(data or None)
+
+
+def _refused_by_tls(stream: ByteStream, conn: Connection) -> bool:
+    """Whether a dialler's TLS session ended before a word of Koala came back: with
+    TLS 1.3 that is how a listener refuses the dialler's certificate."""
+    return isinstance(stream, TLSStream) and conn.role is Role.CLIENT and not conn.frames_received
+
+
+def _broke(stream: ByteStream, conn: Connection, exc: BaseException) -> _Closed:
+    if _refused_by_tls(stream, conn):
+        return _Closed(broken_session(exc) or CLOSED_AFTER_TLS)
+    return _Closed(f"the connection broke during the handshake: {exc!r}")
+
+
+async def _receive(stream: ByteStream) -> bytes:
+    """The first bytes of an inbound connection (b"": the stream ended)."""
+    try:
+        return await stream.receive()
+    except anyio.EndOfStream:
+        return b""
+    except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+        raise _Closed(f"the connection broke before its handshake: {exc!r}") from None
 
 
 async def _send_close(stream: ByteStream, conn: Connection, exc: ProtocolError) -> None:
