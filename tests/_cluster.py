@@ -94,12 +94,14 @@ class Cluster:
         self.prefix = prefix
         self.events = tmp / "events.log"
         self.procs: list[Proc] = []
+        self.extra_env: dict[str, str] = {}  # e.g. KOALA_CLUSTER_SECRET, KOALA_TLS_*
 
     def env(self, backend: str = "asyncio") -> dict[str, str]:
         env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
         env["KOALA_BACKEND"] = backend
         env["KOALA_TEST_EVENTS"] = str(self.events)
         env.pop("KOALA_CLUSTER_SECRET", None)
+        env.update(self.extra_env)
         return env
 
     def pd(
@@ -120,7 +122,7 @@ class Cluster:
         proc = Proc(f"pd:{port}", cmd, self.env(backend), self.tmp / f"pd-{port}.log")
         proc.port = port
         self.procs.append(proc)
-        proc.start(r"koala pd: http://")
+        proc.start(r"koala pd: https?://")
         return proc
 
     def host(

@@ -332,9 +332,13 @@ class PDClient:
                 break
             await anyio.sleep(pause)
             pause *= 2
-        raise PDUnavailableError(
-            f"no PD can be reached ({'; '.join(failures[-4:])}); is `koala pd` running there?"
-        )
+        hint = "is `koala pd` running there?"
+        if any(u.startswith("https://") for u in self.urls):
+            hint += (
+                " Over HTTPS, a PD that closes at once may have refused this process's TLS "
+                "certificate: it must be signed by the CA the PD trusts (--tls-cert, --tls-ca)"
+            )
+        raise PDUnavailableError(f"no PD can be reached ({'; '.join(failures[-4:])}); {hint}")
 
     def _answer(self, url: str, path: str, resp: httpx.Response) -> dict[str, Any]:
         try:
