@@ -63,14 +63,18 @@ async def serve_cluster_gateway(
 ) -> None:
     """``koala gateway``: a gateway that reaches the cluster's hosts through the PD at
     ``pd_url`` and the transport, until ``shutdown`` is set. ``tls`` (with a certificate)
-    makes its clients connect with wss; links to hosts follow ``transport_config``."""
+    makes its clients connect with wss, and is what the gateway presents to the PD and
+    to hosts (its links to them follow ``transport_config``, by default the
+    environment's settings with this ``tls``)."""
     from ..pd._client import PDClient
 
     cfg = config or GatewayConfig.from_env()
-    pd = PDClient(pd_url, secret=(transport_config or TransportConfig.from_env()).secret)
+    if transport_config is None:
+        transport_config = TransportConfig.from_env(**({"tls": tls} if tls else {}))
+    pd = PDClient(pd_url, secret=transport_config.secret, tls=tls or transport_config.tls)
     try:
         async with (
-            Transport(transport_config or TransportConfig.from_env()) as transport,
+            Transport(transport_config) as transport,
             ClusterLink(pd, transport) as link,
             anyio.create_task_group() as tg,
         ):
