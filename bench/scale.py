@@ -28,7 +28,7 @@ import sys
 import time
 from abc import abstractmethod
 from array import array
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -68,7 +68,7 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * 4096 / 2**20
 
 
-def _ms(sorted_values: list[float], q: float) -> float:
+def _ms(sorted_values: Sequence[float], q: float) -> float:
     """The q-quantile of sorted seconds, in ms."""
     if not sorted_values:
         return 0.0
@@ -190,9 +190,13 @@ class Ticker:
         self.longest_gap = self.longest_cpu_gap = 0.0
         self.recording = True
 
-    def take(self) -> list[float]:
+    def take(self) -> array[float]:
         """Stop recording; the latencies recorded, sorted. Calls that were due but not
-        made yet (the ticker is held up right now) count with their wait so far."""
+        made yet (the ticker is held up right now) count with their wait so far.
+
+        An array of doubles, not a list: tens of thousands of float objects, made just
+        after a mass collection, would land in the freed memory and pin it (the RSS
+        measured next would be the bench's own samples, not the host's)."""
         self.recording = False
         now = anyio.current_time()
         self.longest_gap = max(self.longest_gap, now - self.last)
@@ -201,7 +205,7 @@ class Ticker:
         while due <= now:
             self.latencies.append(now - due)
             due += self.interval
-        taken, self.latencies = sorted(self.latencies), array("d")
+        taken, self.latencies = array("d", sorted(self.latencies)), array("d")
         return taken
 
 
@@ -269,9 +273,9 @@ async def _collection(n: int, quantum: float, config: HostConfig, gcw: GcWatch) 
             collection_gap, collection_cpu = ticker.longest_gap, ticker.longest_cpu_gap
             collection_gc = gcw.take()
             await anyio.sleep(quantum * 3)  # whatever runs after a large collection
+            gc.collect()
+            rss_after = _rss_mb()  # the host runs on: what it holds now
             ticker.stop = True
-        gc.collect()
-        rss_after = _rss_mb()
 
     figures.append(Figure(section, "activations/s", n / (activated - start), "/s"))
     if early:

@@ -494,7 +494,8 @@ async def flood(
     retry_after = 0
     started = anyio.current_time()
     limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30.0) as client:
+    # a generous timeout: the flood, the PD and both hosts share a busy 2-core machine
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=90.0) as client:
         todo = iter(range(count))
 
         async def worker() -> None:

@@ -268,7 +268,7 @@ async def test_a_flood_of_strangers_keeps_no_peer_out(
         async with flood(address, 1100) as said:
             for i in range(12):
                 async with node({"Echo": address}) as (rt, _, _):
-                    with anyio.fail_after(PROMPTLY):
+                    with anyio.fail_after(3 * PROMPTLY):  # 1,100 strangers share the CPU
                         while True:
                             try:
                                 text = await make_proxy(IEcho, f"new{i}", rt).echo("in")
