@@ -238,3 +238,35 @@ def test_nothing_in_koala_imports_the_test_kit() -> None:
         - {m for m in MODULES if m.startswith("koala.testing")}
     )
     assert not users, f"{users} import koala.testing"
+
+
+# bench/ modules that still import a private name
+BENCH_PRIVATE = {
+    # the PD's server side has no public facade yet (issue #16)
+    ("bench.etcd_soak", "koala.pd._service"),
+    # the cost of the inline loop's yield, measured by turning it off: a knob that is
+    # not meant to be turned, for this comparison only
+    ("bench.scale", "koala._runtime"),
+}
+
+
+def test_the_benchmarks_import_only_public_names() -> None:
+    """A benchmark that imports privates breaks on every refactor, when it is needed."""
+    bench = ROOT.parent / "bench"
+    private = set()
+    for path in sorted(bench.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and not node.level:
+                names = [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                parts = name.split(".")
+                if parts[0] == "koala" and any(p.startswith("_") for p in parts):
+                    module = ".".join(
+                        parts[: next(i for i, p in enumerate(parts) if p[0] == "_") + 1]
+                    )
+                    private.add((f"bench.{path.stem}", module))
+    assert private == BENCH_PRIVATE, f"private imports in bench/: {sorted(private - BENCH_PRIVATE)}"
