@@ -30,10 +30,7 @@ import anyio
 import cbor2
 from anyio.abc import SocketStream
 
-from koala import ActorBase, ActorInterface, HostConfig, Runtime
-from koala._messages import Key
-from koala._proxy import make_proxy
-from koala._runtime import LOCAL
+from koala import LOCAL, ActorBase, ActorInterface, HostConfig, Key, Runtime, get_rpc_proxy
 from koala.transport import Transport, TransportConfig
 
 HEADER = struct.Struct(">I")
@@ -271,7 +268,7 @@ async def _koala_client(port: int, n_seq: int, n_conc: int) -> dict[str, Any]:
         async with rt:
             transport.handler = rt.serve_request
             await transport.listen("127.0.0.1", 0)
-            proxy = make_proxy(IBenchEcho, "bench", rt)
+            proxy = get_rpc_proxy(IBenchEcho, "bench", runtime=rt)
             for _ in range(200):
                 await proxy.echo("hello")
             latencies = []
@@ -283,7 +280,7 @@ async def _koala_client(port: int, n_seq: int, n_conc: int) -> dict[str, Any]:
             seq = _rates(latencies, time.perf_counter() - start)
 
             async def worker(actor: int, count: int) -> None:
-                p = make_proxy(IBenchEcho, actor, rt)
+                p = get_rpc_proxy(IBenchEcho, actor, runtime=rt)
                 for _ in range(count):
                     await p.echo("hello")
 
@@ -296,7 +293,7 @@ async def _koala_client(port: int, n_seq: int, n_conc: int) -> dict[str, Any]:
                         tg.start_soon(worker, i, per)
                 sweep[callers] = per * callers / (time.perf_counter() - start)
 
-            chain = make_proxy(IChainA, "chain", rt)  # workload 8: A -> B -> A
+            chain = get_rpc_proxy(IChainA, "chain", runtime=rt)  # workload 8: A -> B -> A
             await chain.start(0)
             start = time.perf_counter()
             for i in range(n_seq // 2):

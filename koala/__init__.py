@@ -24,8 +24,13 @@ from ._proxy import get_rpc_proxy as get_rpc_proxy
 from ._runtime import Runtime as Runtime
 from ._runtime import RuntimeStatistics as RuntimeStatistics
 from ._runtime import current_runtime as current_runtime
+from ._seams import LOCAL as LOCAL
+from ._seams import Directory as Directory
+from ._seams import Key as Key
+from ._seams import RemoteDelivery as RemoteDelivery
 
 __all__ = [
+    "LOCAL",
     "ActivationState",
     "ActorBase",
     "ActorInterface",
@@ -33,11 +38,14 @@ __all__ = [
     "ArgumentTypeError",
     "ConfigError",
     "DeadlineExceededError",
+    "Directory",
     "HostConfig",
     "HostUnavailableError",
     "InterfaceError",
+    "Key",
     "KoalaError",
     "OverloadedError",
+    "RemoteDelivery",
     "RemoteError",
     "Runtime",
     "RuntimeNotRunningError",

@@ -8,10 +8,11 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from ._errors import InterfaceError
 from ._interface import ActorInterface, interfaces_of
+from ._messages import Key
+from ._proxy import make_proxy
 
 if TYPE_CHECKING:
     from ._activation import Activation, TimerHandle
-    from ._messages import Key
 
 I = TypeVar("I", bound=ActorInterface)
 
@@ -65,8 +66,6 @@ class ActorBase:
 
     def get_proxy(self, interface: Callable[..., I], key: Key) -> I:
         """A proxy to another actor (or this one), for calls made from inside this actor."""
-        from ._proxy import make_proxy
-
         return make_proxy(interface, key, self._koala_activation.runtime)
 
     def register_timer(
@@ -95,4 +94,10 @@ class ActorBase:
 
 
 def implementations_of(interface: type[ActorInterface]) -> list[type[ActorBase]]:
+    """The implementations of ``interface`` defined in this process, oldest first."""
     return list(_implementations.get(interface, ()))
+
+
+def implemented_interfaces() -> list[type[ActorInterface]]:
+    """Every interface some implementation defined in this process implements."""
+    return list(_implementations)

@@ -53,7 +53,6 @@ class MethodSpec:
         params = list(self.signature.parameters.values())[1:]  # drop self
         self.param_names = tuple(p.name for p in params)
         self.nparams = len(params)
-        self.defaults = {p.name: p.default for p in params if p.default is not p.empty}
         self._built = False
         self._params: tuple[Codec, ...] = ()
         self._result: Codec | None = None

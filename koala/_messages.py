@@ -21,6 +21,7 @@ from typing import Any
 from . import _errors
 
 Key = str | int
+"""An actor's key: with the actor type, its identity (``get_rpc_proxy(IPlayer, "1")``)."""
 
 
 class ErrorCode(enum.IntEnum):
@@ -36,17 +37,6 @@ class ErrorCode(enum.IntEnum):
     UNAVAILABLE = 7  # the host cannot be reached; may or may not have run
     CANCELLED = 8  # the caller cancelled the call
 
-
-# Codes that prove the callee never ran the request, so a retry is safe.
-NOT_RUN = frozenset(
-    {
-        ErrorCode.OVERLOADED,
-        ErrorCode.SHUTTING_DOWN,
-        ErrorCode.NOT_FOUND,
-        ErrorCode.BAD_REQUEST,
-        ErrorCode.WRONG_HOST,
-    }
-)
 
 _chain_ids = itertools.count(random.getrandbits(62))
 _request_ids = itertools.count(1)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
+from ._context import Invoker, current_invoker
 from ._errors import InterfaceError
 from ._interface import ActorInterface, MethodSpec
-
-if TYPE_CHECKING:
-    from ._runtime import Runtime
+from ._messages import Key
 
 I = TypeVar("I", bound=ActorInterface)
 
@@ -21,7 +20,7 @@ class _ProxyBase:
 
     __slots__ = ()
     _key: Any
-    _rt: Runtime | None
+    _rt: Invoker | None
     _iface: type[ActorInterface]
 
     def __repr__(self) -> str:
@@ -40,12 +39,10 @@ class _ProxyBase:
 
 
 def _method(spec: MethodSpec) -> Callable[..., Coroutine[Any, Any, Any]]:
-    from ._runtime import current_runtime
-
     nparams = spec.nparams
 
     async def call(self: Any, *args: Any, **kwargs: Any) -> Any:
-        rt = self._rt or current_runtime()
+        rt = self._rt or current_invoker()
         if kwargs or len(args) != nparams:
             args = spec.bind(args, kwargs)
         return await rt.invoke(spec, self._iface, self._key, args)
@@ -68,12 +65,13 @@ def _proxy_class(interface: type[ActorInterface]) -> type[Any]:
     return cls
 
 
-def _init(self: Any, key: Any, rt: Runtime | None) -> None:
+def _init(self: Any, key: Any, rt: Invoker | None) -> None:
     object.__setattr__(self, "_key", key)
     object.__setattr__(self, "_rt", rt)
 
 
-def make_proxy(interface: Callable[..., I], key: Any, rt: Runtime | None = None) -> I:
+def make_proxy(interface: Callable[..., I], key: Any, rt: Invoker | None = None) -> I:
+    """A proxy to ``(interface, key)`` bound to ``rt`` (None: the current runtime)."""
     if not (isinstance(interface, type) and interface.__dict__.get("__koala_interface__")):
         raise InterfaceError(
             f"{interface!r} is not an actor interface: pass a subclass of ActorInterface"
@@ -83,10 +81,13 @@ def make_proxy(interface: Callable[..., I], key: Any, rt: Runtime | None = None)
     return _proxy_class(interface)(key, rt)  # type: ignore[no-any-return]
 
 
-def get_rpc_proxy(interface: Callable[..., I], key: str | int) -> I:
+def get_rpc_proxy(interface: Callable[..., I], key: Key, *, runtime: Invoker | None = None) -> I:
     """A proxy to the actor ``(interface, key)``; works anywhere in a running Koala process.
 
-    ``await get_rpc_proxy(IPlayer, "1").echo("hi")``. The proxy is cheap to make and
-    binds to the running runtime when called, so it can be made at import time.
+    ``await get_rpc_proxy(IPlayer, "1").echo("hi")``. The proxy is cheap to make. Without
+    ``runtime`` it binds to the running runtime when called (the one serving the current
+    context, else the newest started in this process), so it can be made at import
+    time; with ``runtime=rt`` every call goes through ``rt``, which is what a process
+    running several runtimes (a test of a cluster, a benchmark) needs.
     """
-    return make_proxy(interface, key)
+    return make_proxy(interface, key, runtime)

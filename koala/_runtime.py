@@ -8,16 +8,14 @@ mailbox) or a remote delivery through the transport (arguments encoded by their 
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import logging
 import math
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
-from contextvars import ContextVar
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -28,12 +26,12 @@ from ._activation import (
     Activation,
     Call,
     State,
-    current_activation,
     current_chain,
     inline_depth,
 )
-from ._actor import ActorBase, implementations_of
+from ._actor import ActorBase, implementations_of, implemented_interfaces
 from ._config import HostConfig
+from ._context import current_invoker, done_serving, serving, started, stopped
 from ._drive import fast_clock, lazy_deadline, scope_marker
 from ._errors import (
     ActorNotFoundError,
@@ -53,28 +51,19 @@ from ._messages import (
     new_request_id,
     rebuild_error,
 )
+from ._seams import LOCAL as LOCAL  # koala.pd imports it from here (see #16)
+from ._seams import Directory, LocalDirectory, RemoteDelivery
 
 log = logging.getLogger("koala.runtime")
 
-_current_runtime: ContextVar[Runtime | None] = ContextVar("koala_runtime", default=None)
-_process_runtime: list[Runtime] = []  # runtimes started in this process, newest last
-
 
 def current_runtime() -> Runtime:
-    """The runtime of this context (or, outside any, the one running in this process)."""
-    rt = _current_runtime.get()
-    if rt is not None and rt._running:
-        return rt
-    for rt in reversed(_process_runtime):
-        if rt._running:
-            return rt
-    raise RuntimeNotRunningError(
-        "no Koala runtime is running in this process: start one with `koala dev APP`, "
-        "or in a test with `async with koala.testing.local_runtime(...)`"
-    )
+    """The runtime of this context (or, outside any, the newest running in this process)."""
+    rt = current_invoker()
+    assert isinstance(rt, Runtime)  # only runtimes enter the context
+    return rt
 
 
-LOCAL = "local"
 WRONG_HOST_RETRIES = 3
 
 # The local fast path runs turns in the caller's task: a loop of local calls never
@@ -91,66 +80,6 @@ LONG_SLICE = 0.02
 # no more than COMPACT_MAX remain: the rebuild copies them in one step (a few ms).
 COMPACT_AFTER = 10_000
 COMPACT_MAX = 50_000
-
-
-class Directory(Protocol):
-    """Where actors live: the seam the placement driver's client fills.
-
-    ``lookup`` answers from a cache without waiting (None: not known here);
-    ``resolve`` asks the authority and may wait. Hosts are named by opaque strings;
-    :data:`LOCAL` is this host.
-    """
-
-    def lookup(self, actor_type: str, key: Key) -> str | None: ...
-
-    async def resolve(self, actor_type: str, key: Key) -> str: ...
-
-    def forget(self, actor_type: str, key: Key) -> None:
-        """Drop a cached answer that proved wrong (the host said "wrong host")."""
-
-    def claim(self, actor_type: str, key: Key, ticket: bytes) -> bool:
-        """A peer's request carries the placement ticket its PD lookup returned
-        (``Request.placement``): True if it proves the actor is placed on this host as it
-        is now, which then serves the actor without asking (and records it); False: ask."""
-
-    def released(self, actor_type: str, key: Key) -> None:
-        """The activation of (actor_type, key) on this host ended (it left the catalog):
-        its position may be given back to the authority. Called synchronously; must not
-        block. A new activation of the same key may start right after (calls that
-        queued meanwhile), which :meth:`Runtime.is_active` tells."""
-
-
-class RemoteDelivery(Protocol):
-    """The transport's side of the seam: send a request to another host.
-
-    ``req.args`` are already encoded to CBOR data by the caller's method spec; ``call``
-    returns the decoded result or raises the rebuilt remote error (a one-way request
-    returns None once sent). Hosts reach each other's :meth:`Runtime.serve_request`.
-    A request with ``req.expires`` set has a deadline that no cancel scope of its caller
-    enforces (the default one): ``call`` must raise TimeoutError once ``req.deadline``
-    passes without an answer, as the transport's connections do.
-    """
-
-    async def call(self, host: str, req: Request, spec: MethodSpec) -> Any: ...
-
-
-class LocalDirectory:
-    """A one-host cluster: every actor lives here."""
-
-    def lookup(self, actor_type: str, key: Key) -> str | None:
-        return LOCAL
-
-    async def resolve(self, actor_type: str, key: Key) -> str:
-        return LOCAL
-
-    def forget(self, actor_type: str, key: Key) -> None:
-        pass
-
-    def claim(self, actor_type: str, key: Key, ticket: bytes) -> bool:
-        return True
-
-    def released(self, actor_type: str, key: Key) -> None:
-        pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,7 +135,6 @@ class Runtime:
         self._inline_calls = 0
         self._last_pause = 0.0  # when a task last let others run (see TIME_SLICE)
         self.now = 0.0  # a coarse clock (updated by the collector) for idle bookkeeping
-        self._running = False
         self._draining = False
         self._stopping = False
         self._drained = anyio.Event()
@@ -227,10 +155,8 @@ class Runtime:
         self.clock, self.effective_deadline = fast_clock()
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
-        self._running = True
         self.now = anyio.current_time()
-        self._token = _current_runtime.set(self)
-        _process_runtime.append(self)
+        self._token = started(self)
         self._tg.start_soon(self._collector)
         return self
 
@@ -244,12 +170,8 @@ class Runtime:
             if exc is None:
                 await self.shutdown()
         finally:
-            self._running = False
             self._tg.cancel_scope.cancel()
-            if self in _process_runtime:
-                _process_runtime.remove(self)
-            with contextlib.suppress(ValueError):  # exited in another context
-                _current_runtime.reset(self._token)
+            stopped(self, self._token)
             result = await self._tg.__aexit__(exc_type, exc, tb)
         return result
 
@@ -611,13 +533,13 @@ class Runtime:
             # (which may call back), or another request of it is served here
             exc = ShuttingDownError("this host is shutting down; retry on another host")
             return None if req.one_way else Response(req.request_id, None, error_info(exc))
-        token = _current_runtime.set(self)
+        token = serving(self)
         chains[chain] = chains.get(chain, 0) + 1
         try:
             return await self._serve(req)
         finally:
             self._chain_done(chain)
-            _current_runtime.reset(token)
+            done_serving(token)
 
     async def _serve(self, req: Request) -> Response | None:
         try:
@@ -689,9 +611,7 @@ class Runtime:
     def _served_interfaces(self) -> list[type[ActorInterface]]:
         if self._actors is not None:
             return [iface for impl in self._actors for iface in interfaces_of(impl)]
-        from ._actor import _implementations
-
-        return list(_implementations)
+        return implemented_interfaces()
 
     def _deliver_local(self, call: Call, impl: type[ActorBase]) -> None:
         req = call.req
@@ -809,8 +729,3 @@ def _trim_c_heap() -> None:
 class _NotStarted:
     def start_soon(self, *args: Any, **kwargs: Any) -> None:
         raise RuntimeNotRunningError("the runtime is not started: use `async with Runtime()`")
-
-
-def in_actor() -> bool:
-    """True inside a turn of an actor."""
-    return current_activation.get() is not None

@@ -29,9 +29,7 @@ from typing import Any
 
 import anyio
 
-from koala import ActorBase, ActorInterface, HostConfig, Runtime, one_way
-from koala._messages import Key
-from koala._runtime import LOCAL
+from koala import LOCAL, ActorBase, ActorInterface, HostConfig, Key, Runtime, one_way
 from koala._tls import TLSConfig
 from koala.testing import free_port as free_port
 from koala.transport import Transport, TransportConfig

@@ -37,10 +37,10 @@ from koala import (
     KoalaError,
     Runtime,
     WrongHostError,
+    get_rpc_proxy,
 )
 from koala._interface import MethodSpec
 from koala._messages import Request, rebuild_error
-from koala._proxy import make_proxy
 from koala.pd import ClusterDirectory, MemberConfig, MemoryStore, PDClient
 from koala.pd._api import create_app
 from koala.pd._positions import OwnPositions
@@ -252,7 +252,7 @@ async def _step(c: Cluster, tg: Any, step: Step) -> None:
     key = KEYS[step.key]
     if step.op == "call":
         for _ in range(1 + step.n % 3):
-            tg.start_soon(_quietly, make_proxy(ICell, key, host.rt).poke)
+            tg.start_soon(_quietly, get_rpc_proxy(ICell, key, runtime=host.rt).poke)
     elif step.op == "deactivate":  # wherever it lives
         for other in c.hosts:
             act = other.rt.activation_of(Cell, key)
@@ -388,7 +388,7 @@ async def _live_on_another_host(c: Cluster, key: str, not_on: str) -> str:
         for host in c.hosts:  # no stale cache: the PD places it anew
             host.directory.forget("Cell", key)
         caller = next(h for h in c.hosts if h.name != not_on)  # no cache on not_on then
-        where = await make_proxy(ICell, key, caller.rt).poke()
+        where = await get_rpc_proxy(ICell, key, runtime=caller.rt).poke()
         if where != not_on:
             return where
     raise AssertionError(f"{key} never left {not_on}")
@@ -412,7 +412,7 @@ async def test_a_stale_ticket_is_refused_and_the_model_sees_it_matter(
             monkeypatch.setattr(OwnPositions, "stale", lambda self, ident, revision: False)
         async with cluster() as c:
             with anyio.fail_after(20):
-                first = await make_proxy(ICell, "k0", c.hosts[0].rt).poke()
+                first = await get_rpc_proxy(ICell, "k0", runtime=c.hosts[0].rt).poke()
                 old = await c.hosts[0].pd.find_position("Cell", "k0")
                 assert WORLD.host_of[id(c.hosts[int(first[1])].rt)] == first
                 now = await _live_on_another_host(c, "k0", first)
@@ -446,7 +446,7 @@ async def test_a_forged_ticket_is_refused_and_the_model_sees_it_matter(
             monkeypatch.setattr(ClusterDirectory, "claim", trusting)
         async with cluster() as c:
             with anyio.fail_after(10):
-                where = await make_proxy(ICell, "k0", c.hosts[0].rt).poke()
+                where = await get_rpc_proxy(ICell, "k0", runtime=c.hosts[0].rt).poke()
                 for host in c.hosts:
                     if host.name != where:
                         fake = make_ticket(b"x" * 32, "Cell", "k0", host.directory.server_id, 1)

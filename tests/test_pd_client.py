@@ -11,10 +11,17 @@ from typing import Any
 import anyio
 import pytest
 
-from koala import ActorBase, ActorInterface, ConfigError, HostConfig, Runtime, WrongHostError
+from koala import (
+    LOCAL,
+    ActorBase,
+    ActorInterface,
+    ConfigError,
+    HostConfig,
+    Runtime,
+    WrongHostError,
+    get_rpc_proxy,
+)
 from koala._messages import Request
-from koala._proxy import make_proxy
-from koala._runtime import LOCAL
 from koala.pd import (
     ClusterDirectory,
     MemberConfig,
@@ -94,9 +101,9 @@ async def test_registers_and_owns_its_positions() -> None:
         assert directory.serving
         assert directory.server_id > 0
         assert directory.lookup("Thing", "a") is None
-        assert await make_proxy(IThing, "a", rt).touch() == 1
+        assert await get_rpc_proxy(IThing, "a", runtime=rt).touch() == 1
         assert directory.lookup("Thing", "a") == LOCAL
-        assert await make_proxy(IThing, "a", rt).touch() == 2
+        assert await get_rpc_proxy(IThing, "a", runtime=rt).touch() == 2
         directory.forget("Thing", "a")  # its own positions are not a cache: kept
         assert directory.lookup("Thing", "a") == LOCAL
         assert await directory.resolve("Thing", "a") == LOCAL
@@ -143,13 +150,13 @@ async def test_a_request_with_this_hosts_ticket_is_served_without_asking_the_pd(
 
 async def test_a_deactivated_actor_gives_its_position_back() -> None:
     async with cluster(MemberConfig(ttl=5)) as (pd, rt, directory):
-        assert await make_proxy(IThing, "a", rt).touch() == 1
+        assert await get_rpc_proxy(IThing, "a", runtime=rt).touch() == 1
         first = await directory.pd.find_position("Thing", "a")
         assert not first.created
         act = rt.activation_of(Thing, "a")
         assert act is not None
         act.deactivate_on_idle()
-        assert await make_proxy(IThing, "a", rt).touch() == 2  # the turn that ends it
+        assert await get_rpc_proxy(IThing, "a", runtime=rt).touch() == 2  # the turn that ends it
         with anyio.fail_after(5):
             while directory.statistics().releases < 1:
                 await anyio.sleep(0.01)
@@ -169,15 +176,15 @@ async def test_a_deactivated_actor_gives_its_position_back() -> None:
 
 async def test_an_actor_back_before_its_release_leaves_keeps_its_position() -> None:
     async with cluster(MemberConfig(ttl=5)) as (pd, rt, directory):
-        assert await make_proxy(IThing, "b", rt).touch() == 1
+        assert await get_rpc_proxy(IThing, "b", runtime=rt).touch() == 1
         first = await directory.pd.find_position("Thing", "b")
         act = rt.activation_of(Thing, "b")
         assert act is not None
         act.deactivate_on_idle()
         async with anyio.create_task_group() as tg:
             # the turn that ends it, and a call right behind it: no PD request between
-            tg.start_soon(make_proxy(IThing, "b", rt).touch)
-            tg.start_soon(make_proxy(IThing, "b", rt).touch)
+            tg.start_soon(get_rpc_proxy(IThing, "b", runtime=rt).touch)
+            tg.start_soon(get_rpc_proxy(IThing, "b", runtime=rt).touch)
         await anyio.sleep(0.2)
         assert rt.statistics().activations == 1
         stored = await pd.store.get("/koala/placement/Thing/b")
@@ -231,7 +238,7 @@ async def test_concurrent_first_calls_are_batched_and_placed_once(
         done: list[str] = []
 
         async def first_call(key: str) -> None:
-            assert await make_proxy(IThing, key, rt).touch() >= 1
+            assert await get_rpc_proxy(IThing, key, runtime=rt).touch() >= 1
             done.append(key)
 
         async with anyio.create_task_group() as tg:
@@ -286,7 +293,7 @@ async def test_a_directory_that_is_not_running_refuses_lookups() -> None:
 async def test_renewals_report_load_to_the_pd() -> None:
     async with cluster(MemberConfig(ttl=1)) as (pd, rt, directory):
         for key in "abc":
-            await make_proxy(IThing, key, rt).touch()
+            await get_rpc_proxy(IThing, key, runtime=rt).touch()
         await anyio.sleep(0.8)  # two renewals at TTL/3
         other = PDClient(pd.url)
         try:
@@ -303,7 +310,7 @@ async def test_losing_the_pd_fences_the_host_then_it_rejoins_as_a_new_node() -> 
     config = MemberConfig(ttl=1, rejoin_wait=0.2)
     async with cluster(config) as (pd, rt, directory):
         for key in "abc":
-            await make_proxy(IThing, key, rt).touch()
+            await get_rpc_proxy(IThing, key, runtime=rt).touch()
         first = directory.server_id
         pd.stop()
         with anyio.fail_after(5):
@@ -318,7 +325,7 @@ async def test_losing_the_pd_fences_the_host_then_it_rejoins_as_a_new_node() -> 
         with pytest.raises(WrongHostError, match="lost its lease"):
             await directory.resolve("Thing", "a")
         with pytest.raises(WrongHostError):
-            await make_proxy(IThing, "a", rt).touch()
+            await get_rpc_proxy(IThing, "a", runtime=rt).touch()
         assert rt.statistics().activations == 0
         await pd.start()
         with anyio.fail_after(5):
@@ -327,18 +334,18 @@ async def test_losing_the_pd_fences_the_host_then_it_rejoins_as_a_new_node() -> 
         assert directory.server_id != first
         stats = directory.statistics()
         assert (stats.registrations, stats.fences) == (2, 1)
-        assert await make_proxy(IThing, "a", rt).touch() == 1  # a fresh activation
+        assert await get_rpc_proxy(IThing, "a", runtime=rt).touch() == 1  # a fresh activation
 
 
 async def test_evict_all_keeps_the_runtime_serving() -> None:
     events.clear()
     async with Runtime(HostConfig(shutdown_grace=1), [Thing]) as rt:
         for key in "xy":
-            await make_proxy(IThing, key, rt).touch()
+            await get_rpc_proxy(IThing, key, runtime=rt).touch()
         assert await rt.evict_all(grace=1.0) == 0
         assert sorted(events) == ["deactivate x", "deactivate y"]
         assert rt.statistics().activations == 0
-        assert await make_proxy(IThing, "x", rt).touch() == 1
+        assert await get_rpc_proxy(IThing, "x", runtime=rt).touch() == 1
 
 
 async def test_unreachable_pd_is_a_clear_error() -> None:
@@ -515,7 +522,7 @@ async def test_positions_never_taken_are_given_back_by_the_reconciler() -> None:
     the host's own live ones stay, and the stray one's ticket is refused afterwards."""
     config = MemberConfig(ttl=5, reconcile_interval=0.2, reconcile_grace=0.3)
     async with cluster(config) as (pd, rt, directory):
-        assert await make_proxy(IThing, "live", rt).touch() == 1
+        assert await get_rpc_proxy(IThing, "live", runtime=rt).touch() == 1
         stray = await directory.pd.find_position("Thing", "stray")  # nobody calls it
         assert stray.server_id == directory.server_id
         with anyio.fail_after(10):
@@ -524,7 +531,7 @@ async def test_positions_never_taken_are_given_back_by_the_reconciler() -> None:
         assert await pd.store.get("/koala/placement/Thing/live") is not None
         assert directory.lookup("Thing", "live") == LOCAL
         assert not directory.claim("Thing", "stray", stray.ticket)  # given back
-        assert await make_proxy(IThing, "stray", rt).touch() == 1  # placed anew
+        assert await get_rpc_proxy(IThing, "stray", runtime=rt).touch() == 1  # placed anew
         again = await directory.pd.find_position("Thing", "stray")
         assert again.revision > stray.revision
         await anyio.sleep(0.8)  # passes that find it live leave it alone

@@ -6,8 +6,7 @@ from abc import abstractmethod
 
 import pytest
 
-from koala import ActorBase, ActorInterface, get_rpc_proxy
-from koala._runtime import LOCAL
+from koala import LOCAL, ActorBase, ActorInterface, get_rpc_proxy
 from koala.pd._client import ClusterDirectory
 from koala.pd._run import embedded_host
 from koala.testing import test_config

@@ -100,8 +100,7 @@ async def test_grow_leases_refuses_what_it_must(
 async def test_a_host_asks_for_leases_as_its_positions_grow(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from koala import HostConfig, Runtime
-    from koala._proxy import make_proxy
+    from koala import HostConfig, Runtime, get_rpc_proxy
     from koala.pd import ClusterDirectory, MemberConfig, PDClient
     from koala.pd import _client as client_module
     from koala.pd._api import create_app
@@ -119,14 +118,14 @@ async def test_a_host_asks_for_leases_as_its_positions_grow(
         directory.attach(rt)
         await tg.start(directory.run)
         for i in range(45):
-            await make_proxy(IThing, f"t{i}", rt).touch()
+            await get_rpc_proxy(IThing, f"t{i}", runtime=rt).touch()
         with anyio.fail_after(10):  # renewals every 1/3 s ask for 2 more each time: 4 in all
             while len(directory._position_leases) < 4:
                 await anyio.sleep(0.05)
         await anyio.sleep(0.5)
         assert len(directory._position_leases) == 4  # 45 // 10
         for i in range(45, 80):
-            await make_proxy(IThing, f"t{i}", rt).touch()
+            await get_rpc_proxy(IThing, f"t{i}", runtime=rt).touch()
         leases = {kv.lease for kv in await store.get_prefix("/koala/placement/")}
         assert len(leases) > 2  # new positions go to the new leases too
         assert leases <= {directory.lease_id, *directory._position_leases}

@@ -12,18 +12,19 @@ import anyio
 import pytest
 
 from koala import (
+    LOCAL,
     ActivationState,
     ActorBase,
     ActorInterface,
     ConfigError,
     HostConfig,
+    Key,
     Runtime,
     ShuttingDownError,
     get_rpc_proxy,
 )
 from koala._interface import MethodSpec
-from koala._messages import ErrorCode, Key, Request, new_request_id
-from koala._runtime import LOCAL
+from koala._messages import ErrorCode, Request, new_request_id
 from koala.testing import local_runtime, wait_until
 
 pytestmark = pytest.mark.anyio

@@ -12,8 +12,14 @@ import pytest
 import sniffio
 from anyio.abc import ByteStream, SocketStream
 
-from koala import ConfigError, HostConfig, HostUnavailableError, OverloadedError, Runtime
-from koala._proxy import make_proxy
+from koala import (
+    ConfigError,
+    HostConfig,
+    HostUnavailableError,
+    OverloadedError,
+    Runtime,
+    get_rpc_proxy,
+)
 from koala.testing import fail_if_hangs
 from koala.transport import (
     NEED_DATA,
@@ -47,7 +53,7 @@ PROMPTLY = 8.0
 
 
 def echo(rt: Runtime, key: str = "e") -> IEcho:
-    return make_proxy(IEcho, key, rt)
+    return get_rpc_proxy(IEcho, key, runtime=rt)
 
 
 async def wait_until(check: Callable[[], bool]) -> None:
@@ -185,7 +191,7 @@ async def test_many_concurrent_requests_share_one_connection() -> None:
 
 async def test_reentrancy_across_nodes() -> None:
     async with two_nodes() as (rt1, _, _, t2):
-        pids = await make_proxy(IAlpha, "a", rt1).start(1)
+        pids = await get_rpc_proxy(IAlpha, "a", runtime=rt1).start(1)
         assert len(pids) == 3
         # node 2 called node 1 back over the connection node 1 opened
         assert t2.statistics().connects == 0

@@ -14,8 +14,7 @@ import anyio
 import pytest
 from anyio.abc import Process
 
-from koala import HostUnavailableError
-from koala._proxy import make_proxy
+from koala import HostUnavailableError, get_rpc_proxy
 from koala._tls import CA_ENV, CERT_ENV, KEY_ENV, TLSConfig
 from tests._transport_helpers import SECRET, IAlpha, IEcho, free_port, node, transport_config
 
@@ -91,10 +90,10 @@ async def test_two_processes_and_reentrancy_across_them(
         host_process(p2, placements, backend) as proc2,
         node(placements) as (rt, transport, _),
     ):
-        assert await make_proxy(IEcho, "x", rt).echo("hi") == "hi"
-        assert await make_proxy(IEcho, "x", rt).where() == proc2.pid
+        assert await get_rpc_proxy(IEcho, "x", runtime=rt).echo("hi") == "hi"
+        assert await get_rpc_proxy(IEcho, "x", runtime=rt).where() == proc2.pid
         # A (process 1) -> B (process 2) -> A again (process 1), one call chain
-        pids = await make_proxy(IAlpha, "a", rt).start(1)
+        pids = await get_rpc_proxy(IAlpha, "a", runtime=rt).start(1)
         assert pids == [proc1.pid, proc2.pid, proc1.pid]
         assert transport.statistics().connections == 2
 
@@ -115,7 +114,7 @@ async def test_bursts_from_many_callers_arrive_whole(
 
         async def one(i: int) -> None:
             nonlocal done
-            proxy = make_proxy(IEcho, f"e{i}", rt)
+            proxy = get_rpc_proxy(IEcho, f"e{i}", runtime=rt)
             for j in range(200):
                 text = f"{i}:{j}:" + "x" * (100_000 if j % 50 == 0 else 20)
                 assert await proxy.echo(text) == text
@@ -137,7 +136,7 @@ async def test_killed_peer_fails_pending_calls_at_once(
         host_process(port, {}, backend_name(anyio_backend)) as proc,
         node({"Echo": address}) as (rt, _, _),
     ):
-        echo = make_proxy(IEcho, "x", rt)
+        echo = get_rpc_proxy(IEcho, "x", runtime=rt)
         assert await echo.echo("alive") == "alive"
         failure: list[BaseException] = []
 
@@ -168,13 +167,13 @@ async def test_wrong_secret_across_processes(
         node({"Echo": address}, config=wrong) as (rt, _, _),
     ):
         with pytest.raises(HostUnavailableError, match="secret"):
-            await make_proxy(IEcho, "x", rt).echo("x")
+            await get_rpc_proxy(IEcho, "x", runtime=rt).echo("x")
     right = transport_config(secret=SECRET)
     async with (
         host_process(port, {}, backend_name(anyio_backend), secret=SECRET),
         node({"Echo": address}, config=right) as (rt, _, _),
     ):
-        assert await make_proxy(IEcho, "x", rt).echo("in") == "in"
+        assert await get_rpc_proxy(IEcho, "x", runtime=rt).echo("in") == "in"
 
 
 # ---------------------------------------------------------------- bounded before trust
@@ -203,7 +202,7 @@ async def test_oversized_frames_before_the_handshake_do_not_grow_the_host(
     address = f"127.0.0.1:{port}"
     async with host_process(port, {}, backend_name(anyio_backend)) as proc:
         async with node({"Echo": address}) as (rt, _, _):
-            assert await make_proxy(IEcho, "warm", rt).echo("warm") == "warm"
+            assert await get_rpc_proxy(IEcho, "warm", runtime=rt).echo("warm") == "warm"
         before = memory(proc.pid)
         chunk = b"\x00" * 65536
         sent: list[int] = []
@@ -229,7 +228,7 @@ async def test_oversized_frames_before_the_handshake_do_not_grow_the_host(
         peak = after["VmHWM"] - before["VmRSS"]
         assert peak < 64 * MiB, (before, after)
         async with node({"Echo": address}) as (rt, t, _):  # a real peer still gets in
-            assert await make_proxy(IEcho, "after").echo("after") == "after"
+            assert await get_rpc_proxy(IEcho, "after").echo("after") == "after"
             assert t.statistics().connects == 1
 
 
@@ -264,19 +263,19 @@ async def test_a_flood_of_strangers_keeps_no_peer_out(
         host_process(port, {}, backend_name(anyio_backend)),
         node({"Echo": address}) as (rt0, t0, _),
     ):
-        assert await make_proxy(IEcho, "proven").echo("proven") == "proven"
+        assert await get_rpc_proxy(IEcho, "proven").echo("proven") == "proven"
         async with flood(address, 1100) as said:
             for i in range(12):
                 async with node({"Echo": address}) as (rt, _, _):
                     with anyio.fail_after(3 * PROMPTLY):  # 1,100 strangers share the CPU
                         while True:
                             try:
-                                text = await make_proxy(IEcho, f"new{i}", rt).echo("in")
+                                text = await get_rpc_proxy(IEcho, f"new{i}", runtime=rt).echo("in")
                                 break
                             except HostUnavailableError:  # displaced mid-handshake
                                 await anyio.sleep(0.05)
                     assert text == "in"
-            assert await make_proxy(IEcho, "proven", rt0).echo("kept") == "kept"
+            assert await get_rpc_proxy(IEcho, "proven", runtime=rt0).echo("kept") == "kept"
             assert t0.statistics().connects == 1  # its connection was never dropped
         reopened = [int(line.split()[1]) for line in said if line.startswith("REOPENED")]
         assert len(reopened) == 1

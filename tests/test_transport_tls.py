@@ -10,8 +10,7 @@ import anyio
 import pytest
 from anyio.streams.tls import TLSStream
 
-from koala import ConfigError, HostUnavailableError
-from koala._proxy import make_proxy
+from koala import ConfigError, HostUnavailableError, get_rpc_proxy
 from koala._tls import CA_ENV, CERT_ENV, KEY_ENV, TLSConfig
 from koala.testing.tls import TestCA
 from koala.transport import Transport, TransportConfig
@@ -45,7 +44,7 @@ async def test_a_tls_link_carries_calls_both_ways(ca: TestCA) -> None:
         big = "x" * 1_000_000  # many TLS records each way
         assert await echo(rt1, "big").echo(big) == big
         # A (node 1) -> B (node 2) -> A: node 2 calls back over the same TLS connection
-        assert len(await make_proxy(IAlpha, "a", rt1).start(1)) == 3
+        assert len(await get_rpc_proxy(IAlpha, "a", runtime=rt1).start(1)) == 3
         assert t2.statistics().connects == 0
 
         async def one(i: int) -> None:

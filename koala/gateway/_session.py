@@ -61,7 +61,6 @@ class ClientSession:
     __slots__ = (
         "__weakref__",
         "_closed",
-        "_hub",
         "_opened_on",
         "_outlet",
         "_placement",
@@ -73,7 +72,6 @@ class ClientSession:
 
     def __init__(
         self,
-        hub: ClientHub,
         outlet: Outlet,
         session_id: int,
         actor_type: str,
@@ -81,7 +79,6 @@ class ClientSession:
         metadata: dict[str, str],
         placement: str = "",
     ) -> None:
-        self._hub = hub
         self._outlet = outlet
         self._closed = False
         self._opened_on: Activation | None = None
@@ -252,7 +249,7 @@ class ClientHub:
         if old is not None:  # the same session bound again: a re-bind from the gateway
             old._closed = True
             self._unindex(old)
-        sess = ClientSession(self, outlet, session_id, impl.actor_type, key, metadata, placement)
+        sess = ClientSession(outlet, session_id, impl.actor_type, key, metadata, placement)
         self._sessions[ident] = sess
         self._by_actor.setdefault((impl.actor_type, key), {})[session_id] = sess
 

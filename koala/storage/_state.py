@@ -20,11 +20,13 @@ type). Storage stays optional: actors that declare no PersistentState use none.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
-from .._actor import ActorBase
 from ._errors import StorageError, VersionConflictError
 from ._storage import RecordStore, Storage, _check_key
+
+if TYPE_CHECKING:
+    from .._actor import ActorBase  # annotations only: storage sits below the actors
 
 T = TypeVar("T")
 
