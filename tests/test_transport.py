@@ -13,6 +13,7 @@ import sniffio
 from anyio.abc import ByteStream, SocketStream
 
 from koala import ConfigError, HostConfig, HostUnavailableError, OverloadedError, Runtime
+from koala._net import split_hostport
 from koala._proxy import make_proxy
 from koala.testing import fail_if_hangs
 from koala.transport import (
@@ -28,8 +29,8 @@ from koala.transport import (
     Role,
     Transport,
 )
-from koala.transport._remote import is_loopback, split_address
 from koala.transport._wire import encode
+from tests._hooks import require_hooks
 from tests._transport_helpers import (
     SECRET,
     Echo,
@@ -75,7 +76,7 @@ async def two_nodes(
 @asynccontextmanager
 async def raw_client(address: str) -> AsyncIterator[tuple[SocketStream, Connection]]:
     """A bare socket that completes the handshake by hand."""
-    host, port = split_address(address)
+    host, port = split_hostport(address)
     async with await anyio.connect_tcp(host, port) as stream:
         conn = Connection(Role.CLIENT, cluster_id="koala", node_id="raw")
         await stream.send(conn.initiate())
@@ -332,7 +333,7 @@ async def test_oversized_frame_is_refused_from_its_prefix() -> None:
 
 async def test_garbage_before_the_handshake_is_dropped() -> None:
     async with two_nodes() as (rt1, _, _, t2):
-        host, port = split_address(t2.address)
+        host, port = split_hostport(t2.address)
         async with await anyio.connect_tcp(host, port) as stream:
             await stream.send(b"\x00\x00\x00\x05garbage and more garbage")
             await until_dropped(stream)
@@ -342,7 +343,7 @@ async def test_garbage_before_the_handshake_is_dropped() -> None:
 
 async def test_handshake_timeout_closes_a_mute_connection() -> None:
     async with two_nodes(server_cfg={"handshake_timeout": 0.2}) as (_, _, _, t2):
-        host, port = split_address(t2.address)
+        host, port = split_hostport(t2.address)
         async with await anyio.connect_tcp(host, port) as stream:
             conn = Connection(Role.CLIENT, cluster_id="koala", node_id="mute")
             conn.initiate()  # never sent
@@ -362,7 +363,7 @@ async def test_wrong_secret_is_refused() -> None:
 async def test_failed_authentication_invokes_nothing() -> None:
     Echo.poked.clear()
     async with two_nodes(server_cfg={"secret": SECRET}) as (_, _, _, t2):
-        host, port = split_address(t2.address)
+        host, port = split_hostport(t2.address)
         async with await anyio.connect_tcp(host, port) as stream:
             conn = Connection(Role.CLIENT, cluster_id="koala", node_id="intruder")
             hello = conn.initiate()
@@ -391,7 +392,7 @@ async def test_listening_on_a_public_address_needs_a_secret() -> None:
 async def test_listeners_bind_loopback_by_default() -> None:
     async with Transport(transport_config()) as t:
         address = await t.listen()
-        assert split_address(address)[0] == "127.0.0.1"
+        assert split_hostport(address)[0] == "127.0.0.1"
 
 
 async def test_server_side_in_flight_bound() -> None:
@@ -437,16 +438,6 @@ async def test_nothing_leaks_after_many_connections() -> None:
                 await read_until_closed(stream, conn)
         await wait_until(lambda: t2.statistics().connections == 0)
         assert t2.statistics().serving == 0
-
-
-def test_is_loopback() -> None:
-    assert is_loopback("127.0.0.1")
-    assert is_loopback("::1")
-    assert is_loopback("::ffff:127.0.0.1")
-    assert is_loopback("localhost")
-    assert not is_loopback("10.0.0.1")
-    assert not is_loopback("0.0.0.0")
-    assert not is_loopback("example.com")
 
 
 class _GatedStream(anyio.abc.ByteStream):
@@ -562,6 +553,7 @@ def _pipe_of(ch: Any) -> Any:
     if sniffio.current_async_library() == "trio":
         assert ch._pipe is None
         pytest.skip("trio channels keep their stream: there is no transport to take over")
+    require_hooks("asyncio_pipe")
     assert ch._pipe is not None
     return ch._pipe
 
