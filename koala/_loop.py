@@ -356,7 +356,9 @@ def hold_reads(stream: Any) -> None:
     A stream anyio has just connected reads whatever arrives until a ``receive()``
     finds nothing queued, so the node dialled could have megabytes read before its
     WELCOME is checked. Paused, it reads only inside ``receive()``, which resumes
-    reading while it waits. Nothing to do on trio, which reads only when asked."""
+    reading while it waits. (Inbound connections never get such a stream before they
+    are proven: see ``transport._accept``.) Nothing to do on trio, which reads only
+    when asked."""
     if _forced_off or not _on_asyncio():
         return
     transport = _pausable(stream)

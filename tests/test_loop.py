@@ -91,6 +91,21 @@ async def test_the_runtime_finds_the_scope_marker_and_fast_clock() -> None:
             assert rt.effective_deadline() == scope.deadline
 
 
+async def test_the_asyncio_marker_works_through_the_public_current_task(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # what runs on Python 3.12 and later, or where asyncio's task table is not found
+    if _loop.running_backend() == "trio" or _loop.forced_off():
+        pytest.skip("the asyncio marker, with its hooks on")
+    monkeypatch.setattr(_loop, "_current_tasks", lambda loop: None)
+    marker = _loop.scope_marker()
+    assert marker is not None
+    outer = marker()
+    with anyio.CancelScope() as scope:  # noqa: ASYNC100
+        assert marker() is scope
+    assert marker() is outer
+
+
 async def test_forced_off_every_hook_takes_its_public_fallback(forced_off: None) -> None:
     assert _loop.scope_marker() is None
     clock, deadline = _loop.fast_clock()

@@ -548,12 +548,16 @@ async def test_bursts_of_large_frames_and_heartbeats_keep_the_connection() -> No
 # ---------------------------------------------------------------- direct I/O (asyncio)
 
 
-def _pipe_of(ch: Any) -> Any:
-    """The channel's taken-over transport: there on asyncio, never on trio."""
+def _require_pipe() -> None:
+    """Skip (before any task group, so the reason shows) unless channels take their
+    transport over: on asyncio with its loop hook, never on trio."""
     if sniffio.current_async_library() == "trio":
-        assert ch._pipe is None
         pytest.skip("trio channels keep their stream: there is no transport to take over")
     require_hooks("asyncio_pipe")
+
+
+def _pipe_of(ch: Any) -> Any:
+    """The channel's taken-over transport (see _require_pipe)."""
     assert ch._pipe is not None
     return ch._pipe
 
@@ -574,6 +578,7 @@ class _CountingTransport:
 
 
 async def test_direct_io_coalesces_a_burst_into_few_writes() -> None:
+    _require_pipe()
     async with two_nodes() as (rt1, t1, _, t2):
         assert await echo(rt1).echo("warm") == "warm"
         ch = await t1.channel(t2.address)
@@ -590,6 +595,7 @@ async def test_direct_io_coalesces_a_burst_into_few_writes() -> None:
 
 
 async def test_direct_io_a_frame_held_by_a_full_buffer_is_retried_elsewhere() -> None:
+    _require_pipe()
     async with two_nodes() as (rt1, t1, _, t2):
         assert await echo(rt1).echo("warm") == "warm"
         ch = await t1.channel(t2.address)
@@ -614,6 +620,7 @@ async def test_direct_io_a_frame_held_by_a_full_buffer_is_retried_elsewhere() ->
 
 
 async def test_direct_io_refuses_control_frames_past_the_bound() -> None:
+    _require_pipe()
     async with two_nodes() as (rt1, t1, _, t2):
         assert await echo(rt1).echo("warm") == "warm"
         ch = await t1.channel(t2.address)
@@ -670,6 +677,7 @@ async def test_direct_io_a_frame_the_closed_transport_refuses_is_not_written() -
 
 
 async def test_direct_io_a_call_waiting_for_room_ends_at_its_default_deadline() -> None:
+    _require_pipe()
     quick = HostConfig(default_timeout=0.3, collection_interval=0.05, shutdown_grace=2.0)
     async with node() as (_, t2, _), node({"Echo": t2.address}, host=quick) as (rt1, t1, _):
         assert await echo(rt1).echo("warm") == "warm"
