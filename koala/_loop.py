@@ -202,11 +202,11 @@ def _current_tasks(loop: asyncio.AbstractEventLoop) -> dict[Any, Any] | None:
     later versions (the public function is cheap there), or when it is not found."""
     if _forced_off or not BY_NAME["asyncio_current_task"].applies():
         return None
-    why = _probe_current_tasks(loop)
-    if isinstance(why, str):
-        _missing("asyncio_current_task", why)
+    found = _probe_current_tasks(loop)
+    if isinstance(found, str):
+        _missing("asyncio_current_task", found)
         return None
-    return why
+    return found
 
 
 def _probe_current_tasks(loop: asyncio.AbstractEventLoop) -> dict[Any, Any] | str:
@@ -244,6 +244,8 @@ def scope_marker() -> Callable[[], object] | None:
     try:
         backend = sniffio.current_async_library()
     except sniffio.AsyncLibraryNotFoundError:
+        return None
+    if backend not in ("asyncio", "trio"):
         return None
     found = _make_marker(backend)
     if isinstance(found, str):
@@ -497,6 +499,19 @@ async def _probe() -> dict[str, str]:
             found["asyncio_current_task"] = tasks if isinstance(tasks, str) else ""
         deadline = _asyncio_deadline()
         found["asyncio_deadline"] = deadline if isinstance(deadline, str) else ""
+    stream_hooks = ["trio_lone_write"] if trio else ["asyncio_pipe", "asyncio_hold_reads"]
+    try:
+        found.update(await _probe_streams(trio))
+    except OSError as exc:  # no loopback here: the stream hooks cannot be seen
+        found.update(
+            {name: f"no loopback connection to probe with: {exc!r}" for name in stream_hooks}
+        )
+    return found
+
+
+async def _probe_streams(trio: bool) -> dict[str, str]:
+    """The stream hooks, tried on a loopback connection of this backend."""
+    found: dict[str, str] = {}
     async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
         port = listener.extra(SocketAttribute.local_port)
         async with await anyio.connect_tcp("127.0.0.1", port) as stream:
