@@ -17,7 +17,9 @@ suspended inside it, a scope entered now would sit inside it in the task's scope
 and corrupt it. :func:`scope_marker` tells the two cases apart: it names the task's
 innermost cancel scope, so the caller compares it before and after the first step.
 anyio and trio keep that scope in private attributes; when they are not where this
-module looks, ``scope_marker`` is None and callers enter their scope up front.
+module looks, ``scope_marker`` is None and callers enter their scope up front. Those
+lookups live in :mod:`koala._loop`, with every other use of a dependency's internals;
+``scope_marker`` and ``fast_clock`` are re-exported here for the modules that use both.
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ import types
 from collections.abc import Callable, Coroutine, Generator, Hashable
 from contextvars import ContextVar
 from typing import Any
-from weakref import ref
 
 import anyio
-import sniffio
+
+from ._loop import fast_clock as fast_clock
+from ._loop import scope_marker as scope_marker
 
 _UNSET: Any = object()
 
@@ -43,65 +46,6 @@ MAX_TRACKED_METHODS = 4096
 # The deadline of a turn that has not suspended yet, so no cancel scope carries it; the
 # runtime reads it through koala.current_deadline() and gives it to calls the turn makes.
 lazy_deadline: ContextVar[float] = ContextVar("koala_lazy_deadline", default=math.inf)
-
-
-def _trio_marker() -> Callable[[], object]:
-    from trio.lowlevel import current_task
-
-    return lambda: current_task()._cancel_status
-
-
-def _asyncio_marker() -> Callable[[], object]:
-    from asyncio import get_running_loop
-    from asyncio.tasks import _current_tasks  # type: ignore[attr-defined]  # loop -> task
-
-    from anyio._backends._asyncio import _task_states
-
-    states: dict[Any, Any] = _task_states.data  # type: ignore[attr-defined]  # by weakref
-    no_state = _NoState()
-    # the task running on this loop, without asyncio.current_task(), which looks the
-    # loop up with a getpid() system call on Python 3.11, on every call
-    loop = get_running_loop()
-    current: dict[Any, Any] = _current_tasks
-
-    def marker() -> object:
-        return states.get(ref(current[loop]), no_state).cancel_scope
-
-    return marker
-
-
-class _NoState:
-    cancel_scope = None
-
-
-def scope_marker() -> Callable[[], object] | None:
-    """For the running backend, a function naming the current task's innermost cancel
-    scope (an opaque object, compared by identity), or None if it cannot be known."""
-    try:
-        trio = sniffio.current_async_library() == "trio"
-        marker = _trio_marker() if trio else _asyncio_marker()
-        marker()
-    except (ImportError, AttributeError, TypeError, KeyError, sniffio.AsyncLibraryNotFoundError):
-        return None
-    return marker
-
-
-def fast_clock() -> tuple[Callable[[], float], Callable[[], float]]:
-    """``(current_time, current_effective_deadline)`` for the running backend, without
-    anyio's per-call backend lookup (about 1 µs each, measured); anyio's own functions
-    where the backend's are not found."""
-    try:
-        if sniffio.current_async_library() == "trio":
-            import trio
-
-            return trio.current_time, trio.current_effective_deadline
-        from asyncio import get_running_loop
-
-        from anyio._backends._asyncio import AsyncIOBackend
-
-        return get_running_loop().time, AsyncIOBackend.current_effective_deadline
-    except (ImportError, AttributeError, sniffio.AsyncLibraryNotFoundError):
-        return anyio.current_time, anyio.current_effective_deadline
 
 
 def first_step(coro: Coroutine[Any, Any, Any]) -> tuple[Any, Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import os
 import signal
@@ -17,19 +16,11 @@ import anyio
 from . import _backend
 from ._config import HostConfig
 from ._errors import ConfigError, KoalaError
+from ._net import is_loopback
 from ._tls import TLSConfig
 from .http import add_error_handlers, parse_hostport, serve_asgi
 
 log = logging.getLogger("koala.cli")
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 MIN_PUBLIC_GATEWAY_KEY = 16  # characters of KOALA_GATEWAY_KEY for a gateway beyond loopback
@@ -43,7 +34,7 @@ def check_bind(host: str, what: str, *, gateway: bool = False) -> None:
     real one (not the development key, at least ``MIN_PUBLIC_GATEWAY_KEY`` characters),
     and never the cluster secret, which a public endpoint should not hold.
     """
-    if _is_loopback(host):
+    if is_loopback(host):
         return
     if gateway:
         from .gateway._config import DEV_KEY, KEY_ENV

@@ -32,6 +32,7 @@ from ._errors import (
     ShuttingDownError,
     WrongHostError,
 )
+from ._net import split_hostport
 from ._tls import TLSConfig
 
 log = logging.getLogger("koala.http")
@@ -150,11 +151,13 @@ def add_error_handlers(app: Any) -> None:
 
 
 def parse_hostport(value: str, what: str = "address") -> tuple[str, int]:
-    """'HOST:PORT' -> (host, port); a clear error for anything else."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"{what} must look like HOST:PORT (e.g. 127.0.0.1:8000), got {value!r}")
-    return host.strip("[]"), int(port)
+    """'HOST:PORT' -> (host, port); a ConfigError naming ``what`` for anything else."""
+    try:
+        return split_hostport(value)
+    except ValueError as exc:
+        raise ConfigError(
+            f"{what} must look like HOST:PORT (e.g. 127.0.0.1:8000 or [::1]:8000): {exc}"
+        ) from None
 
 
 def _bind_socket(host: str, port: int) -> socket.socket:

@@ -151,7 +151,7 @@ def _env(monkeypatch: pytest.MonkeyPatch, secret: str | None, key: str | None) -
             monkeypatch.setenv(name, value)
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost", "127.0.0.2"])
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost", "127.0.0.2", "::ffff:127.0.0.1"])
 def test_loopback_needs_nothing(monkeypatch: pytest.MonkeyPatch, host: str) -> None:
     _env(monkeypatch, None, None)
     check_bind(host, "--listen")

@@ -13,6 +13,7 @@ import pytest
 from koala import ActorBase, ActorInterface, current_deadline, get_rpc_proxy, one_way
 from koala._drive import MAX_TRACKED_METHODS, run_under_deadline
 from koala.testing import fail_if_hangs, local_runtime, wait_until
+from tests._hooks import require_scope_marker
 
 pytestmark = pytest.mark.anyio
 
@@ -232,6 +233,7 @@ async def test_nested_inline_turns_share_the_outer_default_deadline() -> None:
 
 
 async def test_a_turn_suspending_in_its_own_scope_makes_its_method_scoped() -> None:
+    require_scope_marker()  # without it every turn enters the default deadline's scope
     async with local_runtime(GateImpl, default_timeout=0.3) as rt:
         proxy = get_rpc_proxy(IGate, "g2")
         for _ in range(WARM):

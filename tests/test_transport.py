@@ -20,6 +20,7 @@ from koala import (
     Runtime,
     get_rpc_proxy,
 )
+from koala._net import split_hostport
 from koala.testing import fail_if_hangs
 from koala.transport import (
     NEED_DATA,
@@ -34,8 +35,8 @@ from koala.transport import (
     Role,
     Transport,
 )
-from koala.transport._remote import is_loopback, split_address
 from koala.transport._wire import encode
+from tests._hooks import require_hooks
 from tests._transport_helpers import (
     SECRET,
     Echo,
@@ -81,7 +82,7 @@ async def two_nodes(
 @asynccontextmanager
 async def raw_client(address: str) -> AsyncIterator[tuple[SocketStream, Connection]]:
     """A bare socket that completes the handshake by hand."""
-    host, port = split_address(address)
+    host, port = split_hostport(address)
     async with await anyio.connect_tcp(host, port) as stream:
         conn = Connection(Role.CLIENT, cluster_id="koala", node_id="raw")
         await stream.send(conn.initiate())
@@ -338,7 +339,7 @@ async def test_oversized_frame_is_refused_from_its_prefix() -> None:
 
 async def test_garbage_before_the_handshake_is_dropped() -> None:
     async with two_nodes() as (rt1, _, _, t2):
-        host, port = split_address(t2.address)
+        host, port = split_hostport(t2.address)
         async with await anyio.connect_tcp(host, port) as stream:
             await stream.send(b"\x00\x00\x00\x05garbage and more garbage")
             await until_dropped(stream)
@@ -348,7 +349,7 @@ async def test_garbage_before_the_handshake_is_dropped() -> None:
 
 async def test_handshake_timeout_closes_a_mute_connection() -> None:
     async with two_nodes(server_cfg={"handshake_timeout": 0.2}) as (_, _, _, t2):
-        host, port = split_address(t2.address)
+        host, port = split_hostport(t2.address)
         async with await anyio.connect_tcp(host, port) as stream:
             conn = Connection(Role.CLIENT, cluster_id="koala", node_id="mute")
             conn.initiate()  # never sent
@@ -368,7 +369,7 @@ async def test_wrong_secret_is_refused() -> None:
 async def test_failed_authentication_invokes_nothing() -> None:
     Echo.poked.clear()
     async with two_nodes(server_cfg={"secret": SECRET}) as (_, _, _, t2):
-        host, port = split_address(t2.address)
+        host, port = split_hostport(t2.address)
         async with await anyio.connect_tcp(host, port) as stream:
             conn = Connection(Role.CLIENT, cluster_id="koala", node_id="intruder")
             hello = conn.initiate()
@@ -397,7 +398,7 @@ async def test_listening_on_a_public_address_needs_a_secret() -> None:
 async def test_listeners_bind_loopback_by_default() -> None:
     async with Transport(transport_config()) as t:
         address = await t.listen()
-        assert split_address(address)[0] == "127.0.0.1"
+        assert split_hostport(address)[0] == "127.0.0.1"
 
 
 async def test_server_side_in_flight_bound() -> None:
@@ -443,16 +444,6 @@ async def test_nothing_leaks_after_many_connections() -> None:
                 await read_until_closed(stream, conn)
         await wait_until(lambda: t2.statistics().connections == 0)
         assert t2.statistics().serving == 0
-
-
-def test_is_loopback() -> None:
-    assert is_loopback("127.0.0.1")
-    assert is_loopback("::1")
-    assert is_loopback("::ffff:127.0.0.1")
-    assert is_loopback("localhost")
-    assert not is_loopback("10.0.0.1")
-    assert not is_loopback("0.0.0.0")
-    assert not is_loopback("example.com")
 
 
 class _GatedStream(anyio.abc.ByteStream):
@@ -563,11 +554,16 @@ async def test_bursts_of_large_frames_and_heartbeats_keep_the_connection() -> No
 # ---------------------------------------------------------------- direct I/O (asyncio)
 
 
-def _pipe_of(ch: Any) -> Any:
-    """The channel's taken-over transport: there on asyncio, never on trio."""
+def _require_pipe() -> None:
+    """Skip (before any task group, so the reason shows) unless channels take their
+    transport over: on asyncio with its loop hook, never on trio."""
     if sniffio.current_async_library() == "trio":
-        assert ch._pipe is None
         pytest.skip("trio channels keep their stream: there is no transport to take over")
+    require_hooks("asyncio_pipe")
+
+
+def _pipe_of(ch: Any) -> Any:
+    """The channel's taken-over transport (see _require_pipe)."""
     assert ch._pipe is not None
     return ch._pipe
 
@@ -588,6 +584,7 @@ class _CountingTransport:
 
 
 async def test_direct_io_coalesces_a_burst_into_few_writes() -> None:
+    _require_pipe()
     async with two_nodes() as (rt1, t1, _, t2):
         assert await echo(rt1).echo("warm") == "warm"
         ch = await t1.channel(t2.address)
@@ -604,6 +601,7 @@ async def test_direct_io_coalesces_a_burst_into_few_writes() -> None:
 
 
 async def test_direct_io_a_frame_held_by_a_full_buffer_is_retried_elsewhere() -> None:
+    _require_pipe()
     async with two_nodes() as (rt1, t1, _, t2):
         assert await echo(rt1).echo("warm") == "warm"
         ch = await t1.channel(t2.address)
@@ -628,6 +626,7 @@ async def test_direct_io_a_frame_held_by_a_full_buffer_is_retried_elsewhere() ->
 
 
 async def test_direct_io_refuses_control_frames_past_the_bound() -> None:
+    _require_pipe()
     async with two_nodes() as (rt1, t1, _, t2):
         assert await echo(rt1).echo("warm") == "warm"
         ch = await t1.channel(t2.address)
@@ -684,6 +683,7 @@ async def test_direct_io_a_frame_the_closed_transport_refuses_is_not_written() -
 
 
 async def test_direct_io_a_call_waiting_for_room_ends_at_its_default_deadline() -> None:
+    _require_pipe()
     quick = HostConfig(default_timeout=0.3, collection_interval=0.05, shutdown_grace=2.0)
     async with node() as (_, t2, _), node({"Echo": t2.address}, host=quick) as (rt1, t1, _):
         assert await echo(rt1).echo("warm") == "warm"

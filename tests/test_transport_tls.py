@@ -11,10 +11,10 @@ import pytest
 from anyio.streams.tls import TLSStream
 
 from koala import ConfigError, HostUnavailableError, get_rpc_proxy
+from koala._net import split_hostport
 from koala._tls import CA_ENV, CERT_ENV, KEY_ENV, TLSConfig
 from koala.testing.tls import TestCA
 from koala.transport import Transport, TransportConfig
-from koala.transport._remote import split_address
 from tests._transport_helpers import SECRET, IAlpha, free_port, node, transport_config
 from tests.test_transport import echo, two_nodes, until_dropped, wait_until
 from tests.test_transport_processes import backend_name, host_process
@@ -119,7 +119,7 @@ async def test_a_stranger_in_its_tls_handshake_is_held_as_one(ca: TestCA) -> Non
         _,
         t2,
     ):
-        host, port = split_address(t2.address)
+        host, port = split_hostport(t2.address)
         async with await anyio.connect_tcp(host, port) as stream:
             await stream.send(b"\x16\x03\x01")  # a TLS record begun, never finished
             await wait_until(lambda: t2.statistics().unauthenticated == 1)
@@ -131,7 +131,7 @@ async def test_a_stranger_in_its_tls_handshake_is_held_as_one(ca: TestCA) -> Non
 async def test_mutual_tls_alone_may_bind_beyond_loopback(ca: TestCA) -> None:
     async with Transport(transport_config(tls=ca.issue("public"))) as t:
         address = await t.listen("0.0.0.0", 0)
-        assert split_address(address)[0] == "0.0.0.0"
+        assert split_hostport(address)[0] == "0.0.0.0"
     async with Transport(transport_config(tls=ca.trust_only())) as t:
         with pytest.raises(ConfigError, match="no certificate of its own"):
             await t.listen()

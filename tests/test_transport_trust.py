@@ -13,9 +13,9 @@ import pytest
 from anyio.abc import SocketStream
 
 from koala import ConfigError
+from koala._net import split_hostport
 from koala.transport import CloseCode, Connection, Role, TransportConfig
 from koala.transport._protocol import MAX_HANDSHAKE_FRAME
-from koala.transport._remote import split_address
 from tests._transport_helpers import node, transport_config
 from tests.test_transport import (
     PROMPTLY,
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.anyio
 @asynccontextmanager
 async def strangers(address: str, count: int) -> AsyncIterator[list[SocketStream]]:
     """``count`` connections that never say a word."""
-    host, port = split_address(address)
+    host, port = split_hostport(address)
     streams: list[SocketStream] = []
     try:
         for _ in range(count):
@@ -45,7 +45,7 @@ async def strangers(address: str, count: int) -> AsyncIterator[list[SocketStream
 
 async def test_an_oversized_frame_before_hello_is_refused_from_its_prefix() -> None:
     async with two_nodes() as (rt1, _, _, t2):
-        host, port = split_address(t2.address)
+        host, port = split_hostport(t2.address)
         async with await anyio.connect_tcp(host, port) as stream:
             conn = Connection(Role.CLIENT, cluster_id="koala", node_id="stranger")
             conn.initiate()  # to read the server's CLOSE with it; never sent
@@ -93,7 +93,7 @@ async def test_a_flood_of_idle_strangers_keeps_no_peer_out() -> None:
 
 async def test_the_handshake_timeout_closes_a_stranger_that_sends_a_frame_slowly() -> None:
     async with two_nodes(server_cfg={"handshake_timeout": 0.5}) as (_, _, _, t2):
-        host, port = split_address(t2.address)
+        host, port = split_hostport(t2.address)
         async with await anyio.connect_tcp(host, port) as stream:
             conn = Connection(Role.CLIENT, cluster_id="koala", node_id="slow")
             hello = conn.initiate()

@@ -31,7 +31,7 @@ from typing import Any
 
 import anyio
 import sniffio
-from anyio.abc import ByteStream, SocketAttribute, TaskGroup, TaskStatus
+from anyio.abc import ByteStream, TaskGroup, TaskStatus
 
 from .._drive import (
     SYNC_METHOD_CALLS,
@@ -50,6 +50,7 @@ from .._errors import (
     KoalaError,
     OverloadedError,
 )
+from .._loop import trio_socket
 from .._messages import ErrorCode, error_info
 from .._messages import Request as CallRequest
 from .._messages import Response as CallResponse
@@ -79,8 +80,7 @@ log = logging.getLogger("koala.transport")
 Handler = Callable[[CallRequest], Coroutine[Any, Any, CallResponse | None]]
 EventHandler = Callable[["Channel", Event], None]
 
-COALESCE_BYTES = 256 * 1024
-_TRIO_STREAMS = "anyio._backends._trio"  # a burst larger than this is written in several sends
+COALESCE_BYTES = 256 * 1024  # a burst larger than this is written in several sends
 
 
 class NotSent(KoalaError):
@@ -327,14 +327,9 @@ class Channel:
     def _raw_socket(self) -> socket.socket | None:
         """On trio, the stream's socket, to write a lone frame to it directly: trio keeps
         no buffer of its own, so bytes written here stay in order with its sends."""
-        if (
-            not self.config.direct_io
-            or self.config.tls is not None  # the bytes must go through TLS
-            or type(self.stream).__module__ != _TRIO_STREAMS
-        ):
+        if not self.config.direct_io or self.config.tls is not None:  # TLS: bytes go through it
             return None
-        raw = self.stream.extra(SocketAttribute.raw_socket, None)
-        return raw if isinstance(raw, socket.socket) else None
+        return trio_socket(self.stream)  # None unless it is anyio's plain trio stream
 
     def _received(self, data: bytes | bytearray | memoryview) -> None:
         """The pipe's bytes (b"": the peer closed its side)."""

@@ -15,8 +15,9 @@ by the transport's write-buffer limits, with the frames held for the next write
 counted in: above them the pipe is paused and writers wait.
 
 Taking the transport over relies on where anyio keeps it (``_transport``,
-``_protocol.read_queue``); :func:`takeover` returns None when those are not there, and
-the channel keeps using the stream.
+``_protocol.read_queue``), which only ``koala._loop`` knows; :func:`takeover` returns
+None when it is not there (or ``KOALA_NO_LOOP_HOOKS`` is set), and the channel keeps
+using the stream.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from typing import Any
 
 import anyio
 import sniffio
+
+from .._loop import hold_reads as hold_reads
+from .._loop import take_transport
 
 # Above this many bytes buffered in the transport, writers wait (the peer is slow).
 HIGH_WATER = 1024 * 1024
@@ -182,32 +186,6 @@ class Pipe(asyncio.BufferedProtocol):
             self.loop.call_later(1.0, self.transport.abort)
 
 
-def hold_reads(stream: Any) -> None:
-    """Keep anyio's asyncio ``stream`` from reading ahead of its ``receive()`` calls.
-
-    A stream anyio has just connected reads whatever arrives until a ``receive()``
-    finds nothing queued, so the node dialled could have megabytes read before its
-    WELCOME is checked. Paused, it reads only inside ``receive()``, which resumes
-    reading while it waits. (Inbound connections never get such a stream before they
-    are proven: see ``_accept``.) Nothing to do on trio, which reads only when asked."""
-    transport: Any = getattr(stream, "_transport", None)
-    pause = getattr(transport, "pause_reading", None)
-    if callable(pause) and not transport.is_closing():
-        pause()
-
-
-_TRANSPORT_METHODS = (
-    "write",
-    "close",
-    "abort",
-    "is_closing",
-    "set_protocol",
-    "resume_reading",
-    "get_write_buffer_size",
-    "set_write_buffer_limits",
-)
-
-
 def takeover(
     stream: Any,
     on_data: Callable[[Data], None],
@@ -216,22 +194,11 @@ def takeover(
 ) -> tuple[Pipe, bytes] | None:
     """Take the asyncio transport of anyio's socket ``stream`` over (call it from a task,
     between two receives): the pipe and the bytes anyio had read but not handed out.
-    None on trio, or when anyio keeps its transport elsewhere than expected."""
-    transport: Any = getattr(stream, "_transport", None)
-    protocol = getattr(stream, "_protocol", None)
-    queue = getattr(protocol, "read_queue", None)
-    if not isinstance(queue, deque) or not all(
-        hasattr(transport, name) for name in _TRANSPORT_METHODS
-    ):  # (uvloop's transports are not asyncio.Transport subclasses)
+    None on trio, or when the transport cannot be had (see ``koala._loop``)."""
+    taken = take_transport(stream)
+    if taken is None:
         return None
-    if (
-        transport.is_closing()
-        or getattr(protocol, "is_at_eof", True)
-        or getattr(protocol, "exception", True) is not None
-    ):
-        return None
-    leftover = b"".join(queue)
-    queue.clear()
+    transport, leftover = taken
     pipe = Pipe(transport, on_data, on_lost, on_written)
     transport.set_protocol(pipe)
     transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)

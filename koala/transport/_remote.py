@@ -22,7 +22,6 @@ A proven peer's connection is never dropped for a stranger.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 import socket
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from anyio.streams.tls import TLSStream
 from .._errors import ConfigError, HostUnavailableError
 from .._messages import Request as CallRequest
 from .._messages import rebuild_error
+from .._net import is_loopback, join_hostport, split_hostport
 from ._accept import StrangerStream, accept_forever
 from ._channel import Channel, EventHandler, Handler, NotSent
 from ._config import TransportConfig
@@ -65,30 +65,6 @@ if TYPE_CHECKING:
     from .._interface import MethodSpec
 
 log = logging.getLogger("koala.transport")
-
-
-def split_address(address: str) -> tuple[str, int]:
-    """ "host:port" or "[v6]:port" -> (host, port); ValueError with the reason."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ValueError(f"{address!r} is not a host:port address")
-    return host.strip("[]"), int(port)
-
-
-def join_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,7 +218,7 @@ class Transport:
         listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
         self._listeners.append(listener)
         bound = listener.extra(SocketAttribute.local_address)
-        address = join_address(str(bound[0]), int(bound[1]))
+        address = join_hostport(str(bound[0]), int(bound[1]))
         if not self.address:
             self.address = address
         for one in getattr(listener, "listeners", [listener]):  # a MultiListener, or one
@@ -452,7 +428,7 @@ class Transport:
 
     async def _dial(self, address: str) -> Channel:
         cfg = self.config
-        host, port = split_address(address)
+        host, port = split_hostport(address)
         with anyio.fail_after(cfg.connect_timeout):
             raw = await anyio.connect_tcp(host, port)
         stream: ByteStream = raw
