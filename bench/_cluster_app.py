@@ -45,15 +45,38 @@ async def lookups() -> dict[str, int]:
 
 
 @app.post("/probe")
-async def probe(prefix: str, seconds: float, concurrency: int) -> dict[str, Any]:
+async def probe(prefix: str, seconds: float, concurrency: int, rate: float = 0.0) -> dict[str, Any]:
     """First calls to new actors from ``concurrency`` tasks for ``seconds``: each call's
-    start (seconds since the probe began) and latency (ms), or its error."""
+    start (seconds since the probe began) and latency (ms), or its error.
+
+    ``rate`` > 0: an open loop instead, one call every 1/rate s whatever the answers
+    (at most ``concurrency`` in flight), each latency counted from when the call was
+    due, so a stall shows in full without the probe's own queueing driving it."""
     import anyio
 
     samples: list[tuple[float, float]] = []
     errors: list[tuple[float, str]] = []
     start = anyio.current_time()
     counter = iter(range(10**9))
+    if rate > 0:
+        slots = anyio.Semaphore(concurrency)
+
+        async def one(due: float) -> None:
+            async with slots:
+                try:
+                    await get_rpc_proxy(IPlaced, f"{prefix}-{next(counter)}").hello()
+                except Exception as exc:
+                    errors.append((due - start, type(exc).__name__))
+                    return
+            samples.append((due - start, (anyio.current_time() - due) * 1000))
+
+        async with anyio.create_task_group() as tg:
+            due = start
+            while due - start < seconds:
+                await anyio.sleep_until(due)
+                tg.start_soon(one, due)
+                due += 1.0 / rate
+        return {"samples": samples, "errors": errors}
 
     async def caller() -> None:
         while anyio.current_time() - start < seconds:

@@ -38,7 +38,7 @@ def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(len(values) * q))]
 
 
-def measure(loop: str, count: int, per_lease: int) -> dict[str, Any]:
+def measure(loop: str, count: int, per_lease: int, rate: float = 0.0) -> dict[str, Any]:
     cluster = BenchCluster(loop)
     flags = ("--ttl", str(TTL), "--positions-per-lease", str(per_lease))
     app = "bench/_cluster_app.py"
@@ -60,7 +60,8 @@ def measure(loop: str, count: int, per_lease: int) -> dict[str, Any]:
             params: dict[str, str | float | int] = {
                 "prefix": "probe",
                 "seconds": BEFORE + AFTER,
-                "concurrency": 10,
+                "concurrency": 10 if not rate else 100,
+                "rate": rate,
             }
             url = f"http://127.0.0.1:{ports[0]}/probe"
             result.update(httpx.post(url, params=params, timeout=600).json())
@@ -76,6 +77,7 @@ def measure(loop: str, count: int, per_lease: int) -> dict[str, Any]:
         after = [ms for t, ms in samples if t >= BEFORE]
         return {
             "count": count,
+            "rate": rate,
             "per_lease": per_lease,
             "place_s": placed,
             "before": before,
@@ -90,6 +92,7 @@ def report(loop: str, runs: list[dict[str, Any]]) -> str:
     lines = [f"{loop}: first calls on the survivors while a host holding positions dies"]
     for r in runs:
         how = "one lease" if not r["per_lease"] else f"leases of {r['per_lease']:,} keys"
+        how += f", {r['rate']:g}/s paced" if r["rate"] else ", 10 callers"
         b, a = r["before"], r["after"]
         lines.append(
             f"  {r['count']:>9,} positions, {how:22} before p50 {_pct(b, 0.5):6.1f} p99 "
@@ -107,9 +110,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--loop", default="asyncio", choices=["asyncio", "uvloop", "trio"])
     parser.add_argument("--count", type=int, default=0, help="positions on the host that dies")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="first calls per second, paced (an open loop); default: 10 callers back to back, "
+        "which keeps the PD saturated",
+    )
     args = parser.parse_args()
     count = args.count or (20_000 if args.quick else 200_000)
-    runs = [measure(args.loop, count, per_lease) for per_lease in (0, 4096)]
+    runs = [measure(args.loop, count, per_lease, args.rate) for per_lease in (0, 4096)]
     print(report(args.loop, runs), flush=True)
 
 
