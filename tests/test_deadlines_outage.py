@@ -80,6 +80,8 @@ async def storm(
 
 
 def late(answers: list[tuple[float, int, str]]) -> list[tuple[float, int, str]]:
+    slowest = max(answers, default=(0.0, 0, ""))
+    print(f"{len(answers)} answers, the slowest {slowest[0]:.3f} s ({slowest[1]} {slowest[2]})")
     return [a for a in answers if a[0] > DEADLINE + SLACK]
 
 
