@@ -23,7 +23,7 @@ from koala.pd import (
     PDRequestError,
     PDUnavailableError,
 )
-from koala.pd import _client as client_module
+from koala.pd import _directory as directory_module
 from koala.pd.server import serve_pd
 from tests._etcd import free_port
 
@@ -225,7 +225,7 @@ async def test_concurrent_resolves_of_one_key_ask_the_pd_once() -> None:
 async def test_concurrent_first_calls_are_batched_and_placed_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(client_module, "LOOKUP_QUEUE", 8)  # callers beyond wait for room
+    monkeypatch.setattr(directory_module, "LOOKUP_QUEUE", 8)  # callers beyond wait for room
     async with cluster(MemberConfig(ttl=5)) as (pd, rt, directory):
         keys = [f"k{i}" for i in range(200)]
         done: list[str] = []

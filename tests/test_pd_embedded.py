@@ -7,9 +7,9 @@ from abc import abstractmethod
 import pytest
 
 from koala import ActorBase, ActorInterface, get_rpc_proxy
+from koala._host import embedded_host
 from koala._runtime import LOCAL
-from koala.pd._client import ClusterDirectory
-from koala.pd._run import embedded_host
+from koala.pd import ClusterDirectory
 from koala.testing import test_config
 
 pytestmark = pytest.mark.anyio

@@ -34,7 +34,7 @@ import anyio
 
 from .._messages import Key
 from .._runtime import LOCAL
-from ..pd._client import ClusterDirectory
+from ..pd import ClusterDirectory
 from ..transport import (
     Channel,
     ClientClosed,
