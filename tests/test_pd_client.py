@@ -3,6 +3,8 @@ store), a runtime with the ClusterDirectory, the position cache, and self-fencin
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from abc import abstractmethod
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -529,3 +531,16 @@ async def test_positions_never_taken_are_given_back_by_the_reconciler() -> None:
         assert again.revision > stray.revision
         await anyio.sleep(0.8)  # passes that find it live leave it alone
         assert await pd.store.get("/koala/placement/Thing/stray") is not None
+
+
+def test_the_client_side_loads_no_server_code() -> None:
+    """``import koala.gateway`` (and ``koala.pd``) loads the PD's client, never its server,
+    its stores or FastAPI; the store names of ``koala.pd`` load the server when asked."""
+    script = (
+        "import sys, koala.gateway, koala.pd\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith(('koala.pd.server', 'fastapi')))\n"
+        "assert not loaded, loaded\n"
+        "from koala.pd import EtcdStore\n"
+        "assert 'koala.pd.server._etcd' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
