@@ -31,7 +31,7 @@ from ._http import LeaseExpiredError, PDClient, PDRequestError, PDUnavailableErr
 from ._membership import MemberConfig, MembershipAgent
 from ._positions import Ident, OwnPositions
 from ._rebalance import to_shed
-from ._records import ActorPosition
+from ._records import MAX_POSITION_LEASES, ActorPosition
 from ._ticket import check_ticket
 
 log = logging.getLogger("koala.pd.client")
@@ -48,7 +48,6 @@ LOOKUP_QUEUE = 10_000
 # More leases for the positions (MemberConfig.positions_per_lease) are asked for
 # GROW_LEASES_STEP at a time, at most MAX_POSITION_LEASES in all.
 GROW_LEASES_STEP = 16
-MAX_POSITION_LEASES = 256
 RELEASE_TASKS = 2
 RELEASE_BATCH = 256
 RELEASE_RETRY_MAX = 2.0

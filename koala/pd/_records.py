@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 DEFAULT_HOST_TTL = 15
+# leases a host's positions may be spread over besides its registration's (grow_leases)
+MAX_POSITION_LEASES = 256
 
 
 @dataclass(slots=True)

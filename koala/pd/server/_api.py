@@ -29,10 +29,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from ..._errors import KoalaError
 from .._auth import OWNER_HEADER, AuthConfig, AuthError, Gate, parse_owner
-from .._records import DEFAULT_HOST_TTL, HostInfo
+from .._records import DEFAULT_HOST_TTL, MAX_POSITION_LEASES, HostInfo
 from ._driver import MAX_BATCH, MAX_NAME, PlacementDriver
 from ._errors import STORE_FULL_FIX, PDError, now_ms
-from ._membership import MAX_HOST_TTL, MAX_POSITION_LEASES, MembershipView
+from ._membership import MAX_HOST_TTL, MembershipView
 from ._store import StoreError, StoreFullError, StoreUnavailableError
 
 API_VERSION = "koala-pd/2"

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import anyio
 
 from .._auth import owner_hash, owner_matches
-from .._records import HostInfo
+from .._records import MAX_POSITION_LEASES, HostInfo
 from .._ticket import PLACEMENT_KEY_SIZE
 from ._errors import PDError, now_ms
 from ._maintenance import StoreKeeper
@@ -35,10 +35,7 @@ EVENT_LIFETIME = 60.0  # seconds a membership event is reported
 MAX_EVENTS = 256
 VIEW_MAX_AGE = 0.2  # seconds a membership view is reused before the store is read again
 CAS_RETRIES = 64
-# Leases a host's positions may be spread over, besides its main one (grow_leases), and
-# how many of them one renewal renews at once.
-MAX_POSITION_LEASES = 256
-LEASE_RENEWALS = 8
+LEASE_RENEWALS = 8  # position leases (MAX_POSITION_LEASES at most) renewed at once
 # Position leases live POSITION_LEASE_TTL times the host's TTL, so that when a host's
 # registration lease expires (it fenced itself by then), its position leases are still
 # there for the PD to revoke one at a time (StoreKeeper.reap), not expire all at once.
