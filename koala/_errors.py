@@ -103,3 +103,21 @@ class DeadlineExceededError(KoalaError, TimeoutError):
             if self.method is not None:
                 text += f".{self.method}"
         return text
+
+
+class PDRequestError(KoalaError):
+    """The PD refused a request; ``status`` and ``code`` say why (see docs/pd.md)."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"the PD answered {status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class PDUnavailableError(HostUnavailableError):
+    """The PD cannot be reached, did not answer in time, or cannot reach its store."""
+
+
+class LeaseExpiredError(PDRequestError):
+    """This host's lease is gone: it must stop serving and register again."""

@@ -83,7 +83,7 @@ async def run_dev(
     app: Any = getattr(module, "app", None)
     shutdown = anyio.Event()
     backend = _backend.backend_from_env().name
-    from .pd._run import embedded_host
+    from ._host import embedded_host
 
     async with embedded_host(config) as runtime, anyio.create_task_group() as tg:
         tg.start_soon(_watch_signals, shutdown)
@@ -247,13 +247,16 @@ def _host_config(args: argparse.Namespace) -> HostConfig:
 
 
 def _run_cluster_command(args: argparse.Namespace, backend: _backend.Backend) -> int:
-    from .pd import _run
+    from . import _host
+    from .pd import _status
 
     if args.command == "pd":
+        from .pd.server import open_store
+
         host, port = parse_hostport(args.listen, "--listen")
         check_bind(host, "--listen")
         maintenance = _maintenance_config(args)
-        store = _run.open_store(args.store or ("etcd" if args.etcd else ""), args.etcd)
+        store = open_store(args.store or ("etcd" if args.etcd else ""), args.etcd)
 
         tls = _tls(args)
 
@@ -298,7 +301,7 @@ def _run_cluster_command(args: argparse.Namespace, backend: _backend.Backend) ->
 
         _backend.run(
             lambda: _until_signal(
-                _run.serve_host,
+                _host.serve_host,
                 module,
                 args.pd,
                 listen,
@@ -330,14 +333,14 @@ def _run_cluster_command(args: argparse.Namespace, backend: _backend.Backend) ->
         return 0
     secret = os.environ.get("KOALA_CLUSTER_SECRET") or None
     status = _backend.run(
-        lambda: _run.fetch_status(args.pd, secret=secret, tls=_tls(args)), backend
+        lambda: _status.fetch_status(args.pd, secret=secret, tls=_tls(args)), backend
     )
     print(status, flush=True)
     return 0
 
 
 def _maintenance_config(args: argparse.Namespace) -> Any:
-    from .pd._service import MaintenanceConfig
+    from .pd.server import MaintenanceConfig
 
     try:
         return MaintenanceConfig(
@@ -364,10 +367,10 @@ async def _serve_pd(
     *,
     task_status: Any = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    from .pd import _run
     from .pd._auth import AuthConfig
+    from .pd.server import serve_pd
 
-    await _run.serve_pd(
+    await serve_pd(
         store,
         host,
         port,

@@ -27,7 +27,10 @@ from ._errors import (
     DeadlineExceededError,
     HostUnavailableError,
     KoalaError,
+    LeaseExpiredError,
     OverloadedError,
+    PDRequestError,
+    PDUnavailableError,
     RemoteError,
     ShuttingDownError,
     WrongHostError,
@@ -52,7 +55,6 @@ class ErrorAnswer:
 def _error_table() -> dict[type[BaseException], ErrorAnswer]:
     """Koala's errors and their answers; an error takes the entry of the first class of its
     MRO found here (so subclasses come before their bases without any ordering)."""
-    from .pd._client import LeaseExpiredError, PDRequestError, PDUnavailableError
     from .storage._errors import (
         InvalidKeyError,
         RecordSchemaError,

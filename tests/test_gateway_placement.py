@@ -19,16 +19,16 @@ import anyio
 import pytest
 
 from koala import HostConfig, Runtime
+from koala._host import embedded_pd
 from koala.gateway import ClusterLink, Gateway, HostBridge
 from koala.gateway._session import hub_for
-from koala.pd._client import (
+from koala.pd import (
     ActorPosition,
     ClusterDirectory,
     MemberConfig,
     PDClient,
     PlacementRemote,
 )
-from koala.pd._run import embedded_pd
 from koala.transport import Transport, TransportConfig
 
 from ._gateway_client import WSClient, session

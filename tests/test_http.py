@@ -33,7 +33,7 @@ from koala import (
 )
 from koala._tls import TLSConfig
 from koala.http import _error_table, add_error_handlers, parse_hostport, serve_asgi
-from koala.pd._client import LeaseExpiredError, PDRequestError, PDUnavailableError
+from koala.pd import LeaseExpiredError, PDRequestError, PDUnavailableError
 from koala.storage import (
     InvalidKeyError,
     RecordTooLargeError,

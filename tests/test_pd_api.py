@@ -15,11 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from koala.pd import EtcdStore, MemoryStore, Store, StoreUnavailableError
-from koala.pd import _service as service
-from koala.pd._api import check_address
-from koala.pd._service import MAX_BATCH, MaintenanceConfig, Position
-from koala.pd._store import CreateOutcome
-from koala.pd.server import PlacementDriver, create_app
+from koala.pd.server import MaintenanceConfig, PlacementDriver, Position, create_app
+from koala.pd.server import _membership as membership_module
+from koala.pd.server._api import check_address
+from koala.pd.server._driver import MAX_BATCH
+from koala.pd.server._store import CreateOutcome
 from tests._etcd import etcd_url, unique_prefix
 from tests.test_pd_store import SMALL_QUOTA, fill, small_store
 
@@ -535,7 +535,7 @@ async def test_keep_alive_answers_membership_deltas(store: Store) -> None:
 async def test_old_version_horizon_answers_the_whole_table(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(service, "MAX_VERSIONS", 8)  # changes a PD remembers
+    monkeypatch.setattr(membership_module, "MAX_VERSIONS", 8)  # changes a PD remembers
     pd = PlacementDriver(MemoryStore(), prefix="/h/")
     async with client_for(pd) as client:
         a, lease_a = await register(client, ["Player"])

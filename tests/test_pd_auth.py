@@ -37,7 +37,7 @@ from koala.pd._auth import (
     request_key,
     signature,
 )
-from koala.pd._run import fetch_status
+from koala.pd._status import fetch_status
 from koala.pd.server import PlacementDriver, create_app, serve_pd
 from tests._cluster import ROOT, Proc
 from tests._etcd import etcd_url, free_port, unique_prefix
@@ -454,8 +454,7 @@ import sys
 import anyio
 from koala import _backend
 from koala.pd._auth import AuthConfig
-from koala.pd._etcd import EtcdStore
-from koala.pd._run import serve_pd
+from koala.pd.server import EtcdStore, serve_pd
 
 etcd, prefix, secret, rate, burst = sys.argv[1:6]
 

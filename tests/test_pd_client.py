@@ -3,6 +3,8 @@ store), a runtime with the ClusterDirectory, the position cache, and self-fencin
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from abc import abstractmethod
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -30,7 +32,7 @@ from koala.pd import (
     PDRequestError,
     PDUnavailableError,
 )
-from koala.pd import _client as client_module
+from koala.pd import _directory as directory_module
 from koala.pd.server import serve_pd
 from tests._etcd import free_port
 
@@ -232,7 +234,7 @@ async def test_concurrent_resolves_of_one_key_ask_the_pd_once() -> None:
 async def test_concurrent_first_calls_are_batched_and_placed_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(client_module, "LOOKUP_QUEUE", 8)  # callers beyond wait for room
+    monkeypatch.setattr(directory_module, "LOOKUP_QUEUE", 8)  # callers beyond wait for room
     async with cluster(MemberConfig(ttl=5)) as (pd, rt, directory):
         keys = [f"k{i}" for i in range(200)]
         done: list[str] = []
@@ -536,3 +538,16 @@ async def test_positions_never_taken_are_given_back_by_the_reconciler() -> None:
         assert again.revision > stray.revision
         await anyio.sleep(0.8)  # passes that find it live leave it alone
         assert await pd.store.get("/koala/placement/Thing/stray") is not None
+
+
+def test_the_client_side_loads_no_server_code() -> None:
+    """``import koala.gateway`` (and ``koala.pd``) loads the PD's client, never its server,
+    its stores or FastAPI; the store names of ``koala.pd`` load the server when asked."""
+    script = (
+        "import sys, koala.gateway, koala.pd\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith(('koala.pd.server', 'fastapi')))\n"
+        "assert not loaded, loaded\n"
+        "from koala.pd import EtcdStore\n"
+        "assert 'koala.pd.server._etcd' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)

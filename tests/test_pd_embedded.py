@@ -7,8 +7,8 @@ from abc import abstractmethod
 import pytest
 
 from koala import LOCAL, ActorBase, ActorInterface, get_rpc_proxy
-from koala.pd._client import ClusterDirectory
-from koala.pd._run import embedded_host
+from koala._host import embedded_host
+from koala.pd import ClusterDirectory
 from koala.testing import test_config
 
 pytestmark = pytest.mark.anyio

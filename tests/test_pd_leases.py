@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from koala.pd import MemoryStore, Store
-from koala.pd._service import PlacementDriver
+from koala.pd.server import PlacementDriver
 from tests._etcd import etcd_url, unique_prefix
 from tests.test_pd_api import client_for, post, register, store
 
@@ -102,11 +102,11 @@ async def test_a_host_asks_for_leases_as_its_positions_grow(
 ) -> None:
     from koala import HostConfig, Runtime, get_rpc_proxy
     from koala.pd import ClusterDirectory, MemberConfig, PDClient
-    from koala.pd import _client as client_module
-    from koala.pd._api import create_app
+    from koala.pd import _directory as directory_module
+    from koala.pd.server import create_app
     from tests.test_pd_client import IThing, Thing
 
-    monkeypatch.setattr(client_module, "GROW_LEASES_STEP", 2)
+    monkeypatch.setattr(directory_module, "GROW_LEASES_STEP", 2)
     store = MemoryStore()
     app = create_app(PlacementDriver(store))
     pd = PDClient("http://pd", transport=httpx.ASGITransport(app=app), timeout=2.0)

@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING
 import anyio
 
 from .._messages import Key
-from .._runtime import LOCAL
-from ..pd._client import ClusterDirectory
+from .._seams import LOCAL
+from ..pd import ClusterDirectory
 from ..transport import (
     Channel,
     ClientClosed,

@@ -42,7 +42,7 @@ from anyio.abc import TaskGroup
 
 from .._errors import ConfigError, HostUnavailableError, KoalaError, WrongHostError
 from .._messages import Key, Request, new_chain_id
-from ..pd._client import PDClient, PDRequestError
+from ..pd import PDClient, PDRequestError
 from ..transport import (
     Channel,
     ClientClosed,

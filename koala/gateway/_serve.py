@@ -66,7 +66,7 @@ async def serve_cluster_gateway(
     makes its clients connect with wss, and is what the gateway presents to the PD and
     to hosts (its links to them follow ``transport_config``, by default the
     environment's settings with this ``tls``)."""
-    from ..pd._client import PDClient
+    from ..pd import PDClient
 
     cfg = config or GatewayConfig.from_env()
     if transport_config is None:

@@ -4,29 +4,60 @@ Hosts use the client side: :class:`PDClient` (the HTTP API) and
 :class:`ClusterDirectory` (registration, lease renewal, self-fencing, and the
 runtime's directory of actor positions). The server side (``koala.pd.server``) keeps
 its state in a :class:`Store`: :class:`EtcdStore` or :class:`MemoryStore`. Hosts never
-import the server.
+import the server: the store names are re-exported here, but only loaded when one of
+them is asked for, so ``import koala.pd`` (and ``koala.gateway``) loads no server code.
 """
 
-from ._client import ActorPosition as ActorPosition
-from ._client import ClusterDirectory as ClusterDirectory
-from ._client import DirectoryStatistics as DirectoryStatistics
-from ._client import LeaseExpiredError as LeaseExpiredError
-from ._client import Member as Member
-from ._client import MemberConfig as MemberConfig
-from ._client import Membership as Membership
-from ._client import PDClient as PDClient
-from ._client import PDRequestError as PDRequestError
-from ._client import PDUnavailableError as PDUnavailableError
-from ._client import PlacementRemote as PlacementRemote
-from ._etcd import EtcdStore as EtcdStore
-from ._store import KeyValue as KeyValue
-from ._store import LeaseNotFoundError as LeaseNotFoundError
-from ._store import MemoryStore as MemoryStore
-from ._store import Store as Store
-from ._store import StoreError as StoreError
-from ._store import StoreFullError as StoreFullError
-from ._store import StoreStatus as StoreStatus
-from ._store import StoreUnavailableError as StoreUnavailableError
+from typing import TYPE_CHECKING, Any
+
+from .._errors import LeaseExpiredError as LeaseExpiredError
+from .._errors import PDRequestError as PDRequestError
+from .._errors import PDUnavailableError as PDUnavailableError
+from ._directory import ClusterDirectory as ClusterDirectory
+from ._directory import DirectoryStatistics as DirectoryStatistics
+from ._http import PDClient as PDClient
+from ._membership import MemberConfig as MemberConfig
+from ._records import ActorPosition as ActorPosition
+from ._records import Member as Member
+from ._records import Membership as Membership
+from ._remote import PlacementRemote as PlacementRemote
+
+if TYPE_CHECKING:
+    from .server import EtcdStore as EtcdStore
+    from .server import KeyValue as KeyValue
+    from .server import LeaseNotFoundError as LeaseNotFoundError
+    from .server import MemoryStore as MemoryStore
+    from .server import Store as Store
+    from .server import StoreError as StoreError
+    from .server import StoreFullError as StoreFullError
+    from .server import StoreStatus as StoreStatus
+    from .server import StoreUnavailableError as StoreUnavailableError
+
+_SERVER_NAMES = frozenset(
+    {
+        "EtcdStore",
+        "KeyValue",
+        "LeaseNotFoundError",
+        "MemoryStore",
+        "Store",
+        "StoreError",
+        "StoreFullError",
+        "StoreStatus",
+        "StoreUnavailableError",
+    }
+)
+
+
+def __getattr__(name: str) -> Any:
+    """The store names, from ``koala.pd.server``, imported on first use."""
+    if name in _SERVER_NAMES:
+        from . import server
+
+        value = getattr(server, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "ActorPosition",

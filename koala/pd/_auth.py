@@ -1,7 +1,7 @@
 """Who may ask the PD what: signed requests, owner keys, a replay cache, rate limits.
 
 Pure code, no I/O and no framework: the client (:class:`~koala.pd.PDClient`) signs with
-it, the PD's HTTP API (``koala.pd._api``) checks with it. docs/pd.md, "Authentication",
+it, the PD's HTTP API (``koala.pd.server._api``) checks with it. docs/pd.md, "Authentication",
 is the specification, with a worked example (tests/test_pd_auth.py checks it).
 
 - **Request signature** (with a cluster secret): ``Authorization: Koala-HMAC

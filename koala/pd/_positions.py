@@ -3,7 +3,7 @@
 A position (an actor placed on this host at an etcd revision) lives in etcd from its
 placement until this host deletes it, which it does once the activation ends, or until
 the host's lease ends. :class:`OwnPositions` is the host's record of that life cycle,
-which the directory (:class:`~koala.pd._client.ClusterDirectory`) drives:
+which the directory (:class:`~koala.pd._directory.ClusterDirectory`) drives:
 
 ``own`` (resolved or claimed) -> ``ended`` (the activation left the catalog; waits to be
 sent) -> ``take_batch`` (sent to the PD as a guarded delete) -> ``sent`` (deleted, or

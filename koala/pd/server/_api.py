@@ -27,21 +27,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from .._errors import KoalaError
-from ._auth import OWNER_HEADER, AuthConfig, AuthError, Gate, parse_owner
-from ._service import (
-    DEFAULT_HOST_TTL,
-    MAX_BATCH,
-    MAX_HOST_TTL,
-    MAX_NAME,
-    MAX_POSITION_LEASES,
-    STORE_FULL_FIX,
-    HostInfo,
-    MembershipView,
-    PDError,
-    PlacementDriver,
-    now_ms,
-)
+from ..._errors import KoalaError
+from .._auth import OWNER_HEADER, AuthConfig, AuthError, Gate, parse_owner
+from .._records import DEFAULT_HOST_TTL, MAX_POSITION_LEASES, HostInfo
+from ._driver import MAX_BATCH, MAX_NAME, PlacementDriver
+from ._errors import STORE_FULL_FIX, PDError, now_ms
+from ._membership import MAX_HOST_TTL, MembershipView
 from ._store import StoreError, StoreFullError, StoreUnavailableError
 
 API_VERSION = "koala-pd/2"
@@ -159,20 +150,6 @@ class GrowLeasesResponse(BaseModel):
     position_leases: list[int]
 
 
-class HostModel(BaseModel):
-    server_id: int
-    load: int
-    start_time: int
-    ttl: int
-    address: str
-    services: dict[str, str]
-    desc: str
-    labels: dict[str, str]
-    lease_id: int
-    activations: int
-    renew_time: int
-
-
 class EventModel(BaseModel):
     time: int
     add: list[int]
@@ -182,7 +159,7 @@ class EventModel(BaseModel):
 class MembershipResponse(BaseModel):
     version: int
     full: bool
-    hosts: dict[str, HostModel]
+    hosts: dict[str, dict[str, Any]]  # Member.to_json() each (koala.pd._records)
     removed: list[int]
     events: list[EventModel]
     now: int
@@ -439,7 +416,7 @@ def create_app(pd: PlacementDriver, auth: AuthConfig | None = None) -> FastAPI:
         return MembershipResponse(
             version=view.version,
             full=view.full,
-            hosts={str(s): HostModel(**h.to_json()) for s, h in view.hosts.items()},
+            hosts={str(s): h.to_json() for s, h in view.hosts.items()},
             removed=view.removed,
             events=[EventModel(time=e.time, add=e.add, remove=e.remove) for e in events],
             now=now_ms(),

@@ -21,7 +21,7 @@ from typing import Protocol, TypeAlias
 
 import anyio
 
-from .._errors import ConfigError, KoalaError
+from ..._errors import ConfigError, KoalaError
 
 MAX_KEY_SIZE = 4096
 MAX_LEASE_TTL = 9_000_000_000  # etcd's own limit (seconds)

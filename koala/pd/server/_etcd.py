@@ -31,7 +31,7 @@ from typing import Any
 import anyio
 import httpx
 
-from .._errors import ConfigError
+from ..._errors import ConfigError
 from ._store import (
     NOSPACE,
     CreateOutcome,

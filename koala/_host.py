@@ -1,0 +1,139 @@
+"""The host process, composed: runtime, transport, PD membership and the app's HTTP.
+
+:func:`serve_host` is ``koala host``; :func:`embedded_host` is what ``koala dev`` runs:
+one runtime registered with a PD inside this process (:func:`embedded_pd`). This is
+the composition root of a host: it imports the runtime, the transport, the PD's
+client, the gateway's bridge and the HTTP server, and nothing below imports it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from functools import partial
+from types import ModuleType
+from typing import Any
+
+import anyio
+import httpx
+
+from ._actor import _implementations
+from ._config import HostConfig
+from ._errors import ConfigError
+from ._runtime import Runtime
+from ._tls import TLSConfig
+from .gateway import HostBridge
+from .http import add_error_handlers, serve_asgi
+from .pd import ClusterDirectory, MemberConfig, PDClient, PlacementRemote
+from .transport import Transport, TransportConfig
+
+EMBEDDED_PD_URL = "http://embedded-pd"
+# what the embedded host registers as its address: never dialled (every actor is local),
+# and a name that cannot resolve (RFC 2606's .invalid)
+EMBEDDED_ADDRESS = "embedded.invalid:1"
+
+
+def embedded_pd() -> PDClient:
+    """A placement driver inside this process, on the in-memory store, reached through
+    its own HTTP API without a socket (httpx's ASGI transport): what ``koala dev`` runs,
+    so one process places, leases and fences exactly as a cluster does."""
+    from .pd.server import MemoryStore, PlacementDriver, create_app
+
+    app = create_app(PlacementDriver(MemoryStore()))
+    return PDClient(EMBEDDED_PD_URL, transport=httpx.ASGITransport(app=app))
+
+
+@asynccontextmanager
+async def embedded_host(
+    config: HostConfig, member: MemberConfig | None = None
+) -> AsyncIterator[Runtime]:
+    """A runtime registered with an embedded PD (``koala dev``): every actor is placed
+    through the PD's atomic placement, on this host, under a lease it renews."""
+    services = served_types()
+    pd = embedded_pd()
+    try:
+        directory = ClusterDirectory(pd, EMBEDDED_ADDRESS, services, member)
+        async with Runtime(config, directory=directory) as rt, anyio.create_task_group() as tg:
+            directory.attach(rt)
+            await tg.start(directory.run)
+            try:
+                yield rt
+                await rt.shutdown()
+                with anyio.move_on_after(5, shield=True):
+                    await directory.leave()
+            finally:
+                tg.cancel_scope.cancel()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await pd.aclose()
+
+
+def served_types() -> dict[str, str]:
+    """Actor type -> implementation, for every implementation defined in this process."""
+    found: dict[str, str] = {}
+    for impls in _implementations.values():
+        for impl in impls:
+            if not inspect.isabstract(impl):
+                found[impl.actor_type] = f"{impl.__module__}.{impl.__qualname__}"
+    return found
+
+
+async def serve_host(
+    module: ModuleType,
+    pd_url: str,
+    listen: tuple[str, int],
+    shutdown: anyio.Event,
+    *,
+    http: tuple[str, int] | None = None,
+    config: HostConfig | None = None,
+    member: MemberConfig | None = None,
+    tls: TLSConfig | None = None,
+    announce: Callable[[str], None] = print,
+) -> None:
+    """A host of the cluster: runtime, transport and PD membership, and the module's
+    ``app`` over HTTP if it has one; until ``shutdown``, then drain and leave. Its PD
+    requests are signed with the transport's cluster secret (KOALA_CLUSTER_SECRET).
+    ``tls`` (default: KOALA_TLS_*) secures all three: mutual TLS on host links, HTTPS
+    to the PD (checked against its CA) and HTTPS for the app."""
+    services = served_types()
+    if not services:
+        raise ConfigError("the app defines no actor implementation: a host would serve nothing")
+    app: Any = getattr(module, "app", None)
+    tls = tls if tls is not None else TLSConfig.from_env()
+    transport_config = TransportConfig.from_env(tls=tls)
+    pd = PDClient(pd_url, secret=transport_config.secret, tls=tls)
+    try:
+        async with Transport(transport_config) as transport:
+            directory = ClusterDirectory(pd, "", services, member)
+            remote = PlacementRemote(transport, directory)
+            rt = Runtime(config or HostConfig(), directory=directory, remote=remote)
+            rt.drain_hooks.append(transport.go_away)
+            async with rt:
+                transport.handler = rt.serve_request
+                transport.on_event = (bridge := HostBridge(rt)).on_event  # gateways' sessions
+                directory.address = await transport.listen(*listen)
+                directory.attach(rt)
+                async with anyio.create_task_group() as member_tg:
+                    member_tg.start_soon(bridge.run)
+                    await member_tg.start(directory.run)
+                    async with anyio.create_task_group() as http_tg:
+                        where = ""
+                        if app is not None and http is not None:
+                            add_error_handlers(app)
+                            bound = await http_tg.start(
+                                partial(serve_asgi, tls=tls), app, http[0], http[1], shutdown
+                            )
+                            where = f"; HTTP on {tls.scheme}://{bound[0]}:{bound[1]}"
+                        announce(
+                            f"koala host: server {directory.server_id} on {directory.address}"
+                            f"{where}; serving {', '.join(sorted(services))}"
+                        )
+                        await shutdown.wait()
+                    await rt.shutdown()
+                    with anyio.move_on_after(5, shield=True):
+                        await directory.leave()
+                    member_tg.cancel_scope.cancel()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await pd.aclose()

@@ -1,0 +1,81 @@
+"""The ``koala pd`` process: the store it was asked for, and the PD's API served over it."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from anyio.abc import TaskStatus
+
+from ..._errors import ConfigError
+from ...http import serve_asgi
+from ._api import create_app
+from ._driver import PlacementDriver
+
+if TYPE_CHECKING:
+    from ..._tls import TLSConfig
+    from .._auth import AuthConfig
+    from ._maintenance import MaintenanceConfig
+
+
+def open_store(store: str, etcd: str | None, *, timeout: float = 5.0) -> Any:
+    """The store ``koala pd`` was asked for: ``memory``, or etcd at ``etcd``."""
+    from ._etcd import EtcdStore
+    from ._store import MemoryStore
+
+    if store == "memory":
+        if etcd:
+            raise ConfigError("--store memory and --etcd exclude each other")
+        return MemoryStore()
+    if store != "etcd":
+        raise ConfigError(f"--store must be 'etcd' or 'memory', got {store!r}")
+    if not etcd:
+        raise ConfigError(
+            "koala pd needs --etcd URL (e.g. http://127.0.0.1:2379), or --store memory for a "
+            "single PD without etcd"
+        )
+    return EtcdStore(etcd, timeout=timeout)
+
+
+async def serve_pd(
+    store: Any,
+    host: str,
+    port: int,
+    shutdown: anyio.Event,
+    *,
+    prefix: str = "/koala/",
+    maintenance: MaintenanceConfig | None = None,
+    auth: AuthConfig | None = None,
+    tls: TLSConfig | None = None,
+    task_status: TaskStatus[tuple[str, int]] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the PD's HTTP API over ``store`` until ``shutdown`` is set, looking after
+    the store meanwhile (compaction, recovery from NOSPACE: ``maintenance``).
+
+    ``auth``: the cluster secret every request must be signed with, and the API's
+    bounds (``AuthConfig.from_env()`` reads KOALA_CLUSTER_SECRET); None: no secret.
+    ``tls`` with a certificate serves HTTPS; with a CA too, callers must present a
+    certificate it signed (mutual TLS)."""
+    pd = PlacementDriver(store, prefix=prefix, maintenance=maintenance)
+    app = create_app(pd, auth)
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(pd.maintain)
+            try:
+                await serve_asgi(
+                    app,
+                    host,
+                    port,
+                    shutdown,
+                    tls=tls,
+                    require_client_cert=tls is not None and tls.ca is not None,
+                    task_status=task_status,
+                )
+            finally:
+                # maintenance ends by its own scope: cancelling this task group instead
+                # left one of hypercorn's connections open on uvloop (the loop then
+                # refused to close)
+                pd.stop_maintenance()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await store.aclose()
