@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import json
 import os
+import secrets
 import sys
 import time
 
@@ -29,6 +30,7 @@ def first_packet(name: str, key: str) -> str:
         "timestamp": int(time.time()),
         "actor_type": "ChatUser",
         "actor_id": name,
+        "nonce": secrets.token_hex(8),  # a fresh packet per connection: replays are refused
     }
     text = "".join(f"{k}{fields[k]}" for k in sorted(fields))
     fields["check_sum"] = hashlib.sha256((text + key).encode()).hexdigest()
