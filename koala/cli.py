@@ -26,15 +26,20 @@ log = logging.getLogger("koala.cli")
 MIN_PUBLIC_GATEWAY_KEY = 16  # characters of KOALA_GATEWAY_KEY for a gateway beyond loopback
 
 
-def check_bind(host: str, what: str, *, gateway: bool = False) -> None:
+def check_bind(
+    host: str, what: str, *, gateway: bool = False, links: bool = False, mutual_tls: bool = False
+) -> None:
     """Listeners bind loopback unless they hold the proof their callers need.
 
-    Hosts' links and HTTP and the PD need the cluster secret. A gateway (``gateway=True``)
+    Hosts' links and HTTP and the PD need the cluster secret; a host's links
+    (``links=True``) may instead use mutual TLS (``mutual_tls``: a certificate, and the
+    CA its peers' must come from), where the certificate is the proof. A gateway
+    (``gateway=True``)
     authenticates its clients with its own key, so it needs KOALA_GATEWAY_KEY instead: a
     real one (not the development key, at least ``MIN_PUBLIC_GATEWAY_KEY`` characters),
     and never the cluster secret, which a public endpoint should not hold.
     """
-    if is_loopback(host):
+    if is_loopback(host) or (links and mutual_tls):
         return
     if gateway:
         from .gateway._config import DEV_KEY, KEY_ENV
@@ -58,7 +63,9 @@ def check_bind(host: str, what: str, *, gateway: bool = False) -> None:
     if not os.environ.get("KOALA_CLUSTER_SECRET"):
         raise ConfigError(
             f"{what} on {host} is reachable beyond this machine: set KOALA_CLUSTER_SECRET "
-            "(the cluster's shared secret) to allow it, or listen on 127.0.0.1"
+            "(the cluster's shared secret) to allow it"
+            + (", or give --tls-cert, --tls-key and --tls-ca (mutual TLS)" if links else "")
+            + ", or listen on 127.0.0.1"
         )
 
 
@@ -280,7 +287,9 @@ def _run_cluster_command(args: argparse.Namespace, backend: _backend.Backend) ->
         from .pd import MemberConfig
 
         listen = parse_hostport(args.listen, "--listen")
-        check_bind(listen[0], "--listen")
+        tls = _tls(args)
+        mutual = tls.enabled and tls.ca is not None
+        check_bind(listen[0], "--listen", links=True, mutual_tls=mutual)
         http = parse_hostport(args.http, "--http") if args.http else None
         if http is not None:
             check_bind(http[0], "--http")

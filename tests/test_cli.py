@@ -62,6 +62,17 @@ def stop_later() -> Iterator[list[subprocess.Popen[str]]]:
             proc.wait()
 
 
+def test_host_links_beyond_loopback_may_use_mutual_tls_instead_of_the_secret(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _env(monkeypatch, None, None)
+    check_bind("0.0.0.0", "--listen", links=True, mutual_tls=True)  # the certificate proves
+    with pytest.raises(ConfigError, match="or give --tls-cert, --tls-key and --tls-ca"):
+        check_bind("0.0.0.0", "--listen", links=True)  # no TLS, no secret
+    with pytest.raises(ConfigError, match="set KOALA_CLUSTER_SECRET"):
+        check_bind("0.0.0.0", "--listen", mutual_tls=True)  # the PD, hosts' HTTP: the secret
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("target", ["examples/echo.py", "examples.echo"])
 def test_dev_serves_the_seed_echo_and_stops_on_ctrl_c(
