@@ -14,12 +14,13 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from tests._etcd import free_port
+from tests._etcd import free_port, unique_prefix
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "tests" / "_cluster_app.py")
@@ -161,6 +162,17 @@ class Cluster:
 
     def dump(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.output()[-3000:]}" for p in self.procs)
+
+
+def cluster_of(tmp: Path, etcd_url: str, name: str) -> Iterator[Cluster]:
+    """A test's cluster on ``etcd_url``, for a fixture to yield from: its processes are
+    killed at the end, and their output printed (pytest shows it for a failed test)."""
+    c = Cluster(tmp, etcd_url, unique_prefix(name))
+    try:
+        yield c
+    finally:
+        c.close()
+        print(c.dump())
 
 
 def url(proc: Proc) -> str:

@@ -1,15 +1,17 @@
 """The tests' etcd: one process per test session (``koala.testing.etcd``), on free
 loopback ports.
 
-Test modules import the ``etcd_url`` fixture. The server is stopped (and its directory
-removed) when the session ends. If etcd cannot start, the tests that need it fail with
-the reason: they are never skipped.
+Test modules import the ``etcd_url`` fixture (the session's etcd), or ``private_etcd``
+(an etcd of one test alone, which it may stop and start again). The session's server
+is stopped (and its directory removed) when the session ends. If etcd cannot start, the
+tests that need it fail with the reason: they are never skipped.
 """
 
 from __future__ import annotations
 
 import atexit
 import os
+from collections.abc import Iterator
 
 import pytest
 
@@ -40,6 +42,18 @@ def etcd_url() -> str:
     except (RuntimeError, OSError) as exc:
         pytest.fail(f"cannot start etcd for the placement driver tests: {exc}", pytrace=False)
     return server.url
+
+
+@pytest.fixture
+def private_etcd() -> Iterator[EtcdProcess]:
+    """An etcd of this test alone, which the test may stop and start again."""
+    server = EtcdProcess()
+    try:
+        server.start()
+        yield server
+    finally:
+        print(f"--- etcd\n{server.log()}")  # pytest shows it for a failed test only
+        server.destroy()
 
 
 _prefixes = iter(range(1, 1 << 30))

@@ -16,8 +16,10 @@ import anyio
 import httpx
 import pytest
 
-from tests._cluster import Cluster, Proc, double_activations, stats, url
-from tests._etcd import EtcdProcess, unique_prefix
+from tests._cluster import Cluster, Proc, cluster_of, double_activations, stats, url
+from tests._etcd import EtcdProcess, private_etcd
+
+__all__ = ["private_etcd"]
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -33,23 +35,8 @@ def anyio_backend() -> tuple[str, dict[str, Any]]:
 
 
 @pytest.fixture
-def private_etcd() -> Iterator[EtcdProcess]:
-    server = EtcdProcess()
-    try:
-        server.start()
-        yield server
-    finally:
-        server.destroy()
-
-
-@pytest.fixture
 def cluster(tmp_path: Path, private_etcd: EtcdProcess) -> Iterator[Cluster]:
-    c = Cluster(tmp_path, private_etcd.url, unique_prefix("outage"))
-    try:
-        yield c
-    finally:
-        c.close()
-        print(c.dump())  # pytest shows it for a failed test only
+    yield from cluster_of(tmp_path, private_etcd.url, "outage")
 
 
 async def timed(client: httpx.AsyncClient, path: str) -> tuple[float, int]:

@@ -13,10 +13,10 @@ import anyio
 import httpx
 import pytest
 
-from tests._cluster import Cluster, Proc, double_activations, stats, url
-from tests._etcd import EtcdProcess, etcd_url, unique_prefix
+from tests._cluster import Cluster, Proc, cluster_of, double_activations, stats, url
+from tests._etcd import EtcdProcess, etcd_url, private_etcd
 
-__all__ = ["etcd_url"]
+__all__ = ["etcd_url", "private_etcd"]
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -30,15 +30,6 @@ def anyio_backend() -> tuple[str, dict[str, Any]]:
     return ("asyncio", {})
 
 
-def _cluster(tmp_path: Path, etcd: str, name: str) -> Iterator[Cluster]:
-    c = Cluster(tmp_path, etcd, unique_prefix(name))
-    try:
-        yield c
-    finally:
-        c.close()
-        print(c.dump())  # pytest shows it for a failed test only
-
-
 def assert_never_two_live_activations(cluster: Cluster) -> None:
     assert double_activations(cluster.event_lines()) == [], cluster.event_lines()
 
@@ -46,25 +37,13 @@ def assert_never_two_live_activations(cluster: Cluster) -> None:
 @pytest.fixture
 def cluster(tmp_path: Path, etcd_url: str) -> Iterator[Cluster]:
     """A cluster on the session's etcd."""
-    yield from _cluster(tmp_path, etcd_url, "faults")
-
-
-@pytest.fixture
-def private_etcd() -> Iterator[EtcdProcess]:
-    """An etcd of this test alone, which the test may stop and start again."""
-    server = EtcdProcess()
-    try:
-        server.start()
-        yield server
-    finally:
-        print(f"--- etcd\n{server.log()}")
-        server.destroy()
+    yield from cluster_of(tmp_path, etcd_url, "faults")
 
 
 @pytest.fixture
 def etcd_cluster(tmp_path: Path, private_etcd: EtcdProcess) -> Iterator[Cluster]:
     """A cluster on the private etcd."""
-    yield from _cluster(tmp_path, private_etcd.url, "etcd-restart")
+    yield from cluster_of(tmp_path, private_etcd.url, "etcd-restart")
 
 
 async def hit(client: httpx.AsyncClient, host: Proc, key: str) -> list[int]:

@@ -15,8 +15,8 @@ import anyio
 import httpx
 import pytest
 
-from tests._cluster import Cluster, Proc, stats, url
-from tests._etcd import EtcdProcess, unique_prefix
+from tests._cluster import Cluster, Proc, cluster_of, stats, url
+from tests._etcd import EtcdProcess
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -44,12 +44,7 @@ def small_etcd() -> Iterator[EtcdProcess]:
 
 @pytest.fixture
 def cluster(tmp_path: Path, small_etcd: EtcdProcess) -> Iterator[Cluster]:
-    c = Cluster(tmp_path, small_etcd.url, unique_prefix("nospace"))
-    try:
-        yield c
-    finally:
-        c.close()
-        print(c.dump())  # shown for a failed test only
+    yield from cluster_of(tmp_path, small_etcd.url, "nospace")
 
 
 def b64(text: str) -> str:

@@ -34,7 +34,18 @@ class PlacementRemote:
 
     async def call(self, host: str, req: Request, spec: MethodSpec) -> Any:
         """``req.expires``: no cancel scope of the caller's holds the deadline; dialing and
-        asking the PD again then run under one (the transport keeps it once sent)."""
+        asking the PD again then run under one (the transport keeps it once sent). An
+        open channel needs neither: the common case pays nothing for it."""
+        if not self.transport.is_open(host):
+            await self._reach_within(host, req)
+        req.placement = self.directory.ticket_of(req.actor_type, req.key)
+        try:
+            return await self.transport.call(host, req, spec)
+        except (HostUnavailableError, ShuttingDownError, WrongHostError):
+            self.directory.forget(req.actor_type, req.key)
+            raise
+
+    async def _reach_within(self, host: str, req: Request) -> None:
         try:
             if req.expires:
                 with anyio.fail_at(req.deadline):
@@ -50,12 +61,6 @@ class PlacementRemote:
                 req.key,
                 req.method,
             ) from None
-        req.placement = self.directory.ticket_of(req.actor_type, req.key)
-        try:
-            return await self.transport.call(host, req, spec)
-        except (HostUnavailableError, ShuttingDownError, WrongHostError):
-            self.directory.forget(req.actor_type, req.key)
-            raise
 
     async def _reach(self, host: str, req: Request) -> None:
         """Open the channel to ``host``; if it cannot be reached, ask the PD whether the

@@ -170,6 +170,11 @@ class Transport:
             raise HostUnavailableError("the transport is not running: use `async with Transport()`")
         return self._tg
 
+    def is_open(self, address: str) -> bool:
+        """Whether a channel to ``address`` is open now (a call would not dial)."""
+        ch = self._channels.get(address)
+        return ch is not None and not ch.closed
+
     def peers(self) -> list[str]:
         """Addresses of the nodes this one has an open connection with."""
         return [a for a, ch in self._channels.items() if not ch.closed]
