@@ -16,29 +16,36 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
-import sys
-import types
 import typing
-import uuid
 from collections.abc import Callable, Mapping
-from decimal import Decimal, InvalidOperation
+from decimal import InvalidOperation
 from typing import Any, Final
 
+from ._annotations import (
+    TEXT_TYPES,
+    Alias,
+    Choice,
+    Duration,
+    Enumeration,
+    Fixed,
+    Items,
+    Map,
+    Model,
+    NoneType,
+    OneOf,
+    Plain,
+    Record,
+    Text,
+    describe,
+    shape_of,
+)
 from ._errors import ArgumentTypeError
 
 Fn = Callable[[Any], Any]
 
-_NoneType = type(None)
-
 
 def _tname(value: Any) -> str:
     return type(value).__name__
-
-
-def _describe(tp: Any) -> str:
-    if isinstance(tp, type):
-        return tp.__name__
-    return repr(tp).replace("typing.", "")
 
 
 class Mismatch(Exception):
@@ -185,10 +192,10 @@ def _any_copy(value: Any) -> Any:
     _fail("plain data (None, bool, int, float, str, bytes, list, dict) for Any", value)
 
 
-def _simple(tp: Any) -> tuple[Fn, Fn, Fn, bool] | None:
+def _plain(tp: Any) -> tuple[Fn, Fn, Fn, bool]:
     if tp is Any or tp is object:
         return _any_copy, _any_copy, _any_copy, False
-    if tp is None or tp is _NoneType:
+    if tp is NoneType:
         return _none_copy, _none_copy, _none_copy, True
     if tp is bool:
         return (*_leaf(lambda v: v is True or v is False, "bool"), True)
@@ -198,9 +205,8 @@ def _simple(tp: Any) -> tuple[Fn, Fn, Fn, bool] | None:
         return _float_copy, _float_copy, _float_copy, True
     if tp is str:
         return _str_copy, _str_copy, _str_copy, True
-    if tp is bytes:
-        return _bytes_copy, _bytes_copy, _bytes_copy, True
-    return None
+    assert tp is bytes
+    return _bytes_copy, _bytes_copy, _bytes_copy, True
 
 
 def _stringly(
@@ -247,14 +253,6 @@ def _timedelta_codec() -> tuple[Fn, Fn, Fn]:
 
     return copy, encode, decode
 
-
-_STRINGLY: Final[dict[type, tuple[Callable[[str], Any], Callable[[Any], str]]]] = {
-    dt.datetime: (dt.datetime.fromisoformat, dt.datetime.isoformat),
-    dt.date: (dt.date.fromisoformat, dt.date.isoformat),
-    dt.time: (dt.time.fromisoformat, dt.time.isoformat),
-    uuid.UUID: (uuid.UUID, str),
-    Decimal: (Decimal, str),
-}
 
 # ---------------------------------------------------------------- containers
 
@@ -308,7 +306,7 @@ def _list_copy_fast(item: Codec) -> Fn:
 
     def copy(value: Any) -> Any:
         if type(value) is not list and not isinstance(value, list):
-            _fail(f"list[{_describe(item.tp)}]", value)
+            _fail(f"list[{describe(item.tp)}]", value)
         try:
             return [c(v) for v in value]
         except Mismatch as exc:
@@ -404,7 +402,7 @@ def _union(members: list[Codec], name: str) -> tuple[Fn, Fn, Fn]:
 
         return f
 
-    if len(members) == 2 and members[0].tp is _NoneType:  # Optional[X]: the common case
+    if len(members) == 2 and members[0].tp is NoneType:  # Optional[X]: the common case
         inner = members[1]
 
         def opt(attr: str) -> Fn:
@@ -552,11 +550,6 @@ def _identity_checked(tp: type, name: str) -> Fn:
     return copy
 
 
-def _pydantic_base() -> type | None:
-    mod = sys.modules.get("pydantic")
-    return getattr(mod, "BaseModel", None) if mod is not None else None
-
-
 def _pydantic(tp: type) -> tuple[Fn, Fn, Fn]:
     from pydantic import ValidationError
 
@@ -586,62 +579,40 @@ def _pydantic(tp: type) -> tuple[Fn, Fn, Fn]:
 
 def _build(tp: Any, codec: Codec | None = None) -> Codec:
     codec = codec or Codec(tp)
-    simple = _simple(tp)
-    if simple is not None:
-        return codec._set(*simple)
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    name = _describe(tp)
-
-    if origin is typing.Annotated:
-        inner = codec_for(args[0])
-        return codec._set(inner.copy, inner.encode, inner.decode, inner.immutable)
-    if isinstance(tp, typing.NewType):
-        inner = codec_for(tp.__supertype__)
-        return codec._set(inner.copy, inner.encode, inner.decode, inner.immutable)
-    if origin is typing.Union or origin is types.UnionType:
-        members = sorted((codec_for(a) for a in args), key=lambda c: c.tp is not _NoneType)
-        return codec._set(*_union(members, name), all(m.immutable for m in members))
-    if origin is typing.Literal:
-        return codec._set(*_literal(args, name), True)
-    if origin is list or tp is list:
-        item = codec_for(args[0] if args else Any)
-        copy, enc, dec = _seq(item, list, name)
-        if item.immutable:
-            copy = _list_copy_fast(item)
-        return codec._set(copy, enc, dec, False)
-    if origin is set or tp is set:
-        return codec._set(*_seq(codec_for(args[0] if args else Any), set, name), False)
-    if origin is frozenset or tp is frozenset:
-        item = codec_for(args[0] if args else Any)
-        return codec._set(*_seq(item, frozenset, name), item.immutable)
-    if origin is tuple or tp is tuple:
-        if not args or (len(args) == 2 and args[1] is Ellipsis):
-            item = codec_for(args[0] if args else Any)
-            return codec._set(*_seq(item, tuple, name), item.immutable)
-        if args == ((),):
-            args = ()
-        items = [codec_for(a) for a in args]
-        return codec._set(*_fixed_tuple(items, name), all(i.immutable for i in items))
-    if origin is dict or tp is dict:
-        k = codec_for(args[0] if args else Any)
-        v = codec_for(args[1] if args else Any)
-        return codec._set(*_mapping(k, v, name), False)
-    if isinstance(tp, type):
-        if issubclass(tp, enum.Enum):
-            return codec._set(*_enum(tp), True)
-        if tp is dt.timedelta:
+    shape = shape_of(tp)
+    name = describe(tp)
+    match shape:
+        case Plain(tp=plain):
+            return codec._set(*_plain(plain))
+        case Alias(inner=inner):
+            c = codec_for(inner)
+            return codec._set(c.copy, c.encode, c.decode, c.immutable)
+        case OneOf(members=args):
+            members = sorted((codec_for(a) for a in args), key=lambda c: c.tp is not NoneType)
+            return codec._set(*_union(members, name), all(m.immutable for m in members))
+        case Choice(values=values):
+            return codec._set(*_literal(values, name), True)
+        case Items(kind=kind, item=item_tp):
+            item = codec_for(item_tp)
+            copy, enc, dec = _seq(item, kind, name)
+            if kind is list and item.immutable:
+                copy = _list_copy_fast(item)
+            immutable = kind in (tuple, frozenset) and item.immutable
+            return codec._set(copy, enc, dec, immutable)
+        case Fixed(items=args):
+            items = [codec_for(a) for a in args]
+            return codec._set(*_fixed_tuple(items, name), all(i.immutable for i in items))
+        case Map(key=key, value=value):
+            return codec._set(*_mapping(codec_for(key), codec_for(value), name), False)
+        case Enumeration(tp=members):
+            return codec._set(*_enum(members), True)
+        case Duration():
             return codec._set(*_timedelta_codec(), True)
-        for base, (parse, fmt) in _STRINGLY.items():
-            if tp is base:
-                return codec._set(*_stringly(tp, parse, fmt), True)
-        if dataclasses.is_dataclass(tp):
-            return codec._set(*_dataclass(tp))
-        base_model = _pydantic_base()
-        if base_model is not None and issubclass(tp, base_model):
-            return codec._set(*_pydantic(tp), False)
-    raise ArgumentTypeError(
-        f"annotation {name} is not supported by Koala's typed encoding; use None, bool, int, "
-        "float, str, bytes, list/tuple/dict/set, Optional/Union, Literal, an Enum, datetime, "
-        "a dataclass or a pydantic model"
-    )
+        case Text(tp=text):
+            parse, fmt = TEXT_TYPES[text]
+            return codec._set(*_stringly(text, parse, fmt), True)
+        case Record(tp=record):
+            return codec._set(*_dataclass(record))
+        case Model(tp=model):
+            return codec._set(*_pydantic(model), False)
+    typing.assert_never(shape)

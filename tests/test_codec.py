@@ -110,6 +110,24 @@ def test_round_trip_local_and_wire(annotation: Any, data: st.DataObject) -> None
     assert _wire(codec, value) == value
 
 
+class _NotData:
+    pass
+
+
+@pytest.mark.parametrize(
+    "annotation",
+    [complex, _NotData, list[complex], dict[str, _NotData], int | complex, type],
+    ids=repr,
+)
+def test_codec_and_strategies_refuse_the_same_annotations(annotation: Any) -> None:
+    """One grammar (koala._annotations) reads annotations for both: what the codec
+    refuses, the test kit has no strategy for, with the codec's own sentence."""
+    with pytest.raises(ArgumentTypeError, match="not supported by Koala's typed encoding"):
+        codec_for(annotation)
+    with pytest.raises(TypeError, match="not supported by Koala's typed encoding"):
+        value_strategy(annotation)
+
+
 @given(items=st.lists(st.builds(Item, st.text(), st.integers(), st.lists(st.text()))))
 def test_copies_share_no_mutable_object(items: list[Item]) -> None:
     codec = codec_for(list[Item])

@@ -28,6 +28,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "leaves",
         (
             "koala._errors",
+            "koala._annotations",
             "koala._codec",
             "koala._config",
             "koala._backend",

@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import enum
 import inspect
 import random
 import socket
-import types
 import typing
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -36,7 +34,23 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from .._actor import ActorBase
+from .._annotations import (
+    Alias,
+    Choice,
+    Duration,
+    Enumeration,
+    Fixed,
+    Items,
+    Map,
+    Model,
+    OneOf,
+    Plain,
+    Record,
+    Text,
+    shape_of,
+)
 from .._config import HostConfig
+from .._errors import ArgumentTypeError
 from .._runtime import Runtime
 
 if TYPE_CHECKING:
@@ -168,65 +182,82 @@ def args_strategy(method: Callable[..., Any]) -> SearchStrategy[tuple[Any, ...]]
     return st.tuples(*(_strategy(hints[n], st) for n in params))
 
 
-def _init_fields(tp: Any) -> set[str]:
-    return {f.name for f in dataclasses.fields(tp) if f.init}
-
-
 _MAX_DEPTH = 3  # containers inside this many records are empty: recursive types end
 
 
+_PLAIN = {
+    type(None): "none",
+    bool: "booleans",
+    int: "integers",
+    str: "text",
+    bytes: "binary",
+}
+_TEXT = {
+    dt.datetime: "datetimes",
+    dt.date: "dates",
+    dt.time: "times",
+    uuid.UUID: "uuids",
+}
+
+
 def _strategy(tp: Any, st: Any, depth: int = 0) -> Any:
-    leaves: dict[Any, Any] = {
-        type(None): st.none(),
-        None: st.none(),
-        bool: st.booleans(),
-        int: st.integers(),
-        float: st.floats(allow_nan=False),
-        str: st.text(),
-        bytes: st.binary(),
-        dt.datetime: st.datetimes(),
-        dt.date: st.dates(),
-        dt.time: st.times(),
-        dt.timedelta: st.timedeltas(),
-        uuid.UUID: st.uuids(),
-        Decimal: st.decimals(allow_nan=False, allow_infinity=False),
-        Any: st.none() | st.booleans() | st.integers() | st.text(),
-    }
-    if tp in leaves:
-        return leaves[tp]
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if isinstance(tp, typing.NewType):
-        return _strategy(tp.__supertype__, st, depth)
-    if origin is typing.Annotated:
-        return _strategy(args[0], st, depth)
-    if origin in (typing.Union, types.UnionType):
-        return st.one_of(*(_strategy(a, st, depth) for a in args))
-    if origin is typing.Literal:
-        return st.sampled_from(args)
-    if depth >= _MAX_DEPTH and origin in (list, set, frozenset, dict):
-        return st.builds(origin)
-    if origin is list:
-        return st.lists(_strategy(args[0], st, depth), max_size=5)
-    if origin is set:
-        return st.sets(_strategy(args[0], st, depth), max_size=5)
-    if origin is frozenset:
-        return st.frozensets(_strategy(args[0], st, depth), max_size=5)
-    if origin is tuple:
-        if len(args) == 2 and args[1] is Ellipsis:
-            return st.lists(_strategy(args[0], st, depth), max_size=5).map(tuple)
-        return st.tuples(*(_strategy(a, st, depth) for a in args))
-    if origin is dict:
-        return st.dictionaries(
-            _strategy(args[0], st, depth), _strategy(args[1], st, depth), max_size=5
-        )
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        return st.sampled_from(list(tp))
-    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-        hints = typing.get_type_hints(tp, include_extras=True)
-        fields = {f.name: _strategy(hints[f.name], st, depth + 1) for f in dataclasses.fields(tp)}
-        return st.builds(tp, **{n: s for n, s in fields.items() if n in _init_fields(tp)})
-    model_fields = getattr(tp, "model_fields", None)
-    if isinstance(tp, type) and isinstance(model_fields, dict):  # a pydantic model
-        hints = typing.get_type_hints(tp, include_extras=True)
-        return st.builds(tp, **{n: _strategy(hints[n], st, depth + 1) for n in model_fields})
-    raise TypeError(f"no strategy for {tp!r}: Koala cannot encode it either")
+    """Values of ``tp``, read by the same grammar as the codec (koala._annotations)."""
+    try:
+        shape = shape_of(tp)
+    except ArgumentTypeError as exc:
+        raise TypeError(f"no strategy for {tp!r}: {exc}") from None
+
+    def sub(annotation: Any) -> Any:
+        return _strategy(annotation, st, depth)
+
+    match shape:
+        case Plain(tp=plain) if plain in _PLAIN:
+            return getattr(st, _PLAIN[plain])()
+        case Plain(tp=plain) if plain is float:
+            return st.floats(allow_nan=False)
+        case Plain():  # Any: plain data
+            return st.none() | st.booleans() | st.integers() | st.text()
+        case Text(tp=text) if text is Decimal:
+            return st.decimals(allow_nan=False, allow_infinity=False)
+        case Text(tp=text):
+            return getattr(st, _TEXT[text])()
+        case Duration():
+            return st.timedeltas()
+        case Alias(inner=inner):
+            return sub(inner)
+        case OneOf(members=members):
+            return st.one_of(*(sub(m) for m in members))
+        case Choice(values=values):
+            return st.sampled_from(values)
+        case Items(kind=kind) if depth >= _MAX_DEPTH:  # recursive types end here
+            return st.builds(kind)
+        case Map() if depth >= _MAX_DEPTH:
+            return st.builds(dict)
+        case Items(kind=kind, item=item):
+            if kind is set:
+                return st.sets(sub(item), max_size=5)
+            if kind is frozenset:
+                return st.frozensets(sub(item), max_size=5)
+            items = st.lists(sub(item), max_size=5)
+            return items if kind is list else items.map(tuple)
+        case Fixed(items=items):
+            return st.tuples(*(sub(i) for i in items))
+        case Map(key=key, value=value):
+            return st.dictionaries(sub(key), sub(value), max_size=5)
+        case Enumeration(tp=members):
+            return st.sampled_from(list(members))
+        case Record(tp=record):
+            hints = typing.get_type_hints(record, include_extras=True)
+            return st.builds(
+                record,
+                **{
+                    f.name: _strategy(hints[f.name], st, depth + 1)
+                    for f in dataclasses.fields(record)
+                    if f.init
+                },
+            )
+        case Model(tp=model):
+            hints = typing.get_type_hints(model, include_extras=True)
+            fields = model.model_fields  # type: ignore[attr-defined]
+            return st.builds(model, **{n: _strategy(hints[n], st, depth + 1) for n in fields})
+    raise AssertionError(f"unhandled shape {shape!r}")
