@@ -19,11 +19,13 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import anyio
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from .. import _metrics
 from .._errors import (
     HostUnavailableError,
     KoalaError,
@@ -40,6 +42,9 @@ from ._positions import Ident, OwnPositions
 from ._rebalance import to_shed
 from ._records import MAX_POSITION_LEASES, ActorPosition
 from ._ticket import check_ticket
+
+if TYPE_CHECKING:
+    from prometheus_client.core import Metric
 
 log = logging.getLogger("koala.pd.client")
 
@@ -78,6 +83,8 @@ class DirectoryStatistics:
     release_batches: int = 0  # requests they took
     claims: int = 0  # first calls served on a peer's ticket, without a lookup
     shed: int = 0  # activations given up to even the hosts out (rebalancing)
+    hits: int = 0  # lookups answered from this host's own positions or its cache
+    misses: int = 0  # lookups the cache could not answer (a resolve follows)
 
 
 class _Pending:
@@ -135,6 +142,9 @@ class ClusterDirectory(MembershipAgent):
         self._lookups_in: MemoryObjectSendStream[_Pending] | None = None  # while run() runs
         self._lookup_batches = 0
         self._resolves = 0
+        self._hits = 0
+        self._misses = 0
+        _metrics.report(self, _directory_metrics)
 
     def statistics(self) -> DirectoryStatistics:
         return DirectoryStatistics(
@@ -154,6 +164,8 @@ class ClusterDirectory(MembershipAgent):
             release_batches=self._release_batches,
             claims=self._claims,
             shed=self._shed,
+            hits=self._hits,
+            misses=self._misses,
         )
 
     # ------------------------------------------------------------ Directory
@@ -163,15 +175,19 @@ class ClusterDirectory(MembershipAgent):
             return None
         ident = (actor_type, str(key))
         if self._positions.owned(ident) is not None:
+            self._hits += 1
             return LOCAL
         entry = self._cache.get(ident)
         if entry is None:
+            self._misses += 1
             return None
         server_id, address, expires, _ = entry
         if expires <= anyio.current_time() or server_id in self._departed:
             del self._cache[ident]
+            self._misses += 1
             return None
         self._cache.move_to_end(ident)
+        self._hits += 1
         return LOCAL if server_id == self.server_id else address
 
     async def resolve(self, actor_type: str, key: Key) -> str:
@@ -556,3 +572,25 @@ class ClusterDirectory(MembershipAgent):
                 continue
             if self.lease_id == lease_id:  # not re-registered meanwhile
                 self._position_leases = leases
+
+
+def _directory_metrics(directory: ClusterDirectory) -> list[Metric]:
+    st = directory.statistics()
+    c, g = _metrics.counter, _metrics.gauge
+    return [
+        c("koala_directory_hits_total", "Lookups answered by this host's cache", st.hits),
+        c("koala_directory_misses_total", "Lookups the cache could not answer", st.misses),
+        c("koala_directory_resolves_total", "Positions asked of the PD", st.resolves),
+        c("koala_directory_lookup_requests_total", "PD requests they took", st.lookup_batches),
+        c("koala_directory_claims_total", "First calls served on a ticket", st.claims),
+        c("koala_directory_releases_total", "Positions given back to the PD", st.releases),
+        c("koala_directory_shed_total", "Activations shed by the rebalancer", st.shed),
+        g("koala_directory_cached_positions", "Positions of other hosts cached", st.cached),
+        g("koala_directory_owned_positions", "Positions this host holds", st.owned),
+        g("koala_membership_members", "Hosts in this host's membership view", st.members),
+        g("koala_membership_serving", "1 while registered and not fenced", float(st.serving)),
+        c("koala_membership_registrations_total", "Registrations", st.registrations),
+        c("koala_membership_fences_total", "Times this host fenced itself", st.fences),
+        c("koala_membership_renewals_total", "Lease renewals", st.renewals),
+        c("koala_membership_failed_renewals_total", "Failed renewals", st.failed_renewals),
+    ]

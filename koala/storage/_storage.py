@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -14,6 +15,7 @@ import anyio
 import anyio.lowlevel
 import cbor2
 
+from .. import _metrics
 from .._codec import codec_for
 from .._errors import ArgumentTypeError, ConfigError
 from ._engine import NO_KEY2, Engine, WriteOp
@@ -22,6 +24,7 @@ from ._errors import (
     RecordSchemaError,
     RecordTooLargeError,
     StorageClosedError,
+    VersionConflictError,
     describe_key,
 )
 from ._url import make_engine, redact
@@ -209,10 +212,33 @@ class Storage:
         return pair[1]
 
     async def _run(self, fn: Callable[..., R], *args: Any) -> R:
-        if self._engine.inline:
-            await anyio.lowlevel.checkpoint()
-            return self._call(fn, *args)
-        return await anyio.to_thread.run_sync(self._call, fn, *args, limiter=self._thread_limiter())
+        operation = _OPERATIONS.get(fn.__name__, fn.__name__)
+        start = time.perf_counter()
+        outcome = "cancelled"  # unless it ends otherwise
+        try:
+            if self._engine.inline:
+                await anyio.lowlevel.checkpoint()
+                result = self._call(fn, *args)
+            else:
+                result = await anyio.to_thread.run_sync(
+                    self._call, fn, *args, limiter=self._thread_limiter()
+                )
+            outcome = "ok"
+            return result
+        except VersionConflictError:
+            outcome = "conflict"  # the optimistic check did its job
+            raise
+        except Exception:
+            outcome = "error"
+            raise
+        finally:
+            kind = self._engine.kind
+            _metrics.storage_operations.inc((kind, operation, outcome))
+            _metrics.storage_seconds.observe((kind, operation), time.perf_counter() - start)
+
+
+# the engine functions by the names the metrics give them
+_OPERATIONS: Final = {"_nothing": "open", "load": "load", "load_all": "load_all", "write": "write"}
 
 
 def _nothing() -> None:

@@ -34,13 +34,16 @@ from __future__ import annotations
 import json
 import random
 import re
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import anyio
 from anyio.abc import TaskStatus
 
+from ... import _metrics
 from ..._errors import KoalaError
 from .._records import HostInfo
 from .._ticket import make_ticket
@@ -49,6 +52,9 @@ from ._errors import PDError, now_ms, store_full_error
 from ._maintenance import MaintenanceConfig, MaintenanceStatistics, StoreKeeper
 from ._membership import CAS_RETRIES, VIEW_MAX_AGE, HostTable, MembershipEvent, MembershipView
 from ._store import CreateOutcome, KeyValue, LeaseNotFoundError, Store, StoreFullError
+
+if TYPE_CHECKING:
+    from prometheus_client.core import Metric
 
 DEFAULT_PREFIX = "/koala/"
 MAX_SEQUENCE_STEP = 1_000_000
@@ -95,6 +101,10 @@ class PlacementDriver:
         self._advancing = anyio.Lock()  # id counters (_advance)
         self._blocks: OrderedDict[str, tuple[int, int]] = OrderedDict()  # key -> [next, end)
         self._random = random.Random()
+        self._asked = 0  # positions asked for
+        self._placed = 0  # of them, placed by this PD (the rest existed)
+        self._lookup_seconds = _metrics.Histogram()  # per find_positions request
+        _metrics.report(self, _driver_metrics)
 
     def _position_key(self, actor_type: str, actor_id: str) -> str:
         return f"{self.prefix}placement/{actor_type}/{actor_id}"
@@ -230,6 +240,17 @@ class PlacementDriver:
     async def find_positions(
         self, actors: Sequence[tuple[str, str]], ttl: int = 0
     ) -> list[Position | PDError]:
+        """See :meth:`_find_positions` (this counts them for the metrics)."""
+        start = time.perf_counter()
+        try:
+            return await self._find_positions(actors, ttl)
+        finally:
+            self._asked += len(actors)
+            self._lookup_seconds.observe(time.perf_counter() - start)
+
+    async def _find_positions(
+        self, actors: Sequence[tuple[str, str]], ttl: int = 0
+    ) -> list[Position | PDError]:
         """:meth:`find_position` for many ``(actor_type, actor_id)`` at once: one answer
         per actor, in order, a Position or the PDError of that actor (bad name, no host).
 
@@ -313,6 +334,7 @@ class PlacementDriver:
                         continue
                     created, kv = outcome
                     if created:
+                        self._placed += 1
                         self.table.count_placement(chosen[key])
                     actor_type, actor_id = names[key]
                     answer(key, self._position(actor_type, actor_id, ttl, kv, created, hosts))
@@ -481,3 +503,20 @@ def _check_names(actor_type: str, actor_id: str) -> PDError | None:
     if "/" in actor_type:
         return PDError(400, "bad_request", "actor_type must not contain '/'")
     return None
+
+
+def _driver_metrics(pd: PlacementDriver) -> list[Metric]:
+    c, g = _metrics.counter, _metrics.gauge
+    upkeep = pd.maintenance_statistics()
+    lookups = pd._lookup_seconds.family(
+        "koala_pd_lookup_seconds", "Time to answer a request for positions (placing included)"
+    )
+    return [
+        c("koala_pd_positions_asked_total", "Positions asked of this PD", pd._asked),
+        c("koala_pd_placements_total", "Actors this PD placed (positions it created)", pd._placed),
+        lookups,
+        g("koala_pd_hosts", "Registered hosts in this PD's view", len(pd.table)),
+        c("koala_pd_compactions_total", "etcd compactions this PD asked for", upkeep.compactions),
+        c("koala_pd_store_recoveries_total", "Times the store was found full", upkeep.recoveries),
+        g("koala_pd_store_full", "1 while the store refuses writes for lack of space", upkeep.full),
+    ]

@@ -31,6 +31,7 @@ from typing import Any
 import anyio
 import httpx
 
+from ... import _metrics
 from ..._errors import ConfigError
 from ._store import (
     NOSPACE,
@@ -53,6 +54,19 @@ from ._store import (
 HTTP_POOL = 16
 
 log = logging.getLogger("koala.pd.etcd")
+
+# etcd's failures, by kind, for koala_pd_store_errors_total
+store_errors = _metrics.Counters(
+    "koala_pd_store_errors_total",
+    "etcd requests that failed, by kind (timeout, transport, full, unavailable, ...)",
+    ("kind",),
+)
+_metrics.report(_metrics.PROCESS, lambda _: [store_errors.family()])
+_ERROR_KINDS: dict[type[StoreError], str] = {
+    StoreFullError: "full",
+    StoreUnavailableError: "unavailable",
+    LeaseNotFoundError: "lease_not_found",
+}
 
 DEFAULT_TIMEOUT = 5.0
 DEFRAG_TIMEOUT = 120.0  # defragmenting rewrites the whole file: a large one takes a while
@@ -170,6 +184,7 @@ class EtcdStore:
                     async with self._slots:  # queue here, not in httpx's pool (slow scans)
                         resp = await self._client.post(target + path, json=body)
             except (httpx.TransportError, TimeoutError) as exc:
+                store_errors.inc(("timeout" if isinstance(exc, TimeoutError) else "transport",))
                 errors.append(f"{target}: {type(exc).__name__} {exc}".rstrip())
                 if endpoint is None:
                     self._current = (self._current + 1) % len(self.endpoints)
@@ -177,7 +192,11 @@ class EtcdStore:
                     spare -= 1
                     tries += 1
                 continue
-            return self._answer(target, path, resp)
+            try:
+                return self._answer(target, path, resp)
+            except StoreError as exc:
+                store_errors.inc((_ERROR_KINDS.get(type(exc), "refused"),))
+                raise
         raise StoreUnavailableError(
             f"etcd cannot be reached ({'; '.join(errors)}); check that etcd runs and that "
             "--etcd points at its client URL"

@@ -303,6 +303,10 @@ class HostTable:
         self._view_time = -1e18
         return True
 
+    def __len__(self) -> int:
+        """Hosts in the view last read (no store access)."""
+        return len(self._hosts)
+
     async def hosts(self, max_age: float = VIEW_MAX_AGE) -> dict[int, HostInfo]:
         """The registered hosts, read from the store at most ``max_age`` seconds ago."""
         if max_age > 0 and anyio.current_time() - self._view_time <= max_age:
