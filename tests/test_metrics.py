@@ -104,12 +104,12 @@ def test_two_parts_of_one_kind_share_a_family() -> None:
     class Part:
         pass
 
+    def things(name: str) -> _metrics.Source:
+        return lambda part: [_metrics.counter("koala_test_things_total", "t", 2.0, p=name)]
+
     one, two = Part(), Part()
-    for name, part in (("a", one), ("b", two)):
-        _metrics.report(
-            part,
-            lambda p, name=name: [_metrics.counter("koala_test_things_total", "t", 2.0, p=name)],
-        )
+    _metrics.report(one, things("a"))
+    _metrics.report(two, things("b"))
     samples = scrape()
     assert samples[("koala_test_things_total", (("p", "a"),))] == 2.0
     assert samples[("koala_test_things_total", (("p", "b"),))] == 2.0
