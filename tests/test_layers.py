@@ -47,7 +47,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ),
     ("transport and placement", ("koala.transport", "koala.pd")),
     ("host runtime", ("koala._activation", "koala._runtime")),
-    ("gateway and http", ("koala.gateway", "koala.http", "koala.pd.server")),
+    ("gateway and http", ("koala.gateway", "koala.http", "koala.dashboard", "koala.pd.server")),
     ("processes", ("koala._host", "koala.cli", "koala._app")),
     ("facade", ("koala",)),
     ("test kit", ("koala.testing",)),
