@@ -30,6 +30,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "koala._errors",
             "koala._annotations",
             "koala._metrics",
+            "koala._tracing",
             "koala._codec",
             "koala._config",
             "koala._backend",

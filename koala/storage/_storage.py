@@ -14,8 +14,9 @@ from typing import Any, Final, Generic, TypeVar
 import anyio
 import anyio.lowlevel
 import cbor2
+from opentelemetry.trace import SpanKind
 
-from .. import _metrics
+from .. import _metrics, _tracing
 from .._codec import codec_for
 from .._errors import ArgumentTypeError, ConfigError
 from ._engine import NO_KEY2, Engine, WriteOp
@@ -213,6 +214,17 @@ class Storage:
 
     async def _run(self, fn: Callable[..., R], *args: Any) -> R:
         operation = _OPERATIONS.get(fn.__name__, fn.__name__)
+        active = _tracing.tracer
+        if active is None:
+            return await self._timed(operation, fn, args)
+        attributes = {"db.system": self._engine.kind, "db.operation": operation}
+        if args:
+            attributes["koala.store"] = str(args[0])
+        with _tracing.span(active, f"storage {operation}", SpanKind.CLIENT, attributes):
+            return await self._timed(operation, fn, args)
+
+    async def _timed(self, operation: str, fn: Callable[..., R], args: tuple[Any, ...]) -> R:
+        """Run ``fn`` where the engine runs, counted and timed for the metrics."""
         start = time.perf_counter()
         outcome = "cancelled"  # unless it ends otherwise
         try:
