@@ -49,6 +49,21 @@ class Member:
 
 _MEMBER_FIELDS = tuple(f.name for f in fields(Member))
 
+MAX_REPORTED_TYPES = 1024  # actor types one host reports activations of
+
+
+@dataclass(frozen=True, slots=True)
+class HostStats:
+    """What a host reports with each renewal for the cluster page (PD memory only):
+    calls it served since it started, their total time, its activations by type."""
+
+    calls: int = 0
+    call_seconds: float = 0.0
+    activations_by_type: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
 
 @dataclass(slots=True)
 class HostInfo(Member):

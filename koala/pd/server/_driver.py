@@ -45,7 +45,7 @@ from anyio.abc import TaskStatus
 
 from ... import _metrics
 from ..._errors import KoalaError
-from .._records import HostInfo
+from .._records import HostInfo, HostStats
 from .._ticket import make_ticket
 from ._combiner import CreateCombiner
 from ._errors import PDError, now_ms, store_full_error
@@ -170,9 +170,12 @@ class PlacementDriver:
         activations: int | None = None,
         *,
         owner: bytes | None = None,
+        stats: HostStats | None = None,
     ) -> None:
         """Renew a host's lease and record its load, in this PD's memory only."""
-        await self.table.keep_alive(server_id, lease_id, load, activations, owner=owner)
+        await self.table.keep_alive(
+            server_id, lease_id, load, activations, owner=owner, stats=stats
+        )
 
     async def grow_leases(
         self, server_id: int, lease_id: int, count: int, *, owner: bytes | None = None
@@ -236,6 +239,11 @@ class PlacementDriver:
         if isinstance(answer, PDError):
             raise answer
         return answer
+
+    @property
+    def placements(self) -> int:
+        """Actors this PD placed since it started (positions it created)."""
+        return self._placed
 
     async def find_positions(
         self, actors: Sequence[tuple[str, str]], ttl: int = 0

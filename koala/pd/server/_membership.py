@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import anyio
 
 from .._auth import owner_hash, owner_matches
-from .._records import MAX_POSITION_LEASES, HostInfo
+from .._records import MAX_POSITION_LEASES, HostInfo, HostStats
 from .._ticket import PLACEMENT_KEY_SIZE
 from ._errors import PDError, now_ms
 from ._maintenance import StoreKeeper
@@ -64,6 +64,9 @@ class MembershipEvent:
     remove: list[int]
 
 
+_NO_STATS = HostStats()
+
+
 class HostTable:
     """The registered hosts of one store, as this PD sees them (see the module docstring)."""
 
@@ -79,6 +82,7 @@ class HostTable:
         self._placed: dict[int, tuple[int, int]] = {}  # server -> (renew_time seen, count)
         # load reports of renewals: server -> (load, activations, renew_time), this PD's own
         self._reports: dict[int, tuple[int, int, int]] = {}
+        self._stats: dict[int, HostStats] = {}  # the rest of those reports (the cluster page)
         # membership versions: per PD (a random start, +1 per change this PD saw), so a
         # version from another PD (or before a restart) is unknown here: the whole table
         self._version = random.Random().randrange(1 << 40, 1 << 52)
@@ -141,8 +145,9 @@ class HostTable:
         activations: int | None = None,
         *,
         owner: bytes | None = None,
+        stats: HostStats | None = None,
     ) -> None:
-        """Renew a host's lease and record its load, in this PD's memory only.
+        """Renew a host's lease and record its load (and ``stats``), in this PD's memory only.
 
         No write: the host must be registered under that lease in this PD's view of
         the store (read again if it is not, e.g. it registered through another PD),
@@ -166,6 +171,8 @@ class HostTable:
             activations = info.activations
         self._reports[server_id] = (load, activations, now_ms())
         info.load, info.activations, info.renew_time = self._reports[server_id]
+        if stats is not None:
+            self._stats[server_id] = stats
         self._placed.pop(server_id, None)
 
     async def registered(self, server_id: int, lease_id: int) -> HostInfo:
@@ -307,6 +314,11 @@ class HostTable:
         """Hosts in the view last read (no store access)."""
         return len(self._hosts)
 
+    def last_view(self) -> list[tuple[HostInfo, HostStats]]:
+        """The hosts of the view last read, each with what it reported last (no store
+        access: for the cluster page)."""
+        return [(info, self._stats.get(sid, _NO_STATS)) for sid, info in self._hosts.items()]
+
     async def hosts(self, max_age: float = VIEW_MAX_AGE) -> dict[int, HostInfo]:
         """The registered hosts, read from the store at most ``max_age`` seconds ago."""
         if max_age > 0 and anyio.current_time() - self._view_time <= max_age:
@@ -343,6 +355,7 @@ class HostTable:
         for server_id in remove:
             self._placed.pop(server_id, None)
             self._reports.pop(server_id, None)
+            self._stats.pop(server_id, None)
             gone = self._hosts[server_id].position_leases
             if gone:  # its registration ended: revoke them one by one (reap)
                 self.keeper.reap(gone)
