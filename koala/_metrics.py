@@ -137,6 +137,71 @@ class Histograms:
         return family
 
 
+class CallSeries:
+    """The calls of one method of one actor type on one path (local or remote), kept by
+    the runtime per method: outcomes counted, latency bucketed, slow turns counted."""
+
+    __slots__ = ("labels", "outcomes", "slow", "time")
+
+    def __init__(self, actor_type: str, method: str, path: str) -> None:
+        self.labels = (actor_type, method, path)
+        self.outcomes: dict[str, int] = {}
+        self.time = Histogram()
+        self.slow = 0
+
+    def done(self, outcome: str, seconds: float) -> None:
+        outcomes = self.outcomes
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        self.time.observe(seconds)
+
+
+class CallTable:
+    """Every CallSeries of a runtime, at most MAX_SERIES (then one "other" series)."""
+
+    __slots__ = ("_other", "series")
+
+    def __init__(self) -> None:
+        self.series: dict[object, CallSeries] = {}
+        self._other: dict[str, CallSeries] = {}
+
+    def of(self, key: object, actor_type: str, method: str, path: str) -> CallSeries:
+        """The series under ``key`` (any hashable the runtime finds fast: its method
+        spec, say), made on first use."""
+        found = self.series.get(key)
+        if found is None:
+            if len(self.series) < MAX_SERIES:
+                found = self.series[key] = CallSeries(actor_type, method, path)
+            else:
+                found = self._other.get(path)
+                if found is None:
+                    found = self._other[path] = CallSeries(OTHER, OTHER, path)
+        return found
+
+    def families(self, prefix: str = "koala_calls") -> list[Metric]:
+        counts = CounterMetricFamily(
+            f"{prefix}_total",
+            "Actor calls made by this host, by actor type, method, path and outcome",
+            labels=("actor_type", "method", "path", "outcome"),
+        )
+        times = HistogramMetricFamily(
+            f"{prefix.removesuffix('s')}_seconds",
+            "Time from a call to its answer, by actor type, method and path",
+            labels=("actor_type", "method", "path"),
+        )
+        slow = CounterMetricFamily(
+            "koala_slow_turns_total",
+            "Local calls whose turn took longer than the host's slow_turn threshold",
+            labels=("actor_type", "method"),
+        )
+        for series in [*self.series.values(), *self._other.values()]:
+            for outcome, n in list(series.outcomes.items()):
+                counts.add_metric([*series.labels, outcome], n)
+            times.add_metric(list(series.labels), series.time.cumulative(), series.time.sum)
+            if series.slow:
+                slow.add_metric(list(series.labels[:2]), series.slow)
+        return [counts, times, slow]
+
+
 def gauge(name: str, doc: str, value: float, **labels: str) -> GaugeMetricFamily:
     """A one-series gauge (labels fixed here, e.g. ``backend="sqlite"``)."""
     family = GaugeMetricFamily(name, doc, labels=list(labels))
