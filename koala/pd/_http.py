@@ -26,7 +26,7 @@ from .._errors import (
     PDUnavailableError,
 )
 from ._auth import OWNER_HEADER, OWNER_KEY_SIZE, authorization, new_owner_key, request_key
-from ._records import ActorPosition, Member, Membership
+from ._records import ActorPosition, HostStats, Member, Membership
 
 if TYPE_CHECKING:
     from .._tls import TLSConfig
@@ -292,13 +292,17 @@ class PDClient:
         activations: int | None = None,
         *,
         version: int | None = None,
+        stats: HostStats | None = None,
     ) -> Membership:
-        """Renew; the membership since ``version`` (None: the whole table)."""
+        """Renew; the membership since ``version`` (None: the whole table). ``stats``:
+        what the cluster page shows of this host (kept in the PD's memory only)."""
         body: dict[str, Any] = {"server_id": server_id, "lease_id": lease_id, "load": load}
         if activations is not None:
             body["activations"] = activations
         if version is not None:
             body["version"] = version
+        if stats is not None:
+            body["stats"] = stats.to_json()
         path = "/pd/api/v1/membership/keep_alive"
         return _membership(await self._post(path, body, repeatable=True, server_id=server_id))
 
