@@ -24,6 +24,7 @@ from koala._net import split_hostport
 from koala.testing import fail_if_hangs
 from koala.transport import (
     NEED_DATA,
+    Cancel,
     ClientMessage,
     CloseCode,
     Connection,
@@ -535,7 +536,7 @@ async def test_bursts_of_large_frames_and_heartbeats_keep_the_connection() -> No
             for i in range(100):
                 tg.start_soon(one, i)
             await wait_until(lambda: ch.pending >= 50)
-            ch._enqueue_nowait(ch.conn.send(Ping(1)))
+            ch.send_control(Cancel(10**9))  # cannot wait: it must fit
             assert not ch.closed, ch.close_reason
         huge = "y" * 12_000_000  # one frame of more than four times the buffer's bound
 
@@ -545,8 +546,8 @@ async def test_bursts_of_large_frames_and_heartbeats_keep_the_connection() -> No
         async with anyio.create_task_group() as tg:
             tg.start_soon(large)
             await wait_until(lambda: ch.pending == 1)
-            ch._ping(2)  # what the heartbeat sends
-            ch._dispatch(Ping(3))  # the peer's: answered with a PONG
+            ch.send_control(Ping(2), droppable=True)  # what the heartbeat sends
+            ch.inject(Ping(3))  # the peer's: answered with a PONG
             assert not ch.closed, ch.close_reason
         assert not ch.closed, ch.close_reason
 
@@ -560,6 +561,17 @@ def _require_pipe() -> None:
     if sniffio.current_async_library() == "trio":
         pytest.skip("trio channels keep their stream: there is no transport to take over")
     require_hooks("asyncio_pipe")
+
+
+async def test_channel_statistics_name_the_io_path() -> None:
+    trio = sniffio.current_async_library() == "trio"
+    require_hooks("trio_lone_write" if trio else "asyncio_pipe")
+    async with two_nodes(client_cfg={"direct_io": False}) as (rt1, t1, _, t2):
+        assert await echo(rt1).echo("warm") == "warm"
+        stats = (await t1.channel(t2.address)).statistics()
+        assert (stats.pending, stats.serving, stats.io) == (0, 0, "stream")
+        (inbound,) = t2._all
+        assert inbound.statistics().io == ("stream+socket" if trio else "pipe")
 
 
 def _pipe_of(ch: Any) -> Any:
@@ -632,7 +644,7 @@ async def test_direct_io_refuses_control_frames_past_the_bound() -> None:
         ch = await t1.channel(t2.address)
         pipe = _pipe_of(ch)
         pipe.overfull = lambda max_frames: True  # as if the peer had stopped reading
-        ch._enqueue_nowait(b"")  # a control frame (a PONG, a CANCEL) cannot wait
+        ch.send_control(Cancel(10**9))  # a control frame (a CANCEL, a PONG) cannot wait
         assert ch.closed
         assert "the peer is not reading" in ch.close_reason
 

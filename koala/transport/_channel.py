@@ -27,6 +27,7 @@ import math
 import socket
 from collections import deque
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -161,6 +162,18 @@ class _Worker:
 MAX_IDLE_WORKERS = 256
 
 
+@dataclass(frozen=True, slots=True)
+class ChannelStatistics:
+    """``pending``: calls out waiting for their answer; ``serving``: requests in accepted
+    and not answered yet; ``io``: how bytes move: "pipe" (asyncio: the transport driven
+    by callbacks), "stream+socket" (trio: a lone frame written to the socket, the rest
+    through the stream) or "stream" (anyio's stream alone: TLS, or ``direct_io`` off)."""
+
+    pending: int
+    serving: int
+    io: str
+
+
 class Channel:
     """An authenticated connection to ``peer``; use it from many tasks at once."""
 
@@ -229,6 +242,20 @@ class Channel:
     @property
     def serving(self) -> int:
         return len(self._serving)
+
+    def statistics(self) -> ChannelStatistics:
+        io = "pipe" if self._pipe is not None else "stream+socket" if self._raw else "stream"
+        return ChannelStatistics(len(self._pending), len(self._serving), io)
+
+    def send_control(self, ev: Event, *, droppable: bool = False) -> None:
+        """Queue a frame that cannot wait (CANCEL, PING, PONG), from synchronous code: a
+        full write queue closes the connection, or drops a ``droppable`` frame."""
+        self._enqueue_nowait(self.conn.send(ev), droppable=droppable)
+
+    def inject(self, ev: Event) -> None:
+        """Act on ``ev`` as if the peer had sent it (for tests: a PING that arrives
+        while the write queue is full, say)."""
+        self._dispatch(ev)
 
     # ------------------------------------------------------------ running
 
