@@ -37,9 +37,9 @@ from koala.transport import (
     Role,
     State,
 )
-from koala.transport._events import ClientAck, ProtocolError
-from koala.transport._protocol import MAX_HANDSHAKE_BUFFER, MAX_HANDSHAKE_FRAME
-from koala.transport._wire import decode, encode
+from koala.wire._events import ClientAck, ProtocolError
+from koala.wire._protocol import MAX_HANDSHAKE_BUFFER, MAX_HANDSHAKE_FRAME
+from koala.wire._wire import decode, encode
 
 SECRET = b"0123456789abcdef-secret"
 

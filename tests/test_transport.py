@@ -36,7 +36,7 @@ from koala.transport import (
     Role,
     Transport,
 )
-from koala.transport._wire import encode
+from koala.wire._wire import encode
 from tests._hooks import require_hooks
 from tests._transport_helpers import (
     SECRET,

@@ -55,8 +55,7 @@ from .._loop import trio_socket
 from .._messages import ErrorCode, error_info
 from .._messages import Request as CallRequest
 from .._messages import Response as CallResponse
-from ._config import TransportConfig
-from ._events import (
+from ..wire._events import (
     GATEWAY_EVENTS,
     NEED_DATA,
     Cancel,
@@ -73,8 +72,9 @@ from ._events import (
     Request,
     Response,
 )
+from ..wire._protocol import Connection
+from ._config import TransportConfig
 from ._pipe import Pipe, takeover
-from ._protocol import Connection
 
 log = logging.getLogger("koala.transport")
 

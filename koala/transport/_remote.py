@@ -36,10 +36,7 @@ from .._errors import ConfigError, HostUnavailableError
 from .._messages import Request as CallRequest
 from .._messages import rebuild_error
 from .._net import is_loopback, join_hostport, split_hostport
-from ._accept import StrangerStream, accept_forever
-from ._channel import Channel, EventHandler, Handler, NotSent
-from ._config import TransportConfig
-from ._events import (
+from ..wire._events import (
     NEED_DATA,
     CloseCode,
     ConnectionClosed,
@@ -48,8 +45,11 @@ from ._events import (
     ProtocolError,
     RemoteProtocolError,
 )
+from ..wire._protocol import Connection, Role
+from ._accept import StrangerStream, accept_forever
+from ._channel import Channel, EventHandler, Handler, NotSent
+from ._config import TransportConfig
 from ._pipe import hold_reads
-from ._protocol import Connection, Role
 from ._secure import (
     CLOSED_AFTER_TLS,
     TLS_FILES_HINT,
