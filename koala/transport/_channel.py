@@ -685,18 +685,7 @@ class Channel:
             )
         rid = next(self._ids)
         timeout = max(0.0, req.deadline - self._clock())
-        data = self.conn.send_request(
-            rid,
-            req.chain_id,
-            timeout,
-            req.actor_type,
-            req.key,
-            req.interface,
-            req.method,
-            list(req.args),
-            req.one_way,
-            req.placement,
-        )
+        data = self.conn.send_request(rid, timeout, req)
         if req.one_way:
             await self._enqueue(data)
             return None
