@@ -35,14 +35,13 @@ import sniffio
 from anyio.abc import ByteStream, TaskGroup, TaskStatus
 
 from .._drive import (
-    SYNC_METHOD_CALLS,
+    Suspended,
     fast_clock,
     finish_under_deadline,
-    finished,
-    first_step,
-    lazy_deadline,
     run_under_deadline,
     scope_marker,
+    skips_scope,
+    step_unscoped,
 )
 from .._errors import (
     ActorNotFoundError,
@@ -188,6 +187,7 @@ class Channel:
         handler: Callable[[], Handler | None],
         on_event: Callable[[], EventHandler | None],
         on_close: Callable[[Channel], None],
+        sync_methods: dict[tuple[str, str], int],
     ) -> None:
         self.stream = stream
         self.conn = conn
@@ -204,12 +204,13 @@ class Channel:
         self._drainer = False  # a serving task is starting the ready requests
         self._batching = False  # the drainer runs and holds its answers back (see _work)
         self._reading = False  # the reader is dispatching (it may start a request itself)
-        # a request the reader started that suspended: (job, coroutine, yielded, scope)
-        self._taken: tuple[_Job, Coroutine[Any, Any, Any], Any, object] | None = None
+        # a request the reader started that suspended, to finish in the reader's task
+        self._taken: tuple[_Job, Suspended] | None = None
         self._idle: list[_Worker] = []
         self._next_expiry = 0.0  # when _expire_calls looks next
         self._expiry = anyio.Event()  # set: look now
-        self._sync_methods: dict[tuple[str, str], int] = {}  # see _drive.run_under_deadline
+        # methods seen finishing without suspending (_drive.skips_scope), for the node
+        self._sync_methods = sync_methods
         self._marker: Callable[[], object] | None = None
         self._clock: Callable[[], float] = anyio.current_time
         # the backend's Event class (anyio.Event() looks the backend up on every call),
@@ -624,23 +625,19 @@ class Channel:
         ev = job.ev
         marker = self._marker
         method = (ev.interface, ev.method)
-        if marker is None or self._sync_methods.get(method, 0) < SYNC_METHOD_CALLS:
+        if marker is None or not skips_scope(method, self._sync_methods, marker):
             return False
         req = self._call_of(job)
-        innermost = marker()
-        token = lazy_deadline.set(job.deadline)
         try:
-            coro = job.handler(req)
-            resp, yielded = first_step(coro)
+            resp, suspended = step_unscoped(
+                lambda: job.handler(req), job.deadline, method, self._sync_methods, marker
+            )
         except Exception as exc:
             resp = self._failed(job, exc)
         else:
-            if not finished(yielded):
-                self._sync_methods[method] = -1
-                self._taken = (job, coro, yielded, innermost)
+            if suspended is not None:
+                self._taken = (job, suspended)
                 return True
-        finally:
-            lazy_deadline.reset(token)
         self._serving.pop(ev.request_id, None)
         data = self._answer(job, resp, None)
         if data:
@@ -648,16 +645,14 @@ class Channel:
             self._enqueue_nowait(data)
         return True
 
-    async def _finish_taken(
-        self, job: _Job, coro: Coroutine[Any, Any, Any], yielded: Any, innermost: object
-    ) -> None:
+    async def _finish_taken(self, job: _Job, suspended: Suspended) -> None:
         """Finish a request started in the reader that suspended (now in this task)."""
         assert self._marker is not None
         resp: CallResponse | None = None
         scope: anyio.CancelScope | None = None
         try:
             resp, scope = await finish_under_deadline(
-                coro, yielded, job.deadline, innermost, self._marker, job.attach
+                suspended, job.deadline, self._marker, job.attach
             )
         except Exception as exc:
             resp = self._failed(job, exc)

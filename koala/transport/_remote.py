@@ -139,6 +139,9 @@ class Transport:
         self._refused = 0
         self._displaced = 0
         self._tls = contexts(self.config.tls) if self.config.tls is not None else None
+        # methods seen finishing without suspending, learned once for the node, not per
+        # connection (koala._drive.skips_scope)
+        self._sync_methods: dict[tuple[str, str], int] = {}
 
     # ------------------------------------------------------------ lifecycle
 
@@ -375,6 +378,7 @@ class Transport:
             handler=lambda: self.handler,
             on_event=lambda: self.on_event,
             on_close=self._forget,
+            sync_methods=self._sync_methods,
         )
         self._all.add(ch)
         return ch
