@@ -36,6 +36,7 @@ from koala.transport import (
     Role,
     Transport,
 )
+from koala.transport._writers import StreamWriter
 from koala.wire._wire import encode
 from tests._hooks import require_hooks
 from tests._transport_helpers import (
@@ -478,8 +479,9 @@ async def test_a_burst_of_frames_is_coalesced_into_few_sends() -> None:
     async with two_nodes(client_cfg={"direct_io": False}) as (rt1, t1, _, t2):
         assert await echo(rt1).echo("warm") == "warm"
         ch = await t1.channel(t2.address)
-        counting = _GatedStream(ch.stream, hang=False)
-        ch.stream = counting
+        writer = ch.writer
+        assert isinstance(writer, StreamWriter)  # direct_io is off
+        counting = writer.stream = _GatedStream(writer.stream, hang=False)
 
         async def one(i: int) -> None:
             assert await echo(rt1, f"c{i}").add(i, 1) == i + 1
@@ -501,7 +503,9 @@ async def test_a_request_that_never_left_is_retried_one_that_may_have_run_is_not
     async with two_nodes(client_cfg={"direct_io": False}) as (rt1, t1, _, t2):
         assert await echo(rt1).echo("warm") == "warm"
         ch = await t1.channel(t2.address)
-        ch.stream = _GatedStream(ch.stream, hang=True)
+        writer = ch.writer
+        assert isinstance(writer, StreamWriter)  # direct_io is off
+        writer.stream = _GatedStream(writer.stream, hang=True)
         outcomes: dict[str, object] = {}
 
         async def call(name: str) -> None:
@@ -576,8 +580,10 @@ async def test_channel_statistics_name_the_io_path() -> None:
 
 def _pipe_of(ch: Any) -> Any:
     """The channel's taken-over transport (see _require_pipe)."""
-    assert ch._pipe is not None
-    return ch._pipe
+    from koala.transport._pipe import Pipe
+
+    assert isinstance(ch.writer, Pipe)
+    return ch.writer
 
 
 class _CountingTransport:
@@ -688,8 +694,8 @@ async def test_direct_io_a_frame_the_closed_transport_refuses_is_not_written() -
             raise RuntimeError("the handler is closed")  # as uvloop says it
 
     written: list[int] = []
-    pipe = Pipe(Closed(), lambda data: None, lambda reason: None, written.append)  # type: ignore[arg-type]
-    pipe.write(b"frame", 5)
+    pipe = Pipe(Closed(), lambda data: None, lambda reason: None, written.append, 8)  # type: ignore[arg-type]
+    assert pipe.try_write(b"frame", 5)
     assert written == []  # so its call fails as not sent, safe to send elsewhere
     assert pipe.lost
 

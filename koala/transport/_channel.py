@@ -47,7 +47,6 @@ from .._errors import (
     ActorNotFoundError,
     ArgumentTypeError,
     HostUnavailableError,
-    KoalaError,
     OverloadedError,
 )
 from .._loop import trio_socket
@@ -73,18 +72,14 @@ from ..wire._events import (
 )
 from ..wire._protocol import Connection
 from ._config import TransportConfig
-from ._pipe import Pipe, takeover
+from ._pipe import takeover
+from ._writers import NotSent as NotSent
+from ._writers import StreamWriter, Writer
 
 log = logging.getLogger("koala.transport")
 
 Handler = Callable[[CallRequest], Coroutine[Any, Any, CallResponse | None]]
 EventHandler = Callable[["Channel", Event], None]
-
-COALESCE_BYTES = 256 * 1024  # a burst larger than this is written in several sends
-
-
-class NotSent(KoalaError):
-    """Internal: the request never left this process, so retrying it is safe."""
 
 
 class _Signal:
@@ -202,7 +197,6 @@ class Channel:
         self._serving: dict[int, _Job] = {}  # accepted requests, by id
         self._ready: deque[_Job] = deque()  # accepted, not started yet
         self._drainer = False  # a serving task is starting the ready requests
-        self._batching = False  # the drainer runs and holds its answers back (see _work)
         self._reading = False  # the reader is dispatching (it may start a request itself)
         # a request the reader started that suspended, to finish in the reader's task
         self._taken: tuple[_Job, Suspended] | None = None
@@ -216,13 +210,10 @@ class Channel:
         # the backend's Event class (anyio.Event() looks the backend up on every call),
         # or on asyncio a bare future
         self._new_event: Callable[[], Signal] = anyio.Event
-        self._outbox: deque[tuple[bytes, int]] = deque()  # frames to write, request id
-        self._writing = False  # a task is writing the outbox right now
-        self._space: anyio.Event | None = None  # set when a full outbox drains
         self._tg: TaskGroup | None = None
-        self._pipe: Pipe | None = None  # asyncio: the transport, taken over (see _pipe)
-        self._raw: socket.socket | None = None  # trio: the socket, for lone frames
-        self._corked = False  # a frame was written straight since bytes last arrived
+        # the stream's until run() knows better: asyncio's pipe, or trio's socket
+        self._stream_writer = self._new_stream_writer(None)
+        self._writer: Writer = self._stream_writer
         self.closed = False
         self.close_reason = ""
         self._close_frame = b""
@@ -244,9 +235,13 @@ class Channel:
     def serving(self) -> int:
         return len(self._serving)
 
+    @property
+    def writer(self) -> Writer:
+        """How this channel's frames leave (a ``_pipe.Pipe`` or a ``StreamWriter``)."""
+        return self._writer
+
     def statistics(self) -> ChannelStatistics:
-        io = "pipe" if self._pipe is not None else "stream+socket" if self._raw else "stream"
-        return ChannelStatistics(len(self._pending), len(self._serving), io)
+        return ChannelStatistics(len(self._pending), len(self._serving), self._writer.io)
 
     def send_control(self, ev: Event, *, droppable: bool = False) -> None:
         """Queue a frame that cannot wait (CANCEL, PING, PONG), from synchronous code: a
@@ -277,7 +272,10 @@ class Channel:
                     task_status.started()
                     await anyio.sleep_forever()  # the pipe's callbacks read; _stop ends it
                 else:
-                    self._raw = self._raw_socket()
+                    raw = self._raw_socket()
+                    if raw is not None:
+                        self._writer = self._stream_writer = self._new_stream_writer(raw)
+                    self._stream_writer.start(tg)
                     tg.start_soon(self._reader, name="koala-read")
                     task_status.started()
                     await anyio.sleep_forever()  # _stop ends it
@@ -296,6 +294,7 @@ class Channel:
             return
         self.closed = True
         self.close_reason = reason
+        self._writer.stop()
         if send_close:
             try:
                 self._close_frame = self.conn.close_frame(ProtocolError(reason, CloseCode(code)))
@@ -313,8 +312,7 @@ class Channel:
         for job in self._serving.values():
             job.cancel()
         pending, self._pending = self._pending, {}
-        if self._pipe is not None:
-            self._pipe.drop_held()  # the frames not written yet stay unwritten
+        self._writer.abandon()  # the frames not written yet stay unwritten
         for p in pending.values():
             if p.written:
                 p.error = HostUnavailableError(
@@ -324,18 +322,7 @@ class Channel:
             else:
                 p.error = NotSent(self.close_reason)
             p.done.set()
-        self._outbox.clear()
-        if self._space is not None:
-            self._space.set()
-        if self._pipe is not None:
-            self._pipe.close(self._close_frame)
-            return
-        with anyio.CancelScope(shield=True):
-            with anyio.move_on_after(1.0):
-                if self._close_frame and not self._writing:
-                    with contextlib.suppress(Exception):
-                        await self.stream.send(self._close_frame)
-            await anyio.aclose_forcefully(self.stream)
+        await self._writer.close(self._close_frame)
 
     # ------------------------------------------------------------ reading
 
@@ -343,14 +330,24 @@ class Channel:
         """On asyncio, read and write through the transport itself (see _pipe)."""
         if not self.config.direct_io or self.config.tls is not None:
             return False
-        taken = takeover(self.stream, self._received, self._lost, self._written)
+        taken = takeover(
+            self.stream, self._received, self._lost, self._written, self.config.write_queue_size
+        )
         if taken is None:
             return False
-        self._pipe, leftover = taken
+        self._writer, leftover = taken
         if leftover:
             self.conn.receive_data(leftover)
         self._process()  # frames that came with the handshake, or after it
         return True
+
+    def _new_stream_writer(self, raw: socket.socket | None) -> StreamWriter:
+        return StreamWriter(
+            self.stream, raw, self.config.write_queue_size, self._written, self._broken
+        )
+
+    def _broken(self, reason: str) -> None:
+        self._stop(CloseCode.NORMAL, reason, send_close=False)
 
     def _raw_socket(self) -> socket.socket | None:
         """On trio, the stream's socket, to write a lone frame to it directly: trio keeps
@@ -417,7 +414,7 @@ class Channel:
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
                 self._stop(CloseCode.NORMAL, f"the connection broke: {exc!r}", send_close=False)
                 return
-            self._corked = False  # a new exchange: its first frame may go out at once
+            self._stream_writer.received()  # a new exchange: see Cork
             conn.receive_data(data or None)
 
     def _dispatch(self, ev: Event) -> None:
@@ -494,14 +491,9 @@ class Channel:
         """The drainer's request suspended: this task stays with it, another drains."""
         job.suspended = True
         self._drainer = False
-        self._end_batch()
+        self._writer.release()  # a task writes what the batch held
         if self._ready:
             self._start_drainer()
-
-    def _end_batch(self) -> None:
-        """The drainer stops holding its answers back; a task writes what it held."""
-        self._batching = False
-        self._write_later()
 
     async def _work(self) -> None:
         """Start ready requests one after another while they finish without suspending:
@@ -509,13 +501,13 @@ class Channel:
         suspends keeps this task (it cannot move) and hands the queue to another; a task
         whose request is done parks, up to MAX_IDLE_WORKERS per connection.
 
-        In stream mode the drainer holds the answers of its batch in the outbox (the
-        first one excepted) and writes them in one send when the queue is empty; it
-        only ever holds them while it runs without suspending, or while it writes.
+        The writer holds the answers of the drainer's batch back (the first one
+        excepted) and writes them in one send when the queue is empty; it only ever
+        holds them while the drainer runs without suspending, or while it writes.
         """
-        ready = self._ready
+        ready, writer = self._ready, self._writer
         while True:  # here this task is the drainer
-            self._batching = self._pipe is None
+            writer.hold()
             suspended = False
             while ready and not self.closed:
                 job = ready.popleft()
@@ -524,10 +516,8 @@ class Channel:
                     suspended = True
                     break
             if not suspended:
-                if self._batching:
-                    self._batching = False
-                    if self._outbox and not self._writing and not self.closed:
-                        await self._flush()
+                if writer.release_now():
+                    await writer.flush()
                 if ready and not self.closed:
                     continue  # more came while the batch was written
                 self._drainer = False
@@ -688,15 +678,9 @@ class Channel:
         if p.deadline < self._next_expiry:
             self._expiry.set()  # sooner than the expiry task planned to look
         queued = False
-        pipe = self._pipe
         try:
-            if pipe is not None and not pipe.paused:
-                pipe.write(data, rid)  # what _enqueue does, without a coroutine
-            elif pipe is not None and p.deadline != math.inf:
-                with anyio.fail_at(p.deadline):  # waiting for room is bounded too
-                    await self._enqueue(data, rid)
-            else:
-                await self._enqueue(data, rid)
+            if not self._writer.try_write(data, rid):
+                await self._writer.write(data, rid, p.deadline)
             queued = True
             await p.done.wait()
         except BaseException:
@@ -709,56 +693,18 @@ class Channel:
 
     async def send_event(self, ev: Event) -> None:
         """Send a message that needs no answer (the gateway kinds, GOAWAY)."""
-        if self.closed:
-            raise HostUnavailableError(f"the connection to {self.name} is closed")
-        await self._enqueue(self.conn.send(ev))
+        if not self.closed:
+            with contextlib.suppress(NotSent):
+                await self._enqueue(self.conn.send(ev))
+                return
+        raise HostUnavailableError(f"the connection to {self.name} is closed")
 
     # ------------------------------------------------------------ writing
 
-    async def _enqueue(self, data: bytes, rid: int = 0) -> None:
-        """Queue a frame; if no task is writing, write the queue now, in this task.
-
-        Whoever finds the writer idle becomes the writer and also writes what other
-        tasks queue meanwhile, so a lone call costs no task switch and a burst of
-        frames goes out in a few large sends.
-        """
-        pipe = self._pipe
-        if pipe is not None:
-            if pipe.paused:
-                await pipe.writable()
-            if self.closed:
-                raise NotSent(self.close_reason)
-            pipe.write(data, rid)
-            return
-        outbox = self._outbox
-        limit = self.config.write_queue_size
-        if self._batching:  # the drainer's answers leave together when it is done
-            if len(outbox) >= limit and not self._writing:
-                await self._flush()
-            if len(outbox) < limit:
-                if self.closed:
-                    raise NotSent(self.close_reason)
-                outbox.append((data, rid))
-                self._write_lone()  # the first one leaves at once
-                return
-        while len(outbox) >= limit and not self.closed:
-            if self._space is None:
-                self._space = anyio.Event()
-            await self._space.wait()
-        if self.closed:
-            raise NotSent(self.close_reason)
-        outbox.append((data, rid))
-        if not self._writing and not self._write_lone():
-            await self._flush()
-
-    async def _flush(self) -> None:
-        """Write the outbox, in this task (the caller checked no task is writing)."""
-        self._writing = True
-        try:
-            with anyio.CancelScope(shield=True):  # a frame is never half written
-                await self._drain()
-        finally:
-            self._writing = False
+    async def _enqueue(self, data: bytes) -> None:
+        """Write a frame that is not a request's, waiting for room if need be."""
+        if not self._writer.try_write(data):
+            await self._writer.write(data)
 
     def _enqueue_nowait(self, data: bytes, *, droppable: bool = False) -> None:
         """Queue a control frame from synchronous code; a full queue closes the
@@ -766,84 +712,8 @@ class Channel:
         PONG): the frames ahead of it show the peer this side is alive, once they move."""
         if self.closed:
             return
-        pipe = self._pipe
-        if pipe is not None and not pipe.overfull(self.config.write_queue_size):
-            pipe.write(data)
-            return
-        if pipe is not None or len(self._outbox) >= self.config.write_queue_size:
-            if not droppable:
-                self._stop(CloseCode.OVERLOADED, "the write queue is full: the peer is not reading")
-            return
-        self._outbox.append((data, 0))
-        self._write_lone()
-        self._write_later()
-
-    def _write_later(self) -> None:
-        """Have a task of its own write the outbox, unless one is writing already."""
-        if self._outbox and not self._writing and not self.closed and self._tg is not None:
-            self._writing = True
-            self._tg.start_soon(self._drain_task, name="koala-write")
-
-    async def _drain_task(self) -> None:
-        try:
-            await self._drain()
-        finally:
-            self._writing = False
-
-    def _write_lone(self) -> bool:
-        """Stream mode (trio): write the outbox's only frame straight to the socket, if no
-        send is in progress (its bytes come first) and none went this way since bytes
-        last arrived (the frames that follow it wait to leave together). True if nothing
-        is left to write."""
-        if self._raw is None or self._corked or self._writing or len(self._outbox) != 1:
-            return False
-        self._corked = True
-        return self._send_raw()
-
-    def _send_raw(self) -> bool:
-        """Write the one queued frame straight to the (non-blocking) socket: no
-        checkpoint, no shielded scope. True if nothing is left to write; else the rest
-        stays queued for _drain."""
-        assert self._raw is not None
-        data, rid = self._outbox[0]
-        try:
-            sent = self._raw.send(data)
-        except BlockingIOError:
-            return False
-        except OSError as exc:
-            self._stop(CloseCode.NORMAL, f"the connection broke: {exc!r}", send_close=False)
-            return True
-        if rid:
-            p = self._pending.get(rid)
-            if p is not None:
-                p.written = True
-        if sent == len(data):
-            self._outbox.popleft()
-            return True
-        self._outbox[0] = (data[sent:], 0)
-        return False
-
-    async def _drain(self) -> None:
-        outbox, pending, stream = self._outbox, self._pending, self.stream
-        while outbox and not self.closed:
-            batch: list[bytes] = []
-            size = 0
-            while outbox and size < COALESCE_BYTES:
-                data, rid = outbox.popleft()
-                batch.append(data)
-                size += len(data)
-                if rid:
-                    p = pending.get(rid)
-                    if p is not None:
-                        p.written = True  # from here on it may reach the peer
-            if self._space is not None:
-                self._space.set()
-                self._space = None
-            try:
-                await stream.send(batch[0] if len(batch) == 1 else b"".join(batch))
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-                self._stop(CloseCode.NORMAL, f"the connection broke: {exc!r}", send_close=False)
-                return
+        if not self._writer.write_control(data) and not droppable:
+            self._stop(CloseCode.OVERLOADED, "the write queue is full: the peer is not reading")
 
     # ------------------------------------------------------------ deadlines
 
