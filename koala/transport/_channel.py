@@ -1,19 +1,21 @@
-"""One open connection to a peer node: calls out, calls in, heartbeats, one writer.
+"""One open connection to a peer node: calls out, frames in, expiry, heartbeat, close.
 
-A :class:`Channel` runs over one byte stream. On asyncio it takes the stream's
-transport over (see ``_pipe``): frames are decoded and dispatched as bytes arrive and
-written with ``transport.write``. Elsewhere (trio) a reader task does the reading, and
-frames go through one bounded queue: the first task that finds no writer busy writes
-it, joining the frames queued meanwhile into one ``send`` (a lone frame goes straight
-to the socket). A TLS stream is always driven the second way: its bytes must pass
-through the TLS layer. Beside it run the heartbeat (PING every interval; a peer from
-which no whole frame came for ``heartbeat_timeout`` is dead, however many bytes of an
-unfinished one arrive) and the expiry of calls that carry the default deadline.
-Incoming requests queue in arrival order and one serving task at a time starts them
-(see ``_work``). Requests both ways are matched by id. When the
-connection ends for any reason every pending call fails at once: with
-:class:`HostUnavailableError` if its frame may have reached the peer, or with
-:class:`NotSent` (safe to retry elsewhere) if it was still queued here.
+A :class:`Channel` runs over one byte stream, in parts of one job each: the channel
+itself keeps the calls this node makes (matched to their answers by id; cancelling a
+caller sends CANCEL), dispatches the frames that arrive, fails the calls that carry
+the default deadline when it passes, sends heartbeats (PING every interval; a peer
+from which no whole frame came for ``heartbeat_timeout`` is dead, however many bytes
+of an unfinished one arrive) and closes. Requests from the peer go to its
+:class:`~._serving.Serving`; frames leave through its writer (``_writers``).
+
+How bytes move depends on the backend. On asyncio the channel takes the stream's
+transport over (``_pipe.Pipe``, reader and writer at once): frames are decoded and
+dispatched as bytes arrive. Elsewhere (trio), and always under TLS, whose bytes must
+pass through the TLS layer, a reader task reads the stream and a
+:class:`~._writers.StreamWriter` writes it. When the connection ends for any reason
+every pending call fails at once: with :class:`HostUnavailableError` if its frame may
+have reached the peer, or with :class:`NotSent` (safe to send elsewhere) if it was
+still queued here.
 """
 
 from __future__ import annotations
@@ -97,7 +99,7 @@ class ChannelStatistics:
 class ChannelState(enum.Enum):
     OPEN = "open"
     CLOSING = "closing"  # closed by either side; its task group is ending
-    CLOSED = "closed"  # ended: its pending calls have failed, its writer is closed
+    CLOSED = "closed"  # ended: its pending calls fail, its writer closes
 
 
 class Channel:
