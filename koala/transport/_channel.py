@@ -32,14 +32,8 @@ from dataclasses import dataclass
 import anyio
 from anyio.abc import ByteStream, TaskGroup, TaskStatus
 
-from .._drive import (
-    fast_clock,
-    scope_marker,
-)
-from .._errors import (
-    HostUnavailableError,
-    OverloadedError,
-)
+from .._drive import fast_clock, scope_marker
+from .._errors import HostUnavailableError, OverloadedError
 from .._loop import trio_socket
 from .._messages import Request as CallRequest
 from .._messages import Response as CallResponse
