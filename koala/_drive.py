@@ -87,6 +87,49 @@ def resume(coro: Coroutine[Any, Any, Any], yielded: Any) -> Generator[Any, Any, 
         coro.close()  # a no-op once it has finished; else it gets GeneratorExit
 
 
+# A coroutine whose first step ran without a cancel scope and suspended: the coroutine,
+# what it yielded, and the task's innermost scope (scope_marker()) before the step.
+Suspended = tuple[Coroutine[Any, Any, Any], Any, object]
+
+
+def skips_scope(
+    method: Hashable, seen: dict[Any, int], marker: Callable[[], object] | None
+) -> bool:
+    """Whether a turn of ``method`` starts without its deadline's cancel scope: it has
+    finished without suspending SYNC_METHOD_CALLS times in a row (``seen`` counts, per
+    method, -1 once one suspended), and the innermost scope can be known (``marker``).
+
+    This is the one policy for skipping the scope, wherever a turn starts: inline in
+    the runtime (keyed by implementation and method) and in a transport's reader or
+    serving task (keyed by interface and method, as the wire names them)."""
+    return marker is not None and seen.get(method, 0) >= SYNC_METHOD_CALLS
+
+
+def step_unscoped(
+    make: Callable[[], Coroutine[Any, Any, Any]],
+    deadline: float,
+    method: Hashable,
+    seen: dict[Any, int],
+    marker: Callable[[], object],
+) -> tuple[Any, Suspended | None]:
+    """Run the first step of ``make()`` without a scope (``lazy_deadline`` carries
+    ``deadline`` meanwhile): ``(result, None)`` if it finished, else ``(UNSET,
+    suspended)`` for :func:`finish_under_deadline`, and ``method`` goes back to entering
+    the scope first, for good. Call it only where :func:`skips_scope` said yes.
+    Exceptions the coroutine raises propagate."""
+    innermost = marker()
+    token = lazy_deadline.set(deadline)
+    try:
+        coro = make()
+        result, yielded = first_step(coro)
+    finally:
+        lazy_deadline.reset(token)
+    if yielded is _UNSET:
+        return result, None
+    seen[method] = -1
+    return result, (coro, yielded, innermost)
+
+
 async def run_under_deadline(
     make: Callable[[], Coroutine[Any, Any, Any]],
     deadline: float,
@@ -100,18 +143,17 @@ async def run_under_deadline(
     """Run the coroutine ``make()`` returns under a cancel scope with ``deadline``;
     return its result and the scope (None if none was needed).
 
-    ``seen`` counts, per ``method``, turns in a row that finished without suspending
-    (-1: one suspended). Until there are SYNC_METHOD_CALLS of them the scope is entered
-    first. After that the coroutine starts without one (``lazy_deadline`` carries the
-    deadline meanwhile) and the scope is entered at its first suspension; if it
-    suspended inside a cancel scope of its own, ours cannot go around it any more, so
-    that one turn runs bounded by its own scopes only, and ``method`` goes back to
-    entering the scope first, for good. ``on_suspend`` runs at the first suspension,
+    Until :func:`skips_scope` says the method has proved itself, the scope is entered
+    first, and ``seen`` counts the turns that finish without suspending. After that
+    the coroutine starts without one (:func:`step_unscoped`) and the scope is entered
+    at its first suspension; if it suspended inside a cancel scope of its own, ours
+    cannot go around it any more, so that one turn runs bounded by its own scopes only
+    (:func:`finish_under_deadline`). ``on_suspend`` runs at the first suspension,
     ``on_scope`` when the scope is entered. If the scope cancelled the turn, the result
     is meaningless: check ``scope.cancelled_caught`` first.
     """
-    count = seen.get(method, 0)
-    if marker is None or count < SYNC_METHOD_CALLS:
+    if not skips_scope(method, seen, marker):
+        count = seen.get(method, 0)
         with anyio.CancelScope(deadline=deadline) as scope:
             if on_scope is not None:
                 on_scope(scope)
@@ -124,33 +166,26 @@ async def run_under_deadline(
         if 0 <= count < SYNC_METHOD_CALLS and (count or len(seen) < MAX_TRACKED_METHODS):
             seen[method] = count + 1 if finished(yielded) else -1
         return result, scope
-    innermost = marker()
-    token = lazy_deadline.set(deadline)
-    try:
-        coro = make()
-        result, yielded = first_step(coro)
-    finally:
-        lazy_deadline.reset(token)
-    if finished(yielded):
+    assert marker is not None  # skips_scope said so
+    result, suspended = step_unscoped(make, deadline, method, seen, marker)
+    if suspended is None:
         return result, None
-    seen[method] = -1
     if on_suspend is not None:
         on_suspend()
-    return await finish_under_deadline(coro, yielded, deadline, innermost, marker, on_scope)
+    return await finish_under_deadline(suspended, deadline, marker, on_scope)
 
 
 async def finish_under_deadline(
-    coro: Coroutine[Any, Any, Any],
-    yielded: Any,
+    suspended: Suspended,
     deadline: float,
-    innermost: object,
     marker: Callable[[], object],
     on_scope: Callable[[anyio.CancelScope], None] | None = None,
 ) -> tuple[Any, anyio.CancelScope | None]:
-    """Drive ``coro``, whose first step ran without a scope and suspended on
-    ``yielded``, to its end: under a cancel scope with ``deadline`` if the task's
-    innermost scope is still ``innermost`` (what ``marker()`` named before the first
-    step), else bounded by the scopes it entered itself (see run_under_deadline)."""
+    """Drive a coroutine whose first step ran without a scope (:func:`step_unscoped`)
+    to its end: under a cancel scope with ``deadline`` if the task's innermost scope is
+    still the one named before the step, else bounded by the scopes it entered itself
+    (see run_under_deadline)."""
+    coro, yielded, innermost = suspended
     if marker() is not innermost:
         return await resume(coro, yielded), None
     result: Any = _UNSET

@@ -41,6 +41,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "koala._drive",
         ),
     ),
+    ("wire", ("koala.wire",)),
     ("storage", ("koala.storage",)),
     (
         "actors and seams",

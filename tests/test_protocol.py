@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from typing import Any
 
 import cbor2
@@ -37,9 +38,9 @@ from koala.transport import (
     Role,
     State,
 )
-from koala.transport._events import ClientAck, ProtocolError
-from koala.transport._protocol import MAX_HANDSHAKE_BUFFER, MAX_HANDSHAKE_FRAME
-from koala.transport._wire import decode, encode
+from koala.wire._events import ClientAck, ProtocolError
+from koala.wire._protocol import MAX_HANDSHAKE_BUFFER, MAX_HANDSHAKE_FRAME
+from koala.wire._wire import decode, encode
 
 SECRET = b"0123456789abcdef-secret"
 
@@ -797,10 +798,8 @@ def test_the_request_fast_path_frames_what_the_checked_path_frames(
     placement: bytes,
 ) -> None:
     c, s = open_pair()
-    fast = c.send_request(
-        rid, chain, timeout, actor_type, k, interface, method, args, one_way, placement
-    )
     ev = Request(rid, chain, timeout, actor_type, k, interface, method, args, one_way, placement)
+    fast = c.send_request(rid, timeout, ev)  # an event has the fields of an OutgoingCall
     assert fast == c.send(ev)
     s.receive_data(fast)
     assert s.next_event() == ev
@@ -812,6 +811,20 @@ def test_the_result_fast_path_frames_what_the_checked_path_frames(rid: int, resu
     assert c.send_result(rid, result) == c.send(Response(rid, result))
 
 
+@dataclass(frozen=True)
+class _Call:
+    """A call as the runtime makes one: no Request event, no validation."""
+
+    chain_id: int = 1
+    actor_type: str = "A"
+    key: Any = "k"
+    interface: str = "IA"
+    method: str = "m"
+    args: tuple[Any, ...] = ()
+    one_way: bool = False
+    placement: bytes = b""
+
+
 def test_the_request_fast_path_refuses_what_the_checked_path_refuses() -> None:
     c, _ = open_pair()
 
@@ -819,12 +832,12 @@ def test_the_request_fast_path_refuses_what_the_checked_path_refuses() -> None:
         pass
 
     with pytest.raises(LocalProtocolError, match="key must be"):
-        c.send_request(1, 1, 1.0, "A", Tag(3), "IA", "m", [], False)
+        c.send_request(1, 1.0, _Call(key=Tag(3)))
     small, _ = open_pair(max_frame_size=2048)
     with pytest.raises(LocalProtocolError, match="max frame size of 2048"):
-        small.send_request(1, 1, 1.0, "A", "k", "IA", "m", ["x" * 4096], False)
+        small.send_request(1, 1.0, _Call(args=("x" * 4096,)))
     fresh = Connection(Role.CLIENT, cluster_id="koala", node_id="n", secret=None)
     with pytest.raises(LocalProtocolError, match="cannot send Request"):
-        fresh.send_request(1, 1, 1.0, "A", "k", "IA", "m", [], False)
+        fresh.send_request(1, 1.0, _Call())
     with pytest.raises(LocalProtocolError, match="cannot send Response"):
         fresh.send_result(1, None)

@@ -21,8 +21,8 @@ from koala.transport import (
     Role,
     State,
 )
-from koala.transport._events import ClientAck
-from koala.transport._wire import HEADER, decode, frame
+from koala.wire._events import ClientAck
+from koala.wire._wire import HEADER, decode, frame
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 SECRET = b"koala-test-vector-secret"

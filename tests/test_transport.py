@@ -24,6 +24,7 @@ from koala._net import split_hostport
 from koala.testing import fail_if_hangs
 from koala.transport import (
     NEED_DATA,
+    Cancel,
     ClientMessage,
     CloseCode,
     Connection,
@@ -35,7 +36,8 @@ from koala.transport import (
     Role,
     Transport,
 )
-from koala.transport._wire import encode
+from koala.transport._writers import StreamWriter
+from koala.wire._wire import encode
 from tests._hooks import require_hooks
 from tests._transport_helpers import (
     SECRET,
@@ -477,8 +479,9 @@ async def test_a_burst_of_frames_is_coalesced_into_few_sends() -> None:
     async with two_nodes(client_cfg={"direct_io": False}) as (rt1, t1, _, t2):
         assert await echo(rt1).echo("warm") == "warm"
         ch = await t1.channel(t2.address)
-        counting = _GatedStream(ch.stream, hang=False)
-        ch.stream = counting
+        writer = ch.writer
+        assert isinstance(writer, StreamWriter)  # direct_io is off
+        counting = writer.stream = _GatedStream(writer.stream, hang=False)
 
         async def one(i: int) -> None:
             assert await echo(rt1, f"c{i}").add(i, 1) == i + 1
@@ -500,7 +503,9 @@ async def test_a_request_that_never_left_is_retried_one_that_may_have_run_is_not
     async with two_nodes(client_cfg={"direct_io": False}) as (rt1, t1, _, t2):
         assert await echo(rt1).echo("warm") == "warm"
         ch = await t1.channel(t2.address)
-        ch.stream = _GatedStream(ch.stream, hang=True)
+        writer = ch.writer
+        assert isinstance(writer, StreamWriter)  # direct_io is off
+        writer.stream = _GatedStream(writer.stream, hang=True)
         outcomes: dict[str, object] = {}
 
         async def call(name: str) -> None:
@@ -535,7 +540,7 @@ async def test_bursts_of_large_frames_and_heartbeats_keep_the_connection() -> No
             for i in range(100):
                 tg.start_soon(one, i)
             await wait_until(lambda: ch.pending >= 50)
-            ch._enqueue_nowait(ch.conn.send(Ping(1)))
+            ch.send_control(Cancel(10**9))  # cannot wait: it must fit
             assert not ch.closed, ch.close_reason
         huge = "y" * 12_000_000  # one frame of more than four times the buffer's bound
 
@@ -545,8 +550,8 @@ async def test_bursts_of_large_frames_and_heartbeats_keep_the_connection() -> No
         async with anyio.create_task_group() as tg:
             tg.start_soon(large)
             await wait_until(lambda: ch.pending == 1)
-            ch._ping(2)  # what the heartbeat sends
-            ch._dispatch(Ping(3))  # the peer's: answered with a PONG
+            ch.send_control(Ping(2), droppable=True)  # what the heartbeat sends
+            ch.inject(Ping(3))  # the peer's: answered with a PONG
             assert not ch.closed, ch.close_reason
         assert not ch.closed, ch.close_reason
 
@@ -562,10 +567,23 @@ def _require_pipe() -> None:
     require_hooks("asyncio_pipe")
 
 
+async def test_channel_statistics_name_the_io_path() -> None:
+    trio = sniffio.current_async_library() == "trio"
+    require_hooks("trio_lone_write" if trio else "asyncio_pipe")
+    async with two_nodes(client_cfg={"direct_io": False}) as (rt1, t1, _, t2):
+        assert await echo(rt1).echo("warm") == "warm"
+        stats = (await t1.channel(t2.address)).statistics()
+        assert (stats.pending, stats.serving, stats.io) == (0, 0, "stream")
+        (inbound,) = t2._all
+        assert inbound.statistics().io == ("stream+socket" if trio else "pipe")
+
+
 def _pipe_of(ch: Any) -> Any:
     """The channel's taken-over transport (see _require_pipe)."""
-    assert ch._pipe is not None
-    return ch._pipe
+    from koala.transport._pipe import Pipe
+
+    assert isinstance(ch.writer, Pipe)
+    return ch.writer
 
 
 class _CountingTransport:
@@ -632,7 +650,7 @@ async def test_direct_io_refuses_control_frames_past_the_bound() -> None:
         ch = await t1.channel(t2.address)
         pipe = _pipe_of(ch)
         pipe.overfull = lambda max_frames: True  # as if the peer had stopped reading
-        ch._enqueue_nowait(b"")  # a control frame (a PONG, a CANCEL) cannot wait
+        ch.send_control(Cancel(10**9))  # a control frame (a CANCEL, a PONG) cannot wait
         assert ch.closed
         assert "the peer is not reading" in ch.close_reason
 
@@ -676,8 +694,8 @@ async def test_direct_io_a_frame_the_closed_transport_refuses_is_not_written() -
             raise RuntimeError("the handler is closed")  # as uvloop says it
 
     written: list[int] = []
-    pipe = Pipe(Closed(), lambda data: None, lambda reason: None, written.append)  # type: ignore[arg-type]
-    pipe.write(b"frame", 5)
+    pipe = Pipe(Closed(), lambda data: None, lambda reason: None, written.append, 8)  # type: ignore[arg-type]
+    assert pipe.try_write(b"frame", 5)
     assert written == []  # so its call fails as not sent, safe to send elsewhere
     assert pipe.lost
 

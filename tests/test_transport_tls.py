@@ -56,8 +56,7 @@ async def test_a_tls_link_carries_calls_both_ways(ca: TestCA) -> None:
         await wait_until(lambda: t2.statistics().connections == 1)
         for ch in (await t1.channel(t2.address), *t2._all):
             assert isinstance(ch.stream, TLSStream)
-            assert ch._pipe is None  # the fast path bypasses TLS: it is off
-            assert ch._raw is None
+            assert ch.statistics().io == "stream"  # the fast paths bypass TLS: they are off
 
 
 async def test_tls_accompanies_the_cluster_secret(ca: TestCA) -> None:

@@ -15,7 +15,7 @@ from anyio.abc import SocketStream
 from koala import ConfigError
 from koala._net import split_hostport
 from koala.transport import CloseCode, Connection, Role, TransportConfig
-from koala.transport._protocol import MAX_HANDSHAKE_FRAME
+from koala.wire._protocol import MAX_HANDSHAKE_FRAME
 from tests._transport_helpers import node, transport_config
 from tests.test_transport import (
     PROMPTLY,

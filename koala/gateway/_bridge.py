@@ -44,7 +44,7 @@ from ..transport import (
     Event,
     PushToClient,
 )
-from ..transport._events import ClientAck, valid_client_close_code
+from ..wire._events import ClientAck, valid_client_close_code
 from ._codes import ClientCloseCode
 from ._session import Data, SessionClosedError, hub_for
 

@@ -53,7 +53,7 @@ from ..transport import (
     PushToClient,
     Transport,
 )
-from ..transport._events import ClientAck
+from ..wire._events import ClientAck
 from ._auth import FirstPacket
 from ._bridge import PLACEMENT_KEY, REBIND_KEY
 from ._codes import ClientCloseCode

@@ -1,43 +1,43 @@
-"""Koala's wire protocol (sans-IO) and its anyio transport between nodes.
+"""Koala's transport between nodes: the wire protocol (``koala.wire``) over TCP with anyio.
 
-The protocol (``Connection`` and the events) does no I/O and imports no event loop;
-the transport (``Transport``, ``Channel``) runs it over TCP with anyio. The bytes on the
-wire are described in ``docs/protocol.md``.
+``Transport`` keeps a node's connections (``Channel``) and listener. The protocol's
+names (``Connection`` and the events) are re-exported from ``koala.wire``, which does
+no I/O and imports no event loop. The bytes on the wire are in ``docs/protocol.md``.
 """
 
+from ..wire import DEFAULT_MAX_FRAME_SIZE as DEFAULT_MAX_FRAME_SIZE
+from ..wire import NEED_DATA as NEED_DATA
+from ..wire import PROTOCOL_VERSION as PROTOCOL_VERSION
+from ..wire import Auth as Auth
+from ..wire import Cancel as Cancel
+from ..wire import ClientClosed as ClientClosed
+from ..wire import ClientMessage as ClientMessage
+from ..wire import ClientOpened as ClientOpened
+from ..wire import Close as Close
+from ..wire import CloseClient as CloseClient
+from ..wire import CloseCode as CloseCode
+from ..wire import Connection as Connection
+from ..wire import ConnectionClosed as ConnectionClosed
+from ..wire import Event as Event
+from ..wire import GoAway as GoAway
+from ..wire import HandshakeComplete as HandshakeComplete
+from ..wire import Hello as Hello
+from ..wire import Kind as Kind
+from ..wire import LocalProtocolError as LocalProtocolError
+from ..wire import Ping as Ping
+from ..wire import Pong as Pong
+from ..wire import ProtocolError as ProtocolError
+from ..wire import PushToClient as PushToClient
+from ..wire import RemoteProtocolError as RemoteProtocolError
+from ..wire import Request as Request
+from ..wire import Response as Response
+from ..wire import Role as Role
+from ..wire import State as State
+from ..wire import Welcome as Welcome
 from ._channel import Channel as Channel
 from ._config import TransportConfig as TransportConfig
-from ._events import NEED_DATA as NEED_DATA
-from ._events import PROTOCOL_VERSION as PROTOCOL_VERSION
-from ._events import Auth as Auth
-from ._events import Cancel as Cancel
-from ._events import ClientClosed as ClientClosed
-from ._events import ClientMessage as ClientMessage
-from ._events import ClientOpened as ClientOpened
-from ._events import Close as Close
-from ._events import CloseClient as CloseClient
-from ._events import CloseCode as CloseCode
-from ._events import ConnectionClosed as ConnectionClosed
-from ._events import Event as Event
-from ._events import GoAway as GoAway
-from ._events import HandshakeComplete as HandshakeComplete
-from ._events import Hello as Hello
-from ._events import Kind as Kind
-from ._events import LocalProtocolError as LocalProtocolError
-from ._events import Ping as Ping
-from ._events import Pong as Pong
-from ._events import ProtocolError as ProtocolError
-from ._events import PushToClient as PushToClient
-from ._events import RemoteProtocolError as RemoteProtocolError
-from ._events import Request as Request
-from ._events import Response as Response
-from ._events import Welcome as Welcome
-from ._protocol import Connection as Connection
-from ._protocol import Role as Role
-from ._protocol import State as State
 from ._remote import Transport as Transport
 from ._remote import TransportStatistics as TransportStatistics
-from ._wire import DEFAULT_MAX_FRAME_SIZE as DEFAULT_MAX_FRAME_SIZE
 
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",

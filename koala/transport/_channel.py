@@ -1,61 +1,43 @@
-"""One open connection to a peer node: calls out, calls in, heartbeats, one writer.
+"""One open connection to a peer node: calls out, frames in, expiry, heartbeat, close.
 
-A :class:`Channel` runs over one byte stream. On asyncio it takes the stream's
-transport over (see ``_pipe``): frames are decoded and dispatched as bytes arrive and
-written with ``transport.write``. Elsewhere (trio) a reader task does the reading, and
-frames go through one bounded queue: the first task that finds no writer busy writes
-it, joining the frames queued meanwhile into one ``send`` (a lone frame goes straight
-to the socket). A TLS stream is always driven the second way: its bytes must pass
-through the TLS layer. Beside it run the heartbeat (PING every interval; a peer from
-which no whole frame came for ``heartbeat_timeout`` is dead, however many bytes of an
-unfinished one arrive) and the expiry of calls that carry the default deadline.
-Incoming requests queue in arrival order and one serving task at a time starts them
-(see ``_work``). Requests both ways are matched by id. When the
-connection ends for any reason every pending call fails at once: with
-:class:`HostUnavailableError` if its frame may have reached the peer, or with
-:class:`NotSent` (safe to retry elsewhere) if it was still queued here.
+A :class:`Channel` runs over one byte stream, in parts of one job each: the channel
+itself keeps the calls this node makes (matched to their answers by id; cancelling a
+caller sends CANCEL), dispatches the frames that arrive, fails the calls that carry
+the default deadline when it passes, sends heartbeats (PING every interval; a peer
+from which no whole frame came for ``heartbeat_timeout`` is dead, however many bytes
+of an unfinished one arrive) and closes. Requests from the peer go to its
+:class:`~._serving.Serving`; frames leave through its writer (``_writers``).
+
+How bytes move depends on the backend. On asyncio the channel takes the stream's
+transport over (``_pipe.Pipe``, reader and writer at once): frames are decoded and
+dispatched as bytes arrive. Elsewhere (trio), and always under TLS, whose bytes must
+pass through the TLS layer, a reader task reads the stream and a
+:class:`~._writers.StreamWriter` writes it. When the connection ends for any reason
+every pending call fails at once: with :class:`HostUnavailableError` if its frame may
+have reached the peer, or with :class:`NotSent` (safe to send elsewhere) if it was
+still queued here.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import functools
+import enum
 import itertools
 import logging
 import math
 import socket
-from collections import deque
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import anyio
-import sniffio
 from anyio.abc import ByteStream, TaskGroup, TaskStatus
 
-from .._drive import (
-    SYNC_METHOD_CALLS,
-    fast_clock,
-    finish_under_deadline,
-    finished,
-    first_step,
-    lazy_deadline,
-    run_under_deadline,
-    scope_marker,
-)
-from .._errors import (
-    ActorNotFoundError,
-    ArgumentTypeError,
-    HostUnavailableError,
-    KoalaError,
-    OverloadedError,
-)
+from .._drive import fast_clock, scope_marker
+from .._errors import HostUnavailableError, OverloadedError
 from .._loop import trio_socket
-from .._messages import ErrorCode, error_info
 from .._messages import Request as CallRequest
 from .._messages import Response as CallResponse
-from ._config import TransportConfig
-from ._events import (
+from ..wire._events import (
     GATEWAY_EVENTS,
     NEED_DATA,
     Cancel,
@@ -64,7 +46,6 @@ from ._events import (
     Event,
     GoAway,
     HandshakeComplete,
-    LocalProtocolError,
     Ping,
     Pong,
     ProtocolError,
@@ -72,44 +53,17 @@ from ._events import (
     Request,
     Response,
 )
-from ._pipe import Pipe, takeover
-from ._protocol import Connection
+from ..wire._protocol import Connection
+from ._config import TransportConfig
+from ._pipe import takeover
+from ._serving import Handler as Handler
+from ._serving import Serving, Signal, event_factory
+from ._writers import NotSent as NotSent
+from ._writers import StreamWriter, Writer
 
 log = logging.getLogger("koala.transport")
 
-Handler = Callable[[CallRequest], Coroutine[Any, Any, CallResponse | None]]
 EventHandler = Callable[["Channel", Event], None]
-
-COALESCE_BYTES = 256 * 1024  # a burst larger than this is written in several sends
-
-
-class NotSent(KoalaError):
-    """Internal: the request never left this process, so retrying it is safe."""
-
-
-class _Signal:
-    """A one-shot event on asyncio: a bare future. anyio's Event wraps an asyncio.Event,
-    which keeps a list of waiter futures; a pending call has one waiter at most."""
-
-    __slots__ = ("_future",)
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        # the loop is given: asyncio.get_running_loop() makes a getpid() system call on
-        # Python 3.11, on every call
-        self._future: asyncio.Future[None] = loop.create_future()
-
-    def set(self) -> None:
-        if not self._future.done():  # done already: set, or its waiter was cancelled
-            self._future.set_result(None)
-
-    def is_set(self) -> bool:
-        return self._future.done() and not self._future.cancelled()
-
-    def wait(self) -> asyncio.Future[None]:
-        return self._future
-
-
-Signal = anyio.Event | _Signal
 
 
 class _Pending:
@@ -124,41 +78,22 @@ class _Pending:
         self.written = False
 
 
-class _Job:
-    """A request accepted for serving: queued, then running (maybe under a scope)."""
+@dataclass(frozen=True, slots=True)
+class ChannelStatistics:
+    """``pending``: calls out waiting for their answer; ``serving``: requests in accepted
+    and not answered yet; ``io``: how bytes move: "pipe" (asyncio: the transport driven
+    by callbacks), "stream+socket" (trio: a lone frame written to the socket, the rest
+    through the stream) or "stream" (anyio's stream alone: TLS, or ``direct_io`` off)."""
 
-    __slots__ = ("cancelled", "deadline", "ev", "handler", "scope", "suspended")
-
-    def __init__(self, ev: Request, handler: Handler, deadline: float) -> None:
-        self.ev = ev
-        self.handler = handler
-        self.deadline = deadline
-        self.scope: anyio.CancelScope | None = None
-        self.cancelled = False
-        self.suspended = False  # its first step suspended: it left the drainer's role
-
-    def cancel(self) -> None:
-        self.cancelled = True
-        if self.scope is not None:
-            self.scope.cancel()
-
-    def attach(self, scope: anyio.CancelScope) -> None:
-        self.scope = scope
-        if self.cancelled:
-            scope.cancel()
+    pending: int
+    serving: int
+    io: str
 
 
-class _Worker:
-    """A parked serving task, woken to take the drainer's role (cheaper than a new task)."""
-
-    __slots__ = ("wake",)
-
-    def __init__(self, new_event: Callable[[], Signal]) -> None:
-        self.wake = new_event()
-
-
-# Serving tasks kept parked per connection after a burst; more simply end.
-MAX_IDLE_WORKERS = 256
+class ChannelState(enum.Enum):
+    OPEN = "open"
+    CLOSING = "closing"  # closed by either side; its task group is ending
+    CLOSED = "closed"  # ended: its pending calls fail, its writer closes
 
 
 class Channel:
@@ -172,9 +107,10 @@ class Channel:
         config: TransportConfig,
         *,
         name: str,
-        handler: Callable[[], Handler | None],
+        handler: Callable[[], Handler | None],  # a getter: see Transport.handler
         on_event: Callable[[], EventHandler | None],
         on_close: Callable[[Channel], None],
+        sync_methods: dict[tuple[str, str], int],
     ) -> None:
         self.stream = stream
         self.conn = conn
@@ -186,37 +122,32 @@ class Channel:
         self._on_close = on_close
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
-        self._serving: dict[int, _Job] = {}  # accepted requests, by id
-        self._ready: deque[_Job] = deque()  # accepted, not started yet
-        self._drainer = False  # a serving task is starting the ready requests
-        self._batching = False  # the drainer runs and holds its answers back (see _work)
-        self._reading = False  # the reader is dispatching (it may start a request itself)
-        # a request the reader started that suspended: (job, coroutine, yielded, scope)
-        self._taken: tuple[_Job, Coroutine[Any, Any, Any], Any, object] | None = None
-        self._idle: list[_Worker] = []
+        self._serving = Serving(self, handler, sync_methods)
         self._next_expiry = 0.0  # when _expire_calls looks next
         self._expiry = anyio.Event()  # set: look now
-        self._sync_methods: dict[tuple[str, str], int] = {}  # see _drive.run_under_deadline
-        self._marker: Callable[[], object] | None = None
         self._clock: Callable[[], float] = anyio.current_time
-        # the backend's Event class (anyio.Event() looks the backend up on every call),
-        # or on asyncio a bare future
-        self._new_event: Callable[[], Signal] = anyio.Event
-        self._outbox: deque[tuple[bytes, int]] = deque()  # frames to write, request id
-        self._writing = False  # a task is writing the outbox right now
-        self._space: anyio.Event | None = None  # set when a full outbox drains
+        self._new_event: Callable[[], Signal] = anyio.Event  # see event_factory
         self._tg: TaskGroup | None = None
-        self._pipe: Pipe | None = None  # asyncio: the transport, taken over (see _pipe)
-        self._raw: socket.socket | None = None  # trio: the socket, for lone frames
-        self._corked = False  # a frame was written straight since bytes last arrived
-        self.closed = False
+        # the stream's until run() knows better: asyncio's pipe, or trio's socket
+        self._stream_writer = self._new_stream_writer(None)
+        self._writer: Writer = self._stream_writer
+        self.state = ChannelState.OPEN
         self.close_reason = ""
         self._close_frame = b""
-        self.peer_draining = False
         self._ended = anyio.Event()
 
     def __repr__(self) -> str:
-        return f"<Channel {self.name} node={self.peer.peer_node_id} closed={self.closed}>"
+        return f"<Channel {self.name} node={self.peer.peer_node_id} {self.state.value}>"
+
+    @property
+    def closed(self) -> bool:
+        """Whether the channel is closing or closed: no new call may start on it."""
+        return self.state is not ChannelState.OPEN
+
+    @property
+    def peer_draining(self) -> bool:
+        """Whether the peer said GOAWAY (it is draining: new sessions go elsewhere)."""
+        return self.conn.peer_draining
 
     async def wait_closed(self) -> None:
         """Return once the connection has ended (its pending calls have failed)."""
@@ -230,6 +161,24 @@ class Channel:
     def serving(self) -> int:
         return len(self._serving)
 
+    @property
+    def writer(self) -> Writer:
+        """How this channel's frames leave (a ``_pipe.Pipe`` or a ``StreamWriter``)."""
+        return self._writer
+
+    def statistics(self) -> ChannelStatistics:
+        return ChannelStatistics(len(self._pending), len(self._serving), self._writer.io)
+
+    def send_control(self, ev: Event, *, droppable: bool = False) -> None:
+        """Queue a frame that cannot wait (CANCEL, PING, PONG), from synchronous code: a
+        full write queue closes the connection, or drops a ``droppable`` frame."""
+        self.enqueue_nowait(self.conn.send(ev), droppable=droppable)
+
+    def inject(self, ev: Event) -> None:
+        """Act on ``ev`` as if the peer had sent it (for tests: a PING that arrives
+        while the write queue is full, say)."""
+        self._dispatch(ev)
+
     # ------------------------------------------------------------ running
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -237,19 +186,19 @@ class Channel:
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
-                self._marker = scope_marker()
                 self._clock = fast_clock()[0]
-                if sniffio.current_async_library() == "asyncio":
-                    self._new_event = functools.partial(_Signal, asyncio.get_running_loop())
-                else:
-                    self._new_event = type(anyio.Event())
+                self._new_event = event_factory()
+                self._serving.start(tg, self._clock, scope_marker(), self._new_event)
                 tg.start_soon(self._heartbeat)
                 tg.start_soon(self._expire_calls)
                 if self._take_over():
                     task_status.started()
                     await anyio.sleep_forever()  # the pipe's callbacks read; _stop ends it
                 else:
-                    self._raw = self._raw_socket()
+                    raw = self._raw_socket()
+                    if raw is not None:
+                        self._writer = self._stream_writer = self._new_stream_writer(raw)
+                    self._stream_writer.start(tg)
                     tg.start_soon(self._reader, name="koala-read")
                     task_status.started()
                     await anyio.sleep_forever()  # _stop ends it
@@ -264,10 +213,11 @@ class Channel:
         self._stop(code, reason)
 
     def _stop(self, code: int, reason: str, *, send_close: bool = True) -> None:
-        if self.closed:
+        if self.state is not ChannelState.OPEN:
             return
-        self.closed = True
+        self.state = ChannelState.CLOSING
         self.close_reason = reason
+        self._writer.stop()
         if send_close:
             try:
                 self._close_frame = self.conn.close_frame(ProtocolError(reason, CloseCode(code)))
@@ -280,13 +230,11 @@ class Channel:
         if not self.closed:
             self._stop(CloseCode.NORMAL, "the connection ended")
         self._on_close(self)
+        self.state = ChannelState.CLOSED
         self._ended.set()
-        self._ready.clear()
-        for job in self._serving.values():
-            job.cancel()
+        self._serving.close()
         pending, self._pending = self._pending, {}
-        if self._pipe is not None:
-            self._pipe.drop_held()  # the frames not written yet stay unwritten
+        self._writer.abandon()  # the frames not written yet stay unwritten
         for p in pending.values():
             if p.written:
                 p.error = HostUnavailableError(
@@ -296,18 +244,7 @@ class Channel:
             else:
                 p.error = NotSent(self.close_reason)
             p.done.set()
-        self._outbox.clear()
-        if self._space is not None:
-            self._space.set()
-        if self._pipe is not None:
-            self._pipe.close(self._close_frame)
-            return
-        with anyio.CancelScope(shield=True):
-            with anyio.move_on_after(1.0):
-                if self._close_frame and not self._writing:
-                    with contextlib.suppress(Exception):
-                        await self.stream.send(self._close_frame)
-            await anyio.aclose_forcefully(self.stream)
+        await self._writer.close(self._close_frame)
 
     # ------------------------------------------------------------ reading
 
@@ -315,14 +252,24 @@ class Channel:
         """On asyncio, read and write through the transport itself (see _pipe)."""
         if not self.config.direct_io or self.config.tls is not None:
             return False
-        taken = takeover(self.stream, self._received, self._lost, self._written)
+        taken = takeover(
+            self.stream, self._received, self._lost, self._written, self.config.write_queue_size
+        )
         if taken is None:
             return False
-        self._pipe, leftover = taken
+        self._writer, leftover = taken
         if leftover:
             self.conn.receive_data(leftover)
-        self._process()  # frames that came with the handshake, or after it
+        self._process(False)  # frames that came with the handshake, or after it
         return True
+
+    def _new_stream_writer(self, raw: socket.socket | None) -> StreamWriter:
+        return StreamWriter(
+            self.stream, raw, self.config.write_queue_size, self._written, self._broken
+        )
+
+    def _broken(self, reason: str) -> None:
+        self._stop(CloseCode.NORMAL, reason, send_close=False)
 
     def _raw_socket(self) -> socket.socket | None:
         """On trio, the stream's socket, to write a lone frame to it directly: trio keeps
@@ -334,7 +281,7 @@ class Channel:
     def _received(self, data: bytes | bytearray | memoryview) -> None:
         """The pipe's bytes (b"": the peer closed its side)."""
         self.conn.receive_data(data or None)
-        self._process()
+        self._process(False)
 
     def _lost(self, reason: str) -> None:
         self._stop(CloseCode.NORMAL, reason, send_close=False)
@@ -344,8 +291,9 @@ class Channel:
         if p is not None:
             p.written = True  # from here on it may reach the peer
 
-    def _process(self) -> bool:
-        """Dispatch every complete frame received; False once the connection ended."""
+    def _process(self, in_reader: bool) -> bool:
+        """Dispatch every complete frame received (``in_reader``: in the stream's reader
+        task, which may start a request itself); False once the connection ended."""
         conn = self.conn
         while True:
             try:
@@ -362,8 +310,8 @@ class Channel:
                 self._stop(ev.code, reason, send_close=False)
                 return False
             assert isinstance(ev, Event)
-            self._dispatch(ev)
-            if self._taken is not None:
+            self._dispatch(ev, in_reader)
+            if self._serving.taken is not None:
                 return True  # the reader's task keeps a suspended request: see _reader
 
     async def _reader(self) -> None:
@@ -371,16 +319,12 @@ class Channel:
         conn, stream = self.conn, self.stream
         read_size = self.config.read_size
         while True:
-            self._reading = True
-            go_on = self._process()  # the handshake may have left frames: drain first
-            self._reading = False
-            if not go_on:
+            if not self._process(True):  # the handshake may have left frames: drain first
                 return
-            if self._taken is not None:  # a request started here suspended
-                taken, self._taken = self._taken, None
+            if self._serving.taken is not None:  # a request started here suspended
                 assert self._tg is not None
                 self._tg.start_soon(self._reader, name="koala-read")  # reading goes on
-                await self._finish_taken(*taken)
+                await self._serving.finish_taken()
                 return
             try:
                 data = await stream.receive(read_size)
@@ -389,10 +333,10 @@ class Channel:
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
                 self._stop(CloseCode.NORMAL, f"the connection broke: {exc!r}", send_close=False)
                 return
-            self._corked = False  # a new exchange: its first frame may go out at once
+            self._stream_writer.received()  # a new exchange: see Cork
             conn.receive_data(data or None)
 
-    def _dispatch(self, ev: Event) -> None:
+    def _dispatch(self, ev: Event, in_reader: bool = False) -> None:
         kind = type(ev)
         if kind is Response:
             assert isinstance(ev, Response)
@@ -402,244 +346,23 @@ class Channel:
                 p.done.set()
         elif kind is Request:
             assert isinstance(ev, Request)
-            self._accept_request(ev)
+            self._serving.accept(ev, in_reader)
         elif kind is Cancel:
             assert isinstance(ev, Cancel)
-            job = self._serving.get(ev.request_id)
-            if job is not None:
-                job.cancel()
+            self._serving.cancel(ev.request_id)
         elif kind is Ping:
             assert isinstance(ev, Ping)
-            self._enqueue_nowait(self.conn.send(Pong(ev.token)), droppable=True)
+            self.enqueue_nowait(self.conn.send(Pong(ev.token)), droppable=True)
         elif kind is Pong:
             pass
         elif kind is GoAway:
-            self.peer_draining = True
+            pass  # the protocol marked the peer draining
         elif kind in GATEWAY_EVENTS:
             on_event = self._on_event()
             if on_event is None:
                 log.debug("connection %s: ignoring %s (no gateway handler)", self.name, ev)
             else:
                 on_event(self, ev)
-
-    # ------------------------------------------------------------ serving requests
-
-    def _accept_request(self, ev: Request) -> None:
-        rid = ev.request_id
-        handler = self._handler()
-        if rid in self._serving:
-            self._reply(rid, ArgumentTypeError(f"request id {rid} is already in flight"))
-        elif handler is None:
-            self._reply(rid, ActorNotFoundError("this node serves no actors"))
-        elif len(self._serving) >= self.config.max_in_flight:
-            self._reply(
-                rid,
-                OverloadedError(
-                    f"the connection from node {self.peer.peer_node_id} has "
-                    f"{len(self._serving)} requests in flight (max_in_flight); retry later"
-                ),
-            )
-        else:
-            job = _Job(ev, handler, self._clock() + ev.timeout)
-            self._serving[rid] = job
-            if (
-                self._reading
-                and not self._drainer
-                and not self._ready
-                and self._start_in_reader(job)
-            ):
-                return
-            self._ready.append(job)
-            if not self._drainer:
-                self._start_drainer()
-
-    def _start_drainer(self) -> None:
-        """Have a serving task start the ready requests: a parked one, or a new one."""
-        self._drainer = True
-        if self._idle:
-            self._idle.pop().wake.set()
-        else:
-            assert self._tg is not None
-            self._tg.start_soon(self._work, name="koala-serve")
-
-    def _hand_off(self, job: _Job) -> None:
-        """The drainer's request suspended: this task stays with it, another drains."""
-        job.suspended = True
-        self._drainer = False
-        self._end_batch()
-        if self._ready:
-            self._start_drainer()
-
-    def _end_batch(self) -> None:
-        """The drainer stops holding its answers back; a task writes what it held."""
-        self._batching = False
-        self._write_later()
-
-    async def _work(self) -> None:
-        """Start ready requests one after another while they finish without suspending:
-        a burst of quick requests costs one task switch, not one each. A request that
-        suspends keeps this task (it cannot move) and hands the queue to another; a task
-        whose request is done parks, up to MAX_IDLE_WORKERS per connection.
-
-        In stream mode the drainer holds the answers of its batch in the outbox (the
-        first one excepted) and writes them in one send when the queue is empty; it
-        only ever holds them while it runs without suspending, or while it writes.
-        """
-        ready = self._ready
-        while True:  # here this task is the drainer
-            self._batching = self._pipe is None
-            suspended = False
-            while ready and not self.closed:
-                job = ready.popleft()
-                await self._serve(job)
-                if job.suspended:  # _hand_off ended the batch and passed the role on
-                    suspended = True
-                    break
-            if not suspended:
-                if self._batching:
-                    self._batching = False
-                    if self._outbox and not self._writing and not self.closed:
-                        await self._flush()
-                if ready and not self.closed:
-                    continue  # more came while the batch was written
-                self._drainer = False
-            elif not self._drainer and ready and not self.closed:
-                self._drainer = True  # handed off, and no one took it
-                continue
-            if self.closed or len(self._idle) >= MAX_IDLE_WORKERS:
-                return
-            worker = _Worker(self._new_event)
-            self._idle.append(worker)
-            await worker.wake.wait()
-            if self.closed:
-                return
-
-    def _reply(self, rid: int, exc: Exception) -> None:
-        """Refuse a request without running it (the code says it was not run)."""
-        self._enqueue_nowait(self.conn.send(Response(rid, None, error_info(exc))))
-
-    @staticmethod
-    def _call_of(job: _Job) -> CallRequest:
-        ev = job.ev
-        return CallRequest(
-            ev.request_id,
-            ev.chain_id,
-            job.deadline,
-            ev.actor_type,
-            ev.key,
-            ev.interface,
-            ev.method,
-            tuple(ev.args),
-            ev.one_way,
-            placement=ev.placement,
-        )
-
-    async def _serve(self, job: _Job) -> None:
-        ev = job.ev
-        resp: CallResponse | None = None
-        scope: anyio.CancelScope | None = None
-        try:
-            if job.cancelled or self.closed:
-                return
-            req = self._call_of(job)
-            try:
-                resp, scope = await run_under_deadline(
-                    lambda: job.handler(req),
-                    job.deadline,
-                    (ev.interface, ev.method),
-                    self._sync_methods,
-                    self._marker,
-                    on_suspend=lambda: self._hand_off(job),
-                    on_scope=job.attach,
-                )
-            except Exception as exc:
-                resp = self._failed(job, exc)
-        finally:
-            self._serving.pop(ev.request_id, None)
-        data = self._answer(job, resp, scope)
-        if data:
-            with contextlib.suppress(NotSent):  # the connection closed meanwhile
-                await self._enqueue(data)
-
-    @staticmethod
-    def _failed(job: _Job, exc: Exception) -> CallResponse:
-        log.exception("serving %s.%s failed", job.ev.interface, job.ev.method)
-        return CallResponse(job.ev.request_id, None, error_info(exc))
-
-    def _answer(
-        self, job: _Job, resp: CallResponse | None, scope: anyio.CancelScope | None
-    ) -> bytes:
-        """The frame answering ``job`` (b"": none is due: one-way, cancelled, closed)."""
-        if resp is None or job.ev.one_way or job.cancelled or self.closed:
-            return b""
-        if scope is not None and scope.cancel_called:
-            return b""
-        rid = job.ev.request_id
-        try:
-            if resp.error is None:
-                return self.conn.send_result(rid, resp.result)
-            return self.conn.send(Response(rid, resp.result, resp.error))
-        except LocalProtocolError as exc:  # too large, or a value CBOR cannot carry
-            info = error_info(exc, ErrorCode.APPLICATION)
-            return self.conn.send(Response(rid, None, info))
-
-    # ------------------------------------------------------------ serving in the reader
-
-    def _start_in_reader(self, job: _Job) -> bool:
-        """Stream mode: start ``job`` in the reader task itself when nothing is queued
-        before it and its method has proved to finish without suspending (no task
-        switch at all). True if it was taken. If it suspends after all, it keeps this
-        task: _read_loop hands the reading to a new task and finishes it.
-
-        Its answer is written at once when it is the first frame since bytes arrived,
-        else by a task of its own, with the answers that follow it.
-        """
-        ev = job.ev
-        marker = self._marker
-        method = (ev.interface, ev.method)
-        if marker is None or self._sync_methods.get(method, 0) < SYNC_METHOD_CALLS:
-            return False
-        req = self._call_of(job)
-        innermost = marker()
-        token = lazy_deadline.set(job.deadline)
-        try:
-            coro = job.handler(req)
-            resp, yielded = first_step(coro)
-        except Exception as exc:
-            resp = self._failed(job, exc)
-        else:
-            if not finished(yielded):
-                self._sync_methods[method] = -1
-                self._taken = (job, coro, yielded, innermost)
-                return True
-        finally:
-            lazy_deadline.reset(token)
-        self._serving.pop(ev.request_id, None)
-        data = self._answer(job, resp, None)
-        if data:
-            # never waits: two peers both writing and neither reading would deadlock
-            self._enqueue_nowait(data)
-        return True
-
-    async def _finish_taken(
-        self, job: _Job, coro: Coroutine[Any, Any, Any], yielded: Any, innermost: object
-    ) -> None:
-        """Finish a request started in the reader that suspended (now in this task)."""
-        assert self._marker is not None
-        resp: CallResponse | None = None
-        scope: anyio.CancelScope | None = None
-        try:
-            resp, scope = await finish_under_deadline(
-                coro, yielded, job.deadline, innermost, self._marker, job.attach
-            )
-        except Exception as exc:
-            resp = self._failed(job, exc)
-        finally:
-            self._serving.pop(job.ev.request_id, None)
-        data = self._answer(job, resp, scope)
-        if data:
-            with contextlib.suppress(NotSent):
-                await self._enqueue(data)
 
     # ------------------------------------------------------------ calling
 
@@ -658,39 +381,22 @@ class Channel:
             )
         rid = next(self._ids)
         timeout = max(0.0, req.deadline - self._clock())
-        data = self.conn.send_request(
-            rid,
-            req.chain_id,
-            timeout,
-            req.actor_type,
-            req.key,
-            req.interface,
-            req.method,
-            list(req.args),
-            req.one_way,
-            req.placement,
-        )
+        data = self.conn.send_request(rid, timeout, req)
         if req.one_way:
-            await self._enqueue(data)
+            await self.enqueue(data)
             return None
         p = self._pending[rid] = _Pending(req, self._new_event)
         if p.deadline < self._next_expiry:
             self._expiry.set()  # sooner than the expiry task planned to look
         queued = False
-        pipe = self._pipe
         try:
-            if pipe is not None and not pipe.paused:
-                pipe.write(data, rid)  # what _enqueue does, without a coroutine
-            elif pipe is not None and p.deadline != math.inf:
-                with anyio.fail_at(p.deadline):  # waiting for room is bounded too
-                    await self._enqueue(data, rid)
-            else:
-                await self._enqueue(data, rid)
+            if not self._writer.try_write(data, rid):
+                await self._writer.write(data, rid, p.deadline)
             queued = True
             await p.done.wait()
         except BaseException:
             if self._pending.pop(rid, None) is not None and queued and not self.closed:
-                self._enqueue_nowait(self.conn.send(Cancel(rid)))  # it follows the request
+                self.enqueue_nowait(self.conn.send(Cancel(rid)))  # it follows the request
             raise
         if p.error is not None:
             raise p.error
@@ -698,141 +404,27 @@ class Channel:
 
     async def send_event(self, ev: Event) -> None:
         """Send a message that needs no answer (the gateway kinds, GOAWAY)."""
-        if self.closed:
-            raise HostUnavailableError(f"the connection to {self.name} is closed")
-        await self._enqueue(self.conn.send(ev))
+        if not self.closed:
+            with contextlib.suppress(NotSent):
+                await self.enqueue(self.conn.send(ev))
+                return
+        raise HostUnavailableError(f"the connection to {self.name} is closed")
 
     # ------------------------------------------------------------ writing
 
-    async def _enqueue(self, data: bytes, rid: int = 0) -> None:
-        """Queue a frame; if no task is writing, write the queue now, in this task.
+    async def enqueue(self, data: bytes) -> None:
+        """Write a frame that is not a request's, waiting for room if need be."""
+        if not self._writer.try_write(data):
+            await self._writer.write(data)
 
-        Whoever finds the writer idle becomes the writer and also writes what other
-        tasks queue meanwhile, so a lone call costs no task switch and a burst of
-        frames goes out in a few large sends.
-        """
-        pipe = self._pipe
-        if pipe is not None:
-            if pipe.paused:
-                await pipe.writable()
-            if self.closed:
-                raise NotSent(self.close_reason)
-            pipe.write(data, rid)
-            return
-        outbox = self._outbox
-        limit = self.config.write_queue_size
-        if self._batching:  # the drainer's answers leave together when it is done
-            if len(outbox) >= limit and not self._writing:
-                await self._flush()
-            if len(outbox) < limit:
-                if self.closed:
-                    raise NotSent(self.close_reason)
-                outbox.append((data, rid))
-                self._write_lone()  # the first one leaves at once
-                return
-        while len(outbox) >= limit and not self.closed:
-            if self._space is None:
-                self._space = anyio.Event()
-            await self._space.wait()
-        if self.closed:
-            raise NotSent(self.close_reason)
-        outbox.append((data, rid))
-        if not self._writing and not self._write_lone():
-            await self._flush()
-
-    async def _flush(self) -> None:
-        """Write the outbox, in this task (the caller checked no task is writing)."""
-        self._writing = True
-        try:
-            with anyio.CancelScope(shield=True):  # a frame is never half written
-                await self._drain()
-        finally:
-            self._writing = False
-
-    def _enqueue_nowait(self, data: bytes, *, droppable: bool = False) -> None:
+    def enqueue_nowait(self, data: bytes, *, droppable: bool = False) -> None:
         """Queue a control frame from synchronous code; a full queue closes the
         connection (the peer is not reading), except for a ``droppable`` one (PING,
         PONG): the frames ahead of it show the peer this side is alive, once they move."""
         if self.closed:
             return
-        pipe = self._pipe
-        if pipe is not None and not pipe.overfull(self.config.write_queue_size):
-            pipe.write(data)
-            return
-        if pipe is not None or len(self._outbox) >= self.config.write_queue_size:
-            if not droppable:
-                self._stop(CloseCode.OVERLOADED, "the write queue is full: the peer is not reading")
-            return
-        self._outbox.append((data, 0))
-        self._write_lone()
-        self._write_later()
-
-    def _write_later(self) -> None:
-        """Have a task of its own write the outbox, unless one is writing already."""
-        if self._outbox and not self._writing and not self.closed and self._tg is not None:
-            self._writing = True
-            self._tg.start_soon(self._drain_task, name="koala-write")
-
-    async def _drain_task(self) -> None:
-        try:
-            await self._drain()
-        finally:
-            self._writing = False
-
-    def _write_lone(self) -> bool:
-        """Stream mode (trio): write the outbox's only frame straight to the socket, if no
-        send is in progress (its bytes come first) and none went this way since bytes
-        last arrived (the frames that follow it wait to leave together). True if nothing
-        is left to write."""
-        if self._raw is None or self._corked or self._writing or len(self._outbox) != 1:
-            return False
-        self._corked = True
-        return self._send_raw()
-
-    def _send_raw(self) -> bool:
-        """Write the one queued frame straight to the (non-blocking) socket: no
-        checkpoint, no shielded scope. True if nothing is left to write; else the rest
-        stays queued for _drain."""
-        assert self._raw is not None
-        data, rid = self._outbox[0]
-        try:
-            sent = self._raw.send(data)
-        except BlockingIOError:
-            return False
-        except OSError as exc:
-            self._stop(CloseCode.NORMAL, f"the connection broke: {exc!r}", send_close=False)
-            return True
-        if rid:
-            p = self._pending.get(rid)
-            if p is not None:
-                p.written = True
-        if sent == len(data):
-            self._outbox.popleft()
-            return True
-        self._outbox[0] = (data[sent:], 0)
-        return False
-
-    async def _drain(self) -> None:
-        outbox, pending, stream = self._outbox, self._pending, self.stream
-        while outbox and not self.closed:
-            batch: list[bytes] = []
-            size = 0
-            while outbox and size < COALESCE_BYTES:
-                data, rid = outbox.popleft()
-                batch.append(data)
-                size += len(data)
-                if rid:
-                    p = pending.get(rid)
-                    if p is not None:
-                        p.written = True  # from here on it may reach the peer
-            if self._space is not None:
-                self._space.set()
-                self._space = None
-            try:
-                await stream.send(batch[0] if len(batch) == 1 else b"".join(batch))
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-                self._stop(CloseCode.NORMAL, f"the connection broke: {exc!r}", send_close=False)
-                return
+        if not self._writer.write_control(data) and not droppable:
+            self._stop(CloseCode.OVERLOADED, "the write queue is full: the peer is not reading")
 
     # ------------------------------------------------------------ deadlines
 
@@ -863,7 +455,7 @@ class Channel:
                 )
                 p.done.set()
                 if p.written and not self.closed:
-                    self._enqueue_nowait(self.conn.send(Cancel(rid)))
+                    self.enqueue_nowait(self.conn.send(Cancel(rid)))
             self._next_expiry = wake
             self._expiry = anyio.Event()
             with anyio.move_on_after(wake - now):
@@ -895,4 +487,4 @@ class Channel:
             self._ping(token)
 
     def _ping(self, token: int) -> None:
-        self._enqueue_nowait(self.conn.send(Ping(token)), droppable=True)
+        self.enqueue_nowait(self.conn.send(Ping(token)), droppable=True)

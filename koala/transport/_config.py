@@ -10,8 +10,8 @@ from typing import Any
 
 from .._errors import ConfigError
 from .._tls import TLSConfig
-from ._protocol import MAX_ID_BYTES, MIN_FRAME_SIZE, MIN_SECRET_SIZE
-from ._wire import DEFAULT_MAX_FRAME_SIZE, MAX_FRAME_LIMIT
+from ..wire._protocol import MAX_ID_BYTES, MIN_FRAME_SIZE, MIN_SECRET_SIZE
+from ..wire._wire import DEFAULT_MAX_FRAME_SIZE, MAX_FRAME_LIMIT
 
 SECRET_ENV = "KOALA_CLUSTER_SECRET"
 CLUSTER_ENV = "KOALA_CLUSTER_ID"

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import math
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +34,7 @@ import sniffio
 
 from .._loop import hold_reads as hold_reads
 from .._loop import take_transport
+from ._writers import Cork, NotSent
 
 # Above this many bytes buffered in the transport, writers wait (the peer is slow).
 HIGH_WATER = 1024 * 1024
@@ -46,7 +48,10 @@ Data = bytes | bytearray | memoryview
 
 
 class Pipe(asyncio.BufferedProtocol):
-    """A connection's transport, driven by callbacks (see the module docstring)."""
+    """A connection's transport, driven by callbacks (see the module docstring); the
+    channel's reader and its writer (``_writers.Writer``) on asyncio."""
+
+    io = "pipe"
 
     def __init__(
         self,
@@ -54,6 +59,7 @@ class Pipe(asyncio.BufferedProtocol):
         on_data: Callable[[Data], None],
         on_lost: Callable[[str], None],
         on_written: Callable[[int], None],
+        max_frames: int,
     ) -> None:
         self.transport = transport
         self.loop = asyncio.get_running_loop()
@@ -64,12 +70,14 @@ class Pipe(asyncio.BufferedProtocol):
         self._on_data = on_data
         self._on_lost = on_lost
         self._on_written = on_written  # a request's frame has left: its id
-        self._corked = False
+        self._max_frames = max_frames  # held frames that refuse a control frame
+        self._cork = Cork()
         self._held: deque[tuple[bytes, int]] = deque()
         self._held_bytes = 0
         self._paused = False
         self._resumed: anyio.Event | None = None
-        self.lost = False
+        self.lost = False  # the transport is gone
+        self.stopped = False  # the channel is closing: no new frames
         self._inbox = memoryview(bytearray(READ_SIZE))
 
     # ------------------------------------------------------------ asyncio.Protocol
@@ -85,7 +93,7 @@ class Pipe(asyncio.BufferedProtocol):
         """The bytes of one receive (also what a transport that was already reading
         before the protocol changed may still deliver this way)."""
         if not self._held:
-            self._corked = False  # a new exchange: its first frame leaves at once
+            self._cork.open()  # a new exchange: its first frame leaves at once
         self._context.run(self._on_data, data)
 
     def eof_received(self) -> bool:
@@ -122,21 +130,57 @@ class Pipe(asyncio.BufferedProtocol):
         waiting = self._held_bytes + self.transport.get_write_buffer_size()
         return len(self._held) >= max_frames or waiting > 4 * HIGH_WATER
 
-    def write(self, data: bytes, rid: int = 0) -> None:
-        """Send a frame: at once if nothing was written since bytes last arrived, else
-        with the next batch. ``rid`` (a request's id, or 0) is reported to
-        ``on_written`` once the frame is handed to the transport."""
+    def try_write(self, data: bytes, rid: int = 0) -> bool:
+        """Send a frame now unless writers must wait (False: call ``write``)."""
+        if self._paused or self._held_bytes >= HIGH_WATER or self.stopped:
+            return False
+        self._put(data, rid)
+        return True
+
+    async def write(self, data: bytes, rid: int = 0, deadline: float = math.inf) -> None:
+        if self.paused:
+            if deadline == math.inf:
+                await self.writable()
+            else:
+                with anyio.fail_at(deadline):  # waiting for room is bounded too
+                    await self.writable()
+        if self.stopped:
+            raise NotSent("the connection closed")
+        self._put(data, rid)
+
+    def write_control(self, data: bytes) -> bool:
+        if self.overfull(self._max_frames):
+            return False
+        self._put(data)
+        return True
+
+    def _put(self, data: bytes, rid: int = 0) -> None:
+        """Send a frame: at once if the cork is open, else with the next batch. ``rid``
+        (a request's id, or 0) is reported to ``on_written`` once the frame is handed
+        to the transport."""
         if self.lost:
             return
-        if self._corked:
+        if not self._cork.take():
             if not self._held:
                 self.loop.call_soon(self._uncork, context=self._context)
             self._held.append((data, rid))
             self._held_bytes += len(data)
             return
-        self._corked = True
         if self._send(data) and rid:
             self._on_written(rid)
+
+    # the serving task's batches need no holding here: the cork joins its answers
+    def hold(self) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+    def release_now(self) -> bool:
+        return False
+
+    async def flush(self) -> None:
+        pass
 
     def _send(self, data: bytes) -> bool:
         """Hand ``data`` to the transport; False if it is closed already (uvloop raises
@@ -158,24 +202,30 @@ class Pipe(asyncio.BufferedProtocol):
                         self._on_written(rid)
         held.clear()
         self._held_bytes = 0
-        self._corked = False
+        self._cork.open()
         if not self._paused and self._resumed is not None:  # writers waited for these
             self._resumed.set()
             self._resumed = None
 
     async def writable(self) -> None:
         """Return once the transport's buffer is below its high-water mark."""
-        while self.paused and not self.lost:
+        while self.paused and not self.lost and not self.stopped:
             if self._resumed is None:
                 self._resumed = anyio.Event()
             await self._resumed.wait()
 
-    def drop_held(self) -> None:
+    def stop(self) -> None:
+        self.stopped = True
+        if self._resumed is not None:
+            self._resumed.set()
+            self._resumed = None
+
+    def abandon(self) -> None:
         """Forget the frames not written yet."""
         self._held.clear()
         self._held_bytes = 0
 
-    def close(self, last: bytes = b"") -> None:
+    async def close(self, last: bytes = b"") -> None:
         """Write ``last`` after what is buffered, then close: the buffer is flushed, for
         at most a second (a peer that does not read is cut off)."""
         if not self.lost:
@@ -191,6 +241,7 @@ def takeover(
     on_data: Callable[[Data], None],
     on_lost: Callable[[str], None],
     on_written: Callable[[int], None],
+    max_frames: int,
 ) -> tuple[Pipe, bytes] | None:
     """Take the asyncio transport of anyio's socket ``stream`` over (call it from a task,
     between two receives): the pipe and the bytes anyio had read but not handed out.
@@ -199,7 +250,7 @@ def takeover(
     if taken is None:
         return None
     transport, leftover = taken
-    pipe = Pipe(transport, on_data, on_lost, on_written)
+    pipe = Pipe(transport, on_data, on_lost, on_written, max_frames)
     transport.set_protocol(pipe)
     transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
     transport.resume_reading()

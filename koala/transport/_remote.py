@@ -36,10 +36,7 @@ from .._errors import ConfigError, HostUnavailableError
 from .._messages import Request as CallRequest
 from .._messages import rebuild_error
 from .._net import is_loopback, join_hostport, split_hostport
-from ._accept import StrangerStream, accept_forever
-from ._channel import Channel, EventHandler, Handler, NotSent
-from ._config import TransportConfig
-from ._events import (
+from ..wire._events import (
     NEED_DATA,
     CloseCode,
     ConnectionClosed,
@@ -48,8 +45,11 @@ from ._events import (
     ProtocolError,
     RemoteProtocolError,
 )
+from ..wire._protocol import Connection, Role
+from ._accept import StrangerStream, accept_forever
+from ._channel import Channel, EventHandler, Handler, NotSent
+from ._config import TransportConfig
 from ._pipe import hold_reads
-from ._protocol import Connection, Role
 from ._secure import (
     CLOSED_AFTER_TLS,
     TLS_FILES_HINT,
@@ -139,6 +139,9 @@ class Transport:
         self._refused = 0
         self._displaced = 0
         self._tls = contexts(self.config.tls) if self.config.tls is not None else None
+        # methods seen finishing without suspending, learned once for the node, not per
+        # connection (koala._drive.skips_scope)
+        self._sync_methods: dict[tuple[str, str], int] = {}
 
     # ------------------------------------------------------------ lifecycle
 
@@ -375,6 +378,7 @@ class Transport:
             handler=lambda: self.handler,
             on_event=lambda: self.on_event,
             on_close=self._forget,
+            sync_methods=self._sync_methods,
         )
         self._all.add(ch)
         return ch

@@ -19,7 +19,7 @@ from typing import Any
 
 import cbor2
 
-from .._messages import ErrorCode, ErrorInfo, Key
+from .._messages import ErrorCode, ErrorInfo
 from ._events import (
     MAGIC,
     PROTOCOL_VERSION,
@@ -37,6 +37,7 @@ from ._events import (
     Hello,
     Kind,
     LocalProtocolError,
+    OutgoingCall,
     Ping,
     Pong,
     PushToClient,
@@ -205,51 +206,42 @@ def _framed(body: bytes, what: str, max_frame_size: int) -> bytes:
 
 
 def request_frame(
-    request_id: int,
-    chain_id: int,
-    timeout: float,
-    actor_type: str,
-    key: Key,
-    interface: str,
-    method: str,
-    args: list[Any],
-    one_way: bool,
-    max_frame_size: int,
-    placement: bytes = b"",
+    request_id: int, timeout: float, call: OutgoingCall, max_frame_size: int
 ) -> bytes:
     """The frame of a REQUEST from this node's runtime, whose fields are valid by
     construction (ids it made, names of its classes, a finite timeout, args encoded by
     annotations), so no Request event is built and checked: the same bytes as
     ``frame(Request(...))``. A key of another type than exactly str or int goes through
     the event, which refuses it."""
+    key = call.key
     if type(key) is not str and type(key) is not int:
         ev = Request(
             request_id,
-            chain_id,
+            call.chain_id,
             timeout,
-            actor_type,
+            call.actor_type,
             key,
-            interface,
-            method,
-            args,
-            one_way,
-            placement,
+            call.interface,
+            call.method,
+            list(call.args),
+            call.one_way,
+            call.placement,
         )
         return frame(ev, max_frame_size)
     item = [
         Kind.REQUEST,
         request_id,
-        chain_id,
+        call.chain_id,
         float(timeout),
-        actor_type,
+        call.actor_type,
         key,
-        interface,
-        method,
-        args,
-        one_way,
+        call.interface,
+        call.method,
+        call.args,  # a tuple is a CBOR array too
+        call.one_way,
     ]
-    if placement:
-        item.append(placement)
+    if call.placement:
+        item.append(call.placement)
     return _framed(dumps(item), "Request", max_frame_size)
 
 

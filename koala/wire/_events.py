@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from .._messages import ErrorCode, ErrorInfo, Key
 
@@ -265,6 +266,29 @@ class Request(Event):
             _fail(f"one_way must be a boolean, got {self.one_way!r}")
         if self.placement != b"":  # anything else than bytes of a ticket is refused
             _check_bytes("placement", self.placement, TICKET_SIZE)
+
+
+class OutgoingCall(Protocol):
+    """A call this node makes, as the REQUEST frame reads it: the fields of
+    :class:`Request` but the two the channel gives (its id, and the time left). The
+    runtime's own request is one; so is a :class:`Request`."""
+
+    @property
+    def chain_id(self) -> int: ...
+    @property
+    def actor_type(self) -> str: ...
+    @property
+    def key(self) -> Key: ...
+    @property
+    def interface(self) -> str: ...
+    @property
+    def method(self) -> str: ...
+    @property
+    def args(self) -> Sequence[Any]: ...
+    @property
+    def one_way(self) -> bool: ...
+    @property
+    def placement(self) -> bytes: ...
 
 
 @dataclass(frozen=True, slots=True)

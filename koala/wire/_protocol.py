@@ -28,7 +28,6 @@ import enum
 import os
 from typing import Any
 
-from .._messages import Key
 from ._events import (
     GATEWAY_EVENTS,
     NEED_DATA,
@@ -44,6 +43,7 @@ from ._events import (
     HandshakeComplete,
     Hello,
     LocalProtocolError,
+    OutgoingCall,
     Ping,
     Pong,
     ProtocolError,
@@ -231,38 +231,15 @@ class Connection:
             self.state = State.CLOSED
         return data
 
-    def send_request(
-        self,
-        request_id: int,
-        chain_id: int,
-        timeout: float,
-        actor_type: str,
-        key: Key,
-        interface: str,
-        method: str,
-        args: list[Any],
-        one_way: bool,
-        placement: bytes = b"",
-    ) -> bytes:
-        """``send(Request(...))`` for a request made by this node (see request_frame)."""
+    def send_request(self, request_id: int, timeout: float, call: OutgoingCall) -> bytes:
+        """``send(Request(request_id, ..., timeout, ...))`` of the fields of ``call``, for a
+        request made by this node (see request_frame)."""
         if self.state is not State.OPEN:
             raise LocalProtocolError(
                 f"cannot send Request: the connection is {self.state.value} "
                 f"({_MEANING[self.state]})"
             )
-        return request_frame(
-            request_id,
-            chain_id,
-            timeout,
-            actor_type,
-            key,
-            interface,
-            method,
-            args,
-            one_way,
-            self.max_frame_size,
-            placement,
-        )
+        return request_frame(request_id, timeout, call, self.max_frame_size)
 
     def send_result(self, request_id: int, result: Any) -> bytes:
         """``send(Response(request_id, result))`` answering a received request."""
