@@ -338,6 +338,21 @@ def _add_cluster_commands(sub: Any) -> None:
     status = sub.add_parser("status", help="print the cluster's hosts as a table")
     status.add_argument("--pd", required=True, help="URL of a placement driver")
     status.add_argument(
+        "--wait-hosts",
+        type=int,
+        default=0,
+        metavar="N",
+        help="first wait until the PD answers and lists at least N hosts (scripts that "
+        "start a cluster: a host registers a moment after it starts)",
+    )
+    status.add_argument(
+        "--wait-timeout",
+        type=_positive,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long --wait-hosts waits before it fails (default 30)",
+    )
+    status.add_argument(
         "--log-level", type=_log_level, default="WARNING", help="logging level (default WARNING)"
     )
     for command in (pd, host, gw, status):
@@ -465,11 +480,41 @@ def _run_cluster_command(args: argparse.Namespace, backend: _backend.Backend) ->
         print("koala gateway: stopped", flush=True)
         return 0
     secret = os.environ.get("KOALA_CLUSTER_SECRET") or None
-    status = _backend.run(
-        lambda: _status.fetch_status(args.pd, secret=secret, tls=_tls(args)), backend
-    )
-    print(status, flush=True)
+    if args.wait_hosts > 0:
+        table = _backend.run(lambda: _wait_for_hosts(args, secret), backend)
+    else:
+        table = _backend.run(
+            lambda: _status.fetch_status(args.pd, secret=secret, tls=_tls(args)), backend
+        )
+    print(table, flush=True)
     return 0
+
+
+async def _wait_for_hosts(args: argparse.Namespace, secret: str | None) -> str:
+    """``koala status --wait-hosts N``: the table once the PD lists N hosts."""
+    from .pd import PDClient, PDRequestError, PDUnavailableError
+    from .pd._status import status_table
+
+    pd = PDClient(args.pd, secret=secret, tls=_tls(args))
+    last = "the PD has not answered"
+    try:
+        with anyio.move_on_after(args.wait_timeout):
+            while True:
+                try:
+                    view = await pd.fetch_all()
+                except (PDUnavailableError, PDRequestError) as exc:
+                    last = str(exc)  # not up yet: a cluster being started
+                else:
+                    if len(view.hosts) >= args.wait_hosts:
+                        return status_table(view)
+                    last = f"the PD lists {len(view.hosts)} host(s)"
+                await anyio.sleep(0.2)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await pd.aclose()
+    raise PDUnavailableError(
+        f"waited {args.wait_timeout:g} s for {args.wait_hosts} host(s) (--wait-hosts): {last}"
+    )
 
 
 def _maintenance_config(args: argparse.Namespace) -> Any:

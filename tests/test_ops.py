@@ -162,3 +162,50 @@ def test_koala_dev_ports_in_use(
     address = f"{taken[0]}:{taken[1]}"
     cmd = koala("dev", app, "--log-level", "ERROR", flag, address)
     _fails_in_one_line(_start(cluster, "dev", cmd), address)
+
+
+# ---------------------------------------------------------------- koala status --wait-hosts
+
+
+WAIT_ONE_SECOND = ("--wait-hosts", "1", "--wait-timeout", "1")
+
+
+def test_status_wait_hosts_gives_up_in_time_with_the_reason() -> None:
+    started = time.monotonic()
+    proc = subprocess.run(
+        koala("status", "--pd", f"http://127.0.0.1:{free_port()}", *WAIT_ONE_SECOND),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("koala: error: waited 1 s for 1 host(s) (--wait-hosts): ")
+    assert "no PD can be reached" in lines[0]
+    assert time.monotonic() - started < 30  # it did not wait for the PD client's retries
+
+
+def test_status_wait_hosts_waits_for_the_hosts(cluster: Cluster) -> None:
+    pd = cluster.pd(store="memory")
+    pd_url = f"http://127.0.0.1:{pd.port}"
+    waiting = subprocess.Popen(
+        koala("status", "--pd", pd_url, "--wait-hosts", "1", "--wait-timeout", "60"),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(0.5)
+        assert waiting.poll() is None  # no host yet: still waiting
+        host = cluster.host(pd_url)
+        out, err = waiting.communicate(timeout=60)
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+            waiting.wait()
+    assert waiting.returncode == 0, err
+    assert "1 host(s)" in out
+    assert host.address in out
