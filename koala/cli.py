@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import signal
@@ -67,6 +68,23 @@ def check_bind(
             "(the cluster's shared secret) to allow it"
             + (", or give --tls-cert, --tls-key and --tls-ca (mutual TLS)" if links else "")
             + ", or listen on 127.0.0.1"
+        )
+
+
+def check_dialable(host: str) -> None:
+    """A host registers the address it listens on, and other hosts and gateways dial it:
+    a wildcard (0.0.0.0, ::) would send them to themselves."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:  # a name: it resolves to this machine's address, which is fine
+        return
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    if ip.is_unspecified or (mapped is not None and mapped.is_unspecified):
+        raise ConfigError(
+            f"koala host --listen {host}: the address a host listens on is the one it "
+            "registers, and other hosts and gateways dial it; listen on this machine's "
+            "address or name instead (in Docker Compose: the service's name, e.g. "
+            "--listen host1:7001)"
         )
 
 
@@ -426,6 +444,7 @@ def _run_cluster_command(args: argparse.Namespace, backend: _backend.Backend) ->
         from .pd import MemberConfig
 
         listen = parse_hostport(args.listen, "--listen")
+        check_dialable(listen[0])
         tls = _tls(args)
         mutual = tls.enabled and tls.ca is not None
         check_bind(listen[0], "--listen", links=True, mutual_tls=mutual)

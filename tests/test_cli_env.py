@@ -13,7 +13,14 @@ from pathlib import Path
 import pytest
 
 from koala import ConfigError, HostConfig
-from koala.cli import HOST_FLAGS, EnvParser, _host_config, build_parser, env_name
+from koala.cli import (
+    HOST_FLAGS,
+    EnvParser,
+    _host_config,
+    build_parser,
+    check_dialable,
+    env_name,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = ("dev", "pd", "host", "gateway", "status")
@@ -213,3 +220,14 @@ def test_a_bad_variable_stops_the_real_command_before_it_starts() -> None:
         "koala: error: --shutdown-grace (env KOALA_SHUTDOWN_GRACE): HostConfig.shutdown_grace "
         "must be a positive number, got -1.0"
     ]
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "::ffff:0.0.0.0"])
+def test_a_host_never_registers_a_wildcard_address(host: str) -> None:
+    with pytest.raises(ConfigError, match="other hosts and gateways dial it"):
+        check_dialable(host)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "10.0.0.7", "host1", "::1"])
+def test_addresses_and_names_are_dialable(host: str) -> None:
+    check_dialable(host)
