@@ -94,6 +94,17 @@ def test_a_pd_with_etcd_down_and_a_gateway_with_the_pd_down_stop_on_sigterm(
     assert "koala pd: stopped" in pd.output()
 
 
+def test_sigterm_stops_a_registered_host_whose_pd_died(cluster: Cluster) -> None:
+    pd = cluster.pd(store="memory")
+    host = cluster.host(f"http://127.0.0.1:{pd.port}")
+    pd.kill()
+    started = time.monotonic()
+    assert host.stop(timeout=30) == 0, host.output()
+    # no actor to drain; leaving the PD is bounded (5 s) and a dead PD fails at once
+    assert time.monotonic() - started < 15, host.output()
+    assert "koala host: stopped" in host.output()
+
+
 # ---------------------------------------------------------------- a port in use
 
 
