@@ -616,15 +616,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def first_koala_error(group: BaseExceptionGroup[BaseException]) -> KoalaError | None:
-    """The first KoalaError among a group's leaves, however deeply nested (the others are
-    the cancellations it caused)."""
-    for exc in group.exceptions:
-        if isinstance(exc, KoalaError):
-            return exc
+    """The first of a group's leaves, however deeply nested, if every leaf is a
+    KoalaError (a port in use, a PD that cannot be reached); None if any is not: that
+    is a bug, and its traceback is worth more than one line."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
         if isinstance(exc, BaseExceptionGroup):
-            found = first_koala_error(exc)
-            if found is not None:
-                return found
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    if leaves and all(isinstance(leaf, KoalaError) for leaf in leaves):
+        first = leaves[0]
+        assert isinstance(first, KoalaError)
+        return first
     return None
 
 

@@ -20,6 +20,7 @@ from koala.cli import (
     build_parser,
     check_dialable,
     env_name,
+    first_koala_error,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -231,3 +232,10 @@ def test_a_host_never_registers_a_wildcard_address(host: str) -> None:
 @pytest.mark.parametrize("host", ["127.0.0.1", "10.0.0.7", "host1", "::1"])
 def test_addresses_and_names_are_dialable(host: str) -> None:
     check_dialable(host)
+
+
+def test_a_task_groups_koala_error_is_unwrapped_but_a_bug_is_not() -> None:
+    config = ConfigError("cannot listen on 127.0.0.1:7001: Address already in use")
+    nested = BaseExceptionGroup("outer", [ExceptionGroup("inner", [config])])
+    assert first_koala_error(nested) is config
+    assert first_koala_error(ExceptionGroup("g", [config, KeyError("a bug")])) is None
