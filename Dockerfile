@@ -22,8 +22,10 @@ RUN pip install '.[uvloop]'
 
 COPY examples ./examples
 
-# no root inside the container; a fixed uid so mounted volumes can be given to it
-RUN useradd --system --uid 10001 --home-dir /app koala
+# no root inside the container; a fixed uid so mounted volumes can be given to it. The
+# code stays root's (read-only to the server); /data is the one place it may write
+# (e.g. KOALA_STORAGE_URL=sqlite:////data/state.db for examples/player_state.py)
+RUN useradd --system --uid 10001 --home-dir /data --create-home koala
 USER koala
 
 # every listener binds loopback unless told otherwise (and then needs
