@@ -1,7 +1,9 @@
 # Koala: the two commands a newcomer needs are `make run` and `make test`.
+# Another interpreter, in its own venv: make test PYTHON=python3.13 VENV=.venv313
 PYTHON ?= python3
-VENV   := .venv
+VENV   ?= .venv
 BIN    := $(VENV)/bin
+PYTEST_ARGS ?=
 APT    := $(shell command -v apt-get 2>/dev/null)
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -47,7 +49,7 @@ typecheck: $(VENV)/.test-deps
 	$(BIN)/mypy
 
 pytest: $(VENV)/.test-deps services
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 test: lint typecheck pytest
 
@@ -59,4 +61,4 @@ bench-quick: $(VENV)/.test-deps
 	$(BIN)/python -m bench --quick
 
 clean:
-	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .venv3* build *.egg-info .mypy_cache .ruff_cache .hypothesis

@@ -9,18 +9,20 @@ client, the gateway's bridge and the HTTP server, and nothing below imports it.
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from functools import partial
 from types import ModuleType
 from typing import Any
 
 import anyio
+import anyio.abc
 import httpx
 
 from ._actor import _implementations
 from ._config import HostConfig
 from ._errors import ConfigError
+from ._net import join_hostport
 from ._runtime import Runtime
 from ._tls import TLSConfig
 from .gateway import HostBridge
@@ -112,11 +114,16 @@ async def serve_host(
             async with rt:
                 transport.handler = rt.serve_request
                 transport.on_event = (bridge := HostBridge(rt)).on_event  # gateways' sessions
-                directory.address = await transport.listen(*listen)
+                directory.address = await _listen(transport, *listen)
                 directory.attach(rt)
                 async with anyio.create_task_group() as member_tg:
                     member_tg.start_soon(bridge.run)
-                    await member_tg.start(directory.run)
+                    if not await _start_unless(shutdown, member_tg, directory.run):
+                        # stopped while registering (the PD or its etcd is down): there
+                        # is nothing to drain and no registration to leave
+                        announce("koala host: stopped before it could register with the PD")
+                        member_tg.cancel_scope.cancel()
+                        return
                     async with anyio.create_task_group() as http_tg:
                         where = ""
                         if app is not None and http is not None:
@@ -137,3 +144,36 @@ async def serve_host(
     finally:
         with anyio.CancelScope(shield=True):
             await pd.aclose()
+
+
+async def _listen(transport: Transport, host: str, port: int) -> str:
+    """The transport's listener, or a one-line error naming the address (a port in use
+    is an operator's mistake, not a crash)."""
+    try:
+        return await transport.listen(host, port)
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        raise ConfigError(f"cannot listen on {join_hostport(host, port)}: {why}") from None
+
+
+async def _start_unless(
+    shutdown: anyio.Event,
+    tg: anyio.abc.TaskGroup,
+    func: Callable[..., Coroutine[Any, Any, None]],
+) -> bool:
+    """``tg.start(func)``, unless ``shutdown`` is set first: then ``func`` is cancelled
+    (until it reports started it runs in this caller's scope) and the answer is False.
+
+    Registration retries until the PD answers; a SIGTERM meanwhile must still stop
+    the host, or a container manager ends up killing it."""
+    with anyio.CancelScope() as starting:
+        async with anyio.create_task_group() as watch:
+
+            async def cancel_on_shutdown() -> None:
+                await shutdown.wait()
+                starting.cancel()
+
+            watch.start_soon(cancel_on_shutdown)
+            await tg.start(func)
+            watch.cancel_scope.cancel()
+    return not starting.cancelled_caught

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import signal
 import sys
-from dataclasses import replace
+from collections.abc import Mapping
+from dataclasses import fields, replace
 from types import ModuleType
-from typing import Any
+from typing import Any, NoReturn
 
 import anyio
 
@@ -69,6 +71,23 @@ def check_bind(
         )
 
 
+def check_dialable(host: str) -> None:
+    """A host registers the address it listens on, and other hosts and gateways dial it:
+    a wildcard (0.0.0.0, ::) would send them to themselves."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:  # a name: it resolves to this machine's address, which is fine
+        return
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    if ip.is_unspecified or (mapped is not None and mapped.is_unspecified):
+        raise ConfigError(
+            f"koala host --listen {host}: the address a host listens on is the one it "
+            "registers, and other hosts and gateways dial it; listen on this machine's "
+            "address or name instead (in Docker Compose: the service's name, e.g. "
+            "--listen host1:7001)"
+        )
+
+
 async def _watch_signals(shutdown: anyio.Event) -> None:
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
@@ -123,20 +142,138 @@ def _positive(value: str) -> float:
     return number
 
 
+def _log_level(value: str) -> str:
+    name = value.strip().upper()
+    if name not in logging.getLevelNamesMapping():
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a logging level: use DEBUG, INFO, WARNING, ERROR or CRITICAL"
+        )
+    return name
+
+
+ENV_PREFIX = "KOALA_"
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def env_name(action: argparse.Action) -> str:
+    """The environment twin of a flag: ``--mailbox-size`` is KOALA_MAILBOX_SIZE, and a
+    positional argument is named by its dest (``app``: KOALA_APP)."""
+    longest = max(action.option_strings, key=len) if action.option_strings else action.dest
+    return ENV_PREFIX + longest.lstrip("-").replace("-", "_").upper()
+
+
+class EnvParser(argparse.ArgumentParser):
+    """An argument parser whose every argument has an environment twin (:func:`env_name`),
+    so a container sets ``KOALA_PD`` where a shell types ``--pd``.
+
+    A flag given on the command line beats its variable; an empty variable counts as
+    unset. Variables are read when this parser parses, so only the chosen command's are
+    looked at, and a bad one is a one-line error naming it. Each argument's help names
+    its variable.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # what add_argument said, before any variable changed it: (default, required, nargs)
+        self._declared: dict[argparse.Action, tuple[Any, bool, Any]] = {}
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)
+        if isinstance(action, argparse._HelpAction):
+            return action
+        self._declared[action] = (action.default, action.required, action.nargs)
+        if action.help is not argparse.SUPPRESS:
+            action.help = f"{action.help or ''} [env {env_name(action)}]".lstrip()
+        return action
+
+    def parse_known_args(self, *args: Any, **kwargs: Any) -> Any:
+        self._apply_env(os.environ)
+        return super().parse_known_args(*args, **kwargs)
+
+    def _apply_env(self, environ: Mapping[str, str]) -> None:
+        for action, (default, required, nargs) in self._declared.items():
+            action.default, action.required, action.nargs = default, required, nargs
+            name = env_name(action)
+            raw = environ.get(name, "")
+            if not raw:
+                continue
+            action.default = self._env_value(action, name, raw)
+            action.required = False
+            if not action.option_strings:  # a positional the variable may stand for
+                action.nargs = "?"
+
+    def _env_value(self, action: argparse.Action, name: str, raw: str) -> Any:
+        flag = max(action.option_strings, key=len) if action.option_strings else action.dest
+        if isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction):
+            word = raw.strip().lower()
+            if word not in _TRUE | _FALSE:
+                self._env_error(name, raw, flag, "use 1/true/yes/on or 0/false/no/off")
+            return (word in _TRUE) == isinstance(action, argparse._StoreTrueAction)
+        if action.nargs not in (None, "?") and action.option_strings:
+            self._env_error(name, raw, flag, "this flag cannot be set from the environment")
+        value: Any = raw
+        convert = self._registry_get("type", action.type, action.type)
+        if callable(convert):
+            try:
+                value = convert(raw)
+            except argparse.ArgumentTypeError as exc:
+                self._env_error(name, raw, flag, str(exc))
+            except (TypeError, ValueError):
+                kind = getattr(convert, "__name__", "value")
+                self._env_error(name, raw, flag, f"not a valid {kind}")
+        if action.choices is not None and value not in action.choices:
+            choices = ", ".join(map(str, action.choices))
+            self._env_error(name, raw, flag, f"use one of: {choices}")
+        return value
+
+    def _env_error(self, name: str, raw: str, flag: str, why: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {name}={raw!r} (for {flag}): {why}\n")
+
+
+# HostConfig's fields, each a flag of `koala dev` and `koala host` (and so a variable);
+# HostConfig validates the values. tests/test_cli_env.py checks that none is missing.
+HOST_FLAGS = {
+    "default_timeout": "seconds: the deadline of a call made without one",
+    "idle_timeout": "seconds an actor may stay unused before it is deactivated",
+    "collection_interval": "seconds between two looks for idle actors",
+    "mailbox_size": "most calls queued for one actor",
+    "max_queued": "most calls queued on the host; past it calls fail with OverloadedError",
+    "shutdown_grace": "seconds a stopping host lets running turns and on_deactivate finish",
+    "deactivation_batch": "activations deactivated between two yields to other tasks",
+    "deactivation_tasks": "most on_deactivate hooks of idle actors running at once",
+}
+
+
+def _add_host_config_flags(command: argparse.ArgumentParser) -> None:
+    defaults = HostConfig()
+    for f in fields(HostConfig):
+        value = getattr(defaults, f.name)
+        command.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type=int if isinstance(value, int) else float,
+            metavar="N" if isinstance(value, int) else "SECONDS",
+            default=None,  # HostConfig's own default, so that it stays in one place
+            help=f"{HOST_FLAGS[f.name]} (default {value:g})",
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = EnvParser(
         prog="koala",
         description="Koala virtual actors. KOALA_BACKEND picks the event loop: "
-        + ", ".join(_backend.BACKENDS),
+        + ", ".join(_backend.BACKENDS)
+        + ". Every flag has an environment twin (KOALA_ and the flag's name: --pd is "
+        "KOALA_PD); a flag given beats its variable.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     dev = sub.add_parser("dev", help="run actors and the app's HTTP API in one process")
     dev.add_argument("app", help="a file (examples/echo.py) or module (examples.echo)")
     dev.add_argument("--http", default="127.0.0.1:8000", help="HOST:PORT for HTTP")
-    dev.add_argument("--idle-timeout", type=_positive, help="seconds before idle actors go")
-    dev.add_argument("--default-timeout", type=_positive, help="deadline of calls without one")
-    dev.add_argument("--shutdown-grace", type=_positive, help="seconds to drain on stop")
-    dev.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    _add_host_config_flags(dev)
+    dev.add_argument(
+        "--log-level", type=_log_level, default="INFO", help="logging level (default INFO)"
+    )
     dev.add_argument("--gateway", help="HOST:PORT for the WebSocket gateway (docs/gateway.md)")
     _add_cluster_commands(sub)
     return parser
@@ -174,13 +311,17 @@ def _add_cluster_commands(sub: Any) -> None:
         "once the database is below 90%% of it (default 0: unknown, disarm and let etcd "
         "check)",
     )
-    pd.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    pd.add_argument(
+        "--log-level", type=_log_level, default="INFO", help="logging level (default INFO)"
+    )
     host = sub.add_parser("host", help="join a cluster as a host of the app's actors")
     host.add_argument("app", help="a file (examples/echo.py) or module (examples.echo)")
     host.add_argument("--pd", required=True, help="URL of a placement driver")
     host.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT for other hosts")
     host.add_argument("--http", help="HOST:PORT to serve the app's HTTP API on (if it has one)")
-    host.add_argument("--ttl", type=int, default=15, help="membership lease TTL, seconds")
+    host.add_argument(
+        "--ttl", type=int, default=15, help="membership lease TTL, seconds (default 15)"
+    )
     host.add_argument(
         "--positions-per-lease",
         type=int,
@@ -201,31 +342,46 @@ def _add_cluster_commands(sub: Any) -> None:
         default=None,
         help="at most this fraction of the host's activations given up per renewal (default 0.01)",
     )
-    host.add_argument("--idle-timeout", type=_positive, help="seconds before idle actors go")
-    host.add_argument("--default-timeout", type=_positive, help="deadline of calls without one")
-    host.add_argument("--shutdown-grace", type=_positive, help="seconds to drain on stop")
-    host.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    _add_host_config_flags(host)
+    host.add_argument(
+        "--log-level", type=_log_level, default="INFO", help="logging level (default INFO)"
+    )
     gw = sub.add_parser("gateway", help="run a WebSocket gateway in front of a cluster")
     gw.add_argument("--pd", required=True, help="URL of a placement driver")
     gw.add_argument("--listen", default="127.0.0.1:8001", help="HOST:PORT for WebSocket clients")
     gw.add_argument("--failover-timeout", type=_positive, help="seconds to re-bind a session")
-    gw.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    gw.add_argument(
+        "--log-level", type=_log_level, default="INFO", help="logging level (default INFO)"
+    )
     status = sub.add_parser("status", help="print the cluster's hosts as a table")
     status.add_argument("--pd", required=True, help="URL of a placement driver")
-    status.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
+    status.add_argument(
+        "--wait-hosts",
+        type=int,
+        default=0,
+        metavar="N",
+        help="first wait until the PD answers and lists at least N hosts (scripts that "
+        "start a cluster: a host registers a moment after it starts)",
+    )
+    status.add_argument(
+        "--wait-timeout",
+        type=_positive,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long --wait-hosts waits before it fails (default 30)",
+    )
+    status.add_argument(
+        "--log-level", type=_log_level, default="WARNING", help="logging level (default WARNING)"
+    )
     for command in (pd, host, gw, status):
         _add_tls_flags(command)
 
 
 def _add_tls_flags(command: argparse.ArgumentParser) -> None:
     """--tls-cert/--tls-key/--tls-ca, each with its environment twin (koala._tls)."""
-    command.add_argument(
-        "--tls-cert", help="this process's certificate chain, PEM (env KOALA_TLS_CERT)"
-    )
-    command.add_argument("--tls-key", help="its private key, PEM (env KOALA_TLS_KEY)")
-    command.add_argument(
-        "--tls-ca", help="the CA certificates this process trusts, PEM (env KOALA_TLS_CA)"
-    )
+    command.add_argument("--tls-cert", help="this process's certificate chain, PEM")
+    command.add_argument("--tls-key", help="its private key, PEM")
+    command.add_argument("--tls-ca", help="the CA certificates this process trusts, PEM")
 
 
 def _tls(args: argparse.Namespace) -> TLSConfig:
@@ -241,16 +397,17 @@ async def _until_signal(serve: Any, *args: Any, **kwargs: Any) -> None:
 
 
 def _host_config(args: argparse.Namespace) -> HostConfig:
-    overrides = {
-        k: v
-        for k, v in {
-            "idle_timeout": args.idle_timeout,
-            "default_timeout": args.default_timeout,
-            "shutdown_grace": args.shutdown_grace,
-        }.items()
-        if v is not None
-    }
-    return HostConfig(**overrides)
+    """HostConfig from the flags (or their variables) given; HostConfig validates them,
+    and a bad one names the flag and its variable."""
+    given = {f.name: getattr(args, f.name) for f in fields(HostConfig)}
+    try:
+        return HostConfig(**{name: value for name, value in given.items() if value is not None})
+    except ConfigError as exc:
+        bad = [name for name in given if f"HostConfig.{name} " in str(exc)]
+        if not bad:
+            raise
+        flag = "--" + bad[0].replace("_", "-")
+        raise ConfigError(f"{flag} (env {ENV_PREFIX}{bad[0].upper()}): {exc}") from None
 
 
 def _run_cluster_command(args: argparse.Namespace, backend: _backend.Backend) -> int:
@@ -287,6 +444,7 @@ def _run_cluster_command(args: argparse.Namespace, backend: _backend.Backend) ->
         from .pd import MemberConfig
 
         listen = parse_hostport(args.listen, "--listen")
+        check_dialable(listen[0])
         tls = _tls(args)
         mutual = tls.enabled and tls.ca is not None
         check_bind(listen[0], "--listen", links=True, mutual_tls=mutual)
@@ -341,11 +499,41 @@ def _run_cluster_command(args: argparse.Namespace, backend: _backend.Backend) ->
         print("koala gateway: stopped", flush=True)
         return 0
     secret = os.environ.get("KOALA_CLUSTER_SECRET") or None
-    status = _backend.run(
-        lambda: _status.fetch_status(args.pd, secret=secret, tls=_tls(args)), backend
-    )
-    print(status, flush=True)
+    if args.wait_hosts > 0:
+        table = _backend.run(lambda: _wait_for_hosts(args, secret), backend)
+    else:
+        table = _backend.run(
+            lambda: _status.fetch_status(args.pd, secret=secret, tls=_tls(args)), backend
+        )
+    print(table, flush=True)
     return 0
+
+
+async def _wait_for_hosts(args: argparse.Namespace, secret: str | None) -> str:
+    """``koala status --wait-hosts N``: the table once the PD lists N hosts."""
+    from .pd import PDClient, PDRequestError, PDUnavailableError
+    from .pd._status import status_table
+
+    pd = PDClient(args.pd, secret=secret, tls=_tls(args))
+    last = "the PD has not answered"
+    try:
+        with anyio.move_on_after(args.wait_timeout):
+            while True:
+                try:
+                    view = await pd.fetch_all()
+                except (PDUnavailableError, PDRequestError) as exc:
+                    last = str(exc)  # not up yet: a cluster being started
+                else:
+                    if len(view.hosts) >= args.wait_hosts:
+                        return status_table(view)
+                    last = f"the PD lists {len(view.hosts)} host(s)"
+                await anyio.sleep(0.2)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await pd.aclose()
+    raise PDUnavailableError(
+        f"waited {args.wait_timeout:g} s for {args.wait_hosts} host(s) (--wait-hosts): {last}"
+    )
 
 
 def _maintenance_config(args: argparse.Namespace) -> Any:
@@ -413,15 +601,45 @@ def main(argv: list[str] | None = None) -> int:
             _backend.run(lambda: run_dev(module, args.app, host, port, config, gateway), backend)
         else:
             return _run_cluster_command(args, backend)
-    except ConfigError as exc:
-        print(f"koala: error: {exc}", file=sys.stderr)
-        return 2
-    except KoalaError as exc:  # e.g. the PD cannot be reached
-        print(f"koala: error: {exc}", file=sys.stderr)
-        return 1
+    except KoalaError as exc:  # bad configuration, or e.g. the PD cannot be reached
+        return _fail(exc)
+    except BaseExceptionGroup as group:
+        # a task group's failure: a port in use, a PD that is not there, arrive wrapped
+        # in one group per task group they crossed; an operator wants the one line
+        found = first_koala_error(group)
+        if found is None:
+            raise
+        return _fail(found)
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def first_koala_error(group: BaseExceptionGroup[BaseException]) -> KoalaError | None:
+    """The first of a group's leaves, however deeply nested, if every leaf is a
+    KoalaError (a port in use, a PD that cannot be reached); None if any is not: that
+    is a bug, and its traceback is worth more than one line."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    if leaves and all(isinstance(leaf, KoalaError) for leaf in leaves):
+        first = leaves[0]
+        assert isinstance(first, KoalaError)
+        return first
+    return None
+
+
+def _fail(exc: KoalaError) -> int:
+    """One line on stderr; 2 for bad configuration (a port in use included), else 1."""
+    print(f"koala: error: {exc}", file=sys.stderr)
+    return 2 if isinstance(exc, ConfigError) else 1
 
 
 if __name__ == "__main__":
