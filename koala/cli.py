@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 from dataclasses import replace
+from functools import partial
 from types import ModuleType
 from typing import Any
 
@@ -90,7 +91,7 @@ async def run_dev(
     app: Any = getattr(module, "app", None)
     shutdown = anyio.Event()
     backend = _backend.backend_from_env().name
-    from ._host import embedded_host
+    from ._host import embedded_host, host_readiness
 
     async with embedded_host(config) as runtime, anyio.create_task_group() as tg:
         tg.start_soon(_watch_signals, shutdown)
@@ -101,7 +102,8 @@ async def run_dev(
             print(f"koala dev: gateway on ws://{ws[0]}:{ws[1]}", flush=True)
         if app is not None:
             add_error_handlers(app)
-            bound = await tg.start(serve_asgi, app, host, port, shutdown)
+            serve = partial(serve_asgi, readiness=host_readiness(runtime))
+            bound = await tg.start(serve, app, host, port, shutdown)
             print(
                 f"koala dev: {target} on {backend}; HTTP on http://{bound[0]}:{bound[1]} "
                 "(Ctrl-C to stop)",
