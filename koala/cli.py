@@ -17,6 +17,7 @@ import anyio
 from . import _backend
 from ._config import HostConfig
 from ._errors import ConfigError, KoalaError
+from ._logging import FORMAT_ENV, configure_logging
 from ._net import is_loopback
 from ._tls import TLSConfig
 from .http import add_error_handlers, parse_hostport, serve_asgi
@@ -141,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     dev.add_argument("--gateway", help="HOST:PORT for the WebSocket gateway (docs/gateway.md)")
     _add_cluster_commands(sub)
+    for command in sub.choices.values():
+        command.add_argument(
+            "--log-format",
+            default=os.environ.get(FORMAT_ENV, "text"),
+            help="text (default) or json: one object a line (env KOALA_LOG_FORMAT)",
+        )
     return parser
 
 
@@ -398,9 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         backend = _backend.backend_from_env()
-        logging.basicConfig(
-            level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
+        configure_logging(args.log_format, args.log_level)
         logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per PD request
         if args.command == "dev":
             host, port = parse_hostport(args.http, "--http")
