@@ -26,7 +26,7 @@ from ._net import join_hostport
 from ._runtime import Runtime
 from ._tls import TLSConfig
 from .gateway import HostBridge
-from .http import add_error_handlers, serve_asgi
+from .http import Readiness, add_error_handlers, serve_asgi
 from .pd import ClusterDirectory, MemberConfig, PDClient, PlacementRemote
 from .transport import Transport, TransportConfig
 
@@ -69,6 +69,20 @@ async def embedded_host(
     finally:
         with anyio.CancelScope(shield=True):
             await pd.aclose()
+
+
+def host_readiness(rt: Runtime) -> Readiness:
+    """``/readyz`` of a host: not ready while its runtime drains, nor while its
+    membership says it is not registered, fenced, or not renewing its lease
+    (:meth:`koala.pd.MembershipAgent.readiness`; a runtime without one: ready)."""
+    membership: Callable[[], str] | None = getattr(rt.directory, "readiness", None)
+
+    async def readiness() -> str:
+        if rt.draining:
+            return "draining"
+        return membership() if membership is not None else ""
+
+    return readiness
 
 
 def served_types() -> dict[str, str]:
@@ -129,7 +143,11 @@ async def serve_host(
                         if app is not None and http is not None:
                             add_error_handlers(app)
                             bound = await http_tg.start(
-                                partial(serve_asgi, tls=tls), app, http[0], http[1], shutdown
+                                partial(serve_asgi, tls=tls, readiness=host_readiness(rt)),
+                                app,
+                                http[0],
+                                http[1],
+                                shutdown,
                             )
                             where = f"; HTTP on {tls.scheme}://{bound[0]}:{bound[1]}"
                         announce(

@@ -10,6 +10,7 @@ import signal
 import sys
 from collections.abc import Mapping
 from dataclasses import fields, replace
+from functools import partial
 from types import ModuleType
 from typing import Any, NoReturn
 
@@ -18,6 +19,7 @@ import anyio
 from . import _backend
 from ._config import HostConfig
 from ._errors import ConfigError, KoalaError
+from ._logging import configure_logging
 from ._net import is_loopback
 from ._tls import TLSConfig
 from .http import add_error_handlers, parse_hostport, serve_asgi
@@ -109,7 +111,7 @@ async def run_dev(
     app: Any = getattr(module, "app", None)
     shutdown = anyio.Event()
     backend = _backend.backend_from_env().name
-    from ._host import embedded_host
+    from ._host import embedded_host, host_readiness
 
     async with embedded_host(config) as runtime, anyio.create_task_group() as tg:
         tg.start_soon(_watch_signals, shutdown)
@@ -120,7 +122,8 @@ async def run_dev(
             print(f"koala dev: gateway on ws://{ws[0]}:{ws[1]}", flush=True)
         if app is not None:
             add_error_handlers(app)
-            bound = await tg.start(serve_asgi, app, host, port, shutdown)
+            serve = partial(serve_asgi, readiness=host_readiness(runtime))
+            bound = await tg.start(serve, app, host, port, shutdown)
             print(
                 f"koala dev: {target} on {backend}; HTTP on http://{bound[0]}:{bound[1]} "
                 "(Ctrl-C to stop)",
@@ -276,6 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dev.add_argument("--gateway", help="HOST:PORT for the WebSocket gateway (docs/gateway.md)")
     _add_cluster_commands(sub)
+    for command in sub.choices.values():
+        command.add_argument(
+            "--log-format",
+            choices=("text", "json"),
+            default="text",
+            help="text (default) or json: one object a line",
+        )
     return parser
 
 
@@ -584,9 +594,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         backend = _backend.backend_from_env()
-        logging.basicConfig(
-            level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
+        configure_logging(args.log_format, args.log_level)
         logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per PD request
         if args.command == "dev":
             host, port = parse_hostport(args.http, "--http")

@@ -1,17 +1,27 @@
 """Serve an ASGI app (FastAPI) through hypercorn inside the runtime's event loop, over
 HTTP or HTTPS (and so ws or wss), and answer Koala's errors with a status and a JSON body.
 
+Every server Koala runs goes through :func:`serve_asgi`, which puts a thin ASGI front
+before the app: ``/healthz`` and ``/readyz`` (docs/operations.md), and a log line with
+the traceback for every exception that escapes the app. It also bounds shutdown: on
+Python 3.12+ hypercorn's asyncio server waits for every open connection to close
+(pgjones/hypercorn#308), so connections still open after the graceful timeout are
+aborted here.
+
 This is the one place that branches on the backend (hypercorn has a serve per loop).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
+import json
 import logging
 import os
 import socket
 import ssl
+from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +49,11 @@ from ._net import split_hostport
 from ._tls import TLSConfig
 
 log = logging.getLogger("koala.http")
+# hypercorn's own complaints (a lifespan that failed, a bad request line); its "Running
+# on ..." line is INFO, below what this logger shows unless asked for
+_hypercorn_log = logging.getLogger("koala.http.server")
+if _hypercorn_log.level == logging.NOTSET:
+    _hypercorn_log.setLevel(logging.WARNING)
 
 RETRY_AFTER = 1  # seconds a client is told to wait before retrying a 503
 
@@ -211,6 +226,238 @@ def _quiet_tls_close() -> None:
     setattr(TCPServer, "_close", _close)  # noqa: B010 (a method of another library)
 
 
+# ---------------------------------------------------------------- health and errors
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+# How a server says whether it should get traffic: "" when ready, else one word saying
+# why not (e.g. "draining", "fenced"); that word is all /readyz reveals.
+Readiness = Callable[[], Awaitable[str]]
+
+HEALTH_PATHS = ("/healthz", "/readyz")
+WS_DRAIN_TIMEOUT = 10.0  # seconds a closed WebSocket's late messages are read and dropped
+READINESS_TIMEOUT = 5.0  # seconds a readiness check may take before /readyz says "unknown"
+
+
+def own_paths(app: Any) -> frozenset[str]:
+    """The health paths a Starlette/FastAPI ``app`` routes itself (it keeps them)."""
+    routes = getattr(app, "routes", None)
+    if not isinstance(routes, list):
+        return frozenset()
+    paths = {getattr(route, "path", None) for route in routes}
+    return frozenset(path for path in HEALTH_PATHS if path in paths)
+
+
+class Front:
+    """Pure ASGI middleware in front of every app Koala serves.
+
+    - ``GET|HEAD /healthz``: 200 ``{"status": "alive"}`` while the process serves.
+    - ``GET|HEAD /readyz``: 200 ``{"status": "ready"}``, or 503 with the word
+      ``readiness`` answered (``"stopping"`` once ``stopping`` is set).
+    - Every exception that escapes the app is logged once, with its traceback, method
+      and path, on ``koala.http``; a request without an answer yet gets a plain 500.
+
+    A path the app routes itself (``own``) goes to the app. The health paths are
+    answered before the app's middleware, so they need no credentials: they tell
+    nothing but the state word.
+    """
+
+    def __init__(
+        self,
+        app: Any,
+        readiness: Readiness | None = None,
+        stopping: anyio.Event | None = None,
+        own: frozenset[str] | None = None,
+    ) -> None:
+        self.app = app
+        self.readiness = readiness
+        self.stopping = stopping
+        self.own = own_paths(app) if own is None else own
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http" and scope["path"] in HEALTH_PATHS and scope["path"] not in self.own:
+            await self._health(scope, send)
+            return
+        if kind not in ("http", "websocket"):  # lifespan
+            await self.app(scope, receive, send)
+            return
+        started = disconnected = False
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] in ("http.response.start", "websocket.accept", "websocket.close"):
+                started = True
+            await send(message)
+
+        async def tracked_receive() -> Message:
+            nonlocal disconnected
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                disconnected = True
+            return message
+
+        try:
+            if kind == "websocket":
+                await self.app(scope, tracked_receive, tracked_send)
+                if not disconnected:
+                    await _drain(receive)
+            else:
+                await self.app(scope, receive, tracked_send)
+        except Exception as exc:
+            method = scope.get("method", "WEBSOCKET")
+            log.error(
+                "%s %s failed: %s: %s",
+                method,
+                scope.get("path", "?"),
+                type(exc).__name__,
+                exc,
+                exc_info=exc,
+            )
+            if not started:
+                await _send_500(kind, send)
+
+    async def _health(self, scope: Scope, send: Send) -> None:
+        if scope["method"] not in ("GET", "HEAD"):
+            await _send_json(send, 405, {"status": "method_not_allowed"}, scope, allow=True)
+            return
+        if scope["path"] == "/healthz":
+            await _send_json(send, 200, {"status": "alive"}, scope)
+            return
+        word = await self._why_not_ready()
+        await _send_json(send, 503 if word else 200, {"status": word or "ready"}, scope)
+
+    async def _why_not_ready(self) -> str:
+        if self.stopping is not None and self.stopping.is_set():
+            return "stopping"
+        if self.readiness is None:
+            return ""
+        try:
+            with anyio.fail_after(READINESS_TIMEOUT):
+                return await self.readiness()
+        except Exception:  # a probe must answer; the log says what went wrong
+            log.exception("the readiness check failed")
+            return "unknown"
+
+
+async def _drain(receive: Receive) -> None:
+    """Read a finished WebSocket app's leftover messages (for at most WS_DRAIN_TIMEOUT).
+
+    hypercorn hands a connection's messages to the app through a small queue and stops
+    reading the socket while it is full; once the app returned, nobody empties it, so
+    the client's answer to the close (or its EOF) is never read and the connection
+    stays open (a client that sent a burst and was closed for it, say). Discarding them
+    until the disconnect lets hypercorn finish the close."""
+    with anyio.move_on_after(WS_DRAIN_TIMEOUT):
+        while (await receive())["type"] != "websocket.disconnect":
+            pass
+
+
+async def _send_json(
+    send: Send, status: int, body: dict[str, str], scope: Scope, *, allow: bool = False
+) -> None:
+    data = json.dumps(body).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(data)).encode()),
+        (b"cache-control", b"no-store"),
+    ]
+    if allow:
+        headers.append((b"allow", b"GET, HEAD"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else data})
+
+
+async def _send_500(kind: str, send: Send) -> None:
+    with contextlib.suppress(Exception):  # the client may be gone already
+        if kind == "websocket":
+            await send({"type": "websocket.close", "code": 1011})
+            return
+        data = b'{"error": "internal", "message": "internal error; the server\'s log has it"}'
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(data)).encode()),
+        ]
+        await send({"type": "http.response.start", "status": 500, "headers": headers})
+        await send({"type": "http.response.body", "body": data})
+
+
+# ---------------------------------------------------------------- bounded shutdown
+
+
+class _Config(Config):
+    """hypercorn's settings, and the connections its asyncio server has open
+    (:func:`_track_connections` fills ``koala_open``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.koala_open: set[asyncio.StreamWriter] = set()
+
+
+def _track_connections() -> None:
+    """Have hypercorn's asyncio connections enter themselves in their server's
+    ``_Config.koala_open`` while they run, so :func:`_abort_all` can cut them.
+
+    Python 3.12+'s ``asyncio.Server.wait_closed()`` waits for every connection, and
+    hypercorn 0.18 awaits it at shutdown before its own graceful timeout even starts
+    (pgjones/hypercorn#308): a client that never closes (one flooding a WebSocket the
+    gateway closed, say) kept the server up for ever. A connection that ends once the
+    server is stopping is aborted as well: its close may wait for a client that reads
+    nothing."""
+    from hypercorn.asyncio.tcp_server import TCPServer
+
+    original = TCPServer.run
+    if getattr(original, "_koala_tracked", False):
+        return
+
+    async def run(self: Any) -> None:
+        tracked: set[asyncio.StreamWriter] | None = getattr(self.config, "koala_open", None)
+        if tracked is None:  # a server not started by serve_asgi
+            await original(self)
+            return
+        writer: asyncio.StreamWriter = self.writer
+        tracked.add(writer)
+        try:
+            await original(self)
+        finally:
+            tracked.discard(writer)
+            if self.context.terminated.is_set():
+                writer.transport.abort()  # closed already, or closing towards nobody
+
+    run._koala_tracked = True  # type: ignore[attr-defined]
+    TCPServer.run = run  # type: ignore[method-assign]
+
+
+def _abort_all(tracked: set[asyncio.StreamWriter]) -> int:
+    """Abort every connection still open; how many there were."""
+    count = len(tracked)
+    for writer in list(tracked):
+        writer.transport.abort()
+    return count
+
+
+CUT_GRACE = 0.5  # seconds an app has to end once its connection was cut at shutdown
+
+
+async def _cut_after(shutdown: anyio.Event, config: _Config) -> None:
+    """Abort the connections still open shortly before ``graceful_timeout`` has passed
+    since ``shutdown``, so that their apps see the disconnect and may end in the rest.
+
+    On Python 3.12+ hypercorn then leaves ``Server.wait_closed()`` and waits for the
+    connections' apps up to its ``graceful_timeout`` read at that moment: it is cut to
+    the rest of the graceful time (3.11 began that wait at shutdown already)."""
+    await shutdown.wait()
+    grace = config.graceful_timeout
+    cut = max(grace - CUT_GRACE, grace / 2)
+    await anyio.sleep(cut)
+    config.graceful_timeout = grace - cut
+    if count := _abort_all(config.koala_open):
+        log.info("aborted %d connection(s) still open %g s after shutdown began", count, cut)
+
+
 async def serve_asgi(
     app: Any,
     host: str,
@@ -220,6 +467,7 @@ async def serve_asgi(
     graceful_timeout: float = 3.0,
     tls: TLSConfig | None = None,
     require_client_cert: bool = False,
+    readiness: Readiness | None = None,
     task_status: TaskStatus[tuple[str, int]] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` on host:port until ``shutdown`` is set; report the bound address.
@@ -229,17 +477,23 @@ async def serve_asgi(
     HTTPS (WebSockets: wss); a ``tls`` without one (or None) serves plain HTTP.
     ``require_client_cert``: clients must present a certificate ``tls.ca`` signed
     (mutual TLS: the PD's API).
+
+    ``readiness`` answers ``/readyz`` (see :class:`Front`; None: ready until
+    ``shutdown``). Once ``shutdown`` is set, requests in flight have
+    ``graceful_timeout`` seconds; connections still open then are aborted, so this
+    returns soon after whatever the clients do.
     """
     secure = tls if tls is not None and tls.enabled else None
     if secure is not None:
         _check_tls(secure)
+    front: Any = Front(app, readiness, shutdown)  # hypercorn types the app narrowly
     sock = _bind_socket(host, port)
     bound = sock.getsockname()[:2]
-    config = Config()
+    config = _Config()
     config.bind = [f"fd://{os.dup(sock.fileno())}"]  # hypercorn owns (and closes) the dup
     config.graceful_timeout = graceful_timeout
     config.accesslog = None
-    config.errorlog = None
+    config.errorlog = _hypercorn_log
     if secure is not None:
         settings = secure.hypercorn_settings(require_client_cert=require_client_cert)
         for name, value in settings.items():
@@ -250,13 +504,20 @@ async def serve_asgi(
         if sniffio.current_async_library() == "trio":
             from hypercorn.trio import serve as trio_serve
 
-            await trio_serve(app, config, shutdown_trigger=shutdown.wait)
+            # trio's serve gives its connections graceful_timeout itself, then cancels them
+            await trio_serve(front, config, shutdown_trigger=shutdown.wait)
         else:
             from hypercorn.asyncio import serve as asyncio_serve
 
             if secure is not None:
                 _quiet_tls_close()
-
-            await asyncio_serve(app, config, shutdown_trigger=shutdown.wait)
+            _track_connections()
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(_cut_after, shutdown, config)
+                    await asyncio_serve(front, config, shutdown_trigger=shutdown.wait)
+                    tg.cancel_scope.cancel()
+            finally:
+                _abort_all(config.koala_open)  # cancelled, or a connection outlived it
     finally:
         sock.close()

@@ -208,13 +208,23 @@ class Gateway:
 
         stop = anyio.Event()
         async with anyio.create_task_group() as tg:
-            bound = await tg.start(partial(serve_asgi, self, host, port, stop, tls=tls))
+            serve = partial(serve_asgi, tls=tls, readiness=self.readiness)
+            bound = await tg.start(serve, self, host, port, stop)
             scheme = "wss" if tls is not None and tls.enabled else "ws"
             log.info("gateway listening on %s://%s:%d", scheme, bound[0], bound[1])
             task_status.started(bound)
             await shutdown.wait()
             await self.close_all()
             stop.set()
+
+    async def readiness(self) -> str:
+        """``/readyz`` of the gateway (on its listener, over plain HTTP): "" while it
+        takes clients; "stopping" once it closes them, "full" at ``max_connections``."""
+        if self._stopping:
+            return "stopping"
+        if self._open >= self.config.max_connections:
+            return "full"
+        return ""
 
     async def close_all(self, grace: float = 2.0) -> None:
         """Close every client with 1001 and wait (at most ``grace``) for them to go."""

@@ -162,10 +162,23 @@ class MembershipAgent:
         self._fences = 0
         self._renewals = 0
         self._failed_renewals = 0
+        self._lease_ok_at = -math.inf  # when the lease was last known alive (sent then)
 
     def attach(self, runtime: HostRuntime) -> None:
         """The runtime whose load is reported and whose activations a fence evicts."""
         self.runtime = runtime
+
+    def readiness(self) -> str:
+        """Whether this host should get traffic (``/readyz``): "" when it is registered
+        and its lease renews; else why not: "registering" (not yet), "fenced" (it
+        fenced itself and registers again), or "lease_not_renewing" (no renewal for
+        half the TTL: it fences itself at ``ttl - fence_margin`` unless one succeeds).
+        Reads state only; call it from the host's event loop."""
+        if not self.serving:
+            return "fenced" if self._fences else "registering"
+        if anyio.current_time() - self._lease_ok_at > self.config.ttl / 2:
+            return "lease_not_renewing"
+        return ""
 
     def _renewed(self) -> None:
         """A renewal succeeded and the view is updated (for subclasses)."""
@@ -236,6 +249,7 @@ class MembershipAgent:
         started = False
         while True:
             last_ok = await self._register()
+            self._lease_ok_at = last_ok
             self.serving = True
             self._rejoined.set()
             if not started:
@@ -277,7 +291,7 @@ class MembershipAgent:
                     next_renewal = anyio.current_time() + max(0.05, interval / 4)
                     continue
                 self._renewals += 1
-                last_ok = sent
+                last_ok = self._lease_ok_at = sent
                 next_renewal = sent + interval
                 self._update_view(view)
                 self._cluster_load = (view.mean_activations, view.min_activations)

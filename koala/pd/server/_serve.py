@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -11,11 +12,43 @@ from ..._errors import ConfigError
 from ...http import serve_asgi
 from ._api import create_app
 from ._driver import PlacementDriver
+from ._store import StoreError
 
 if TYPE_CHECKING:
     from ..._tls import TLSConfig
     from .._auth import AuthConfig
     from ._maintenance import MaintenanceConfig
+
+
+READY_FOR = 1.0  # seconds one answer of the store is reused for /readyz
+READY_TIMEOUT = 2.0  # seconds the store has to answer /readyz's check
+
+
+class StoreProbe:
+    """``/readyz`` of a PD: ready while its store answers (a status request), else
+    "store_unavailable". A full store (NOSPACE) still counts as ready: the PD serves
+    renewals and reads, and every PD shares the store, so none would be better.
+
+    One check runs at a time and its answer is kept READY_FOR seconds: /readyz needs
+    no credentials, and must not become a way to load etcd."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self._lock = anyio.Lock()
+        self._checked = -math.inf
+        self._word = ""
+
+    async def __call__(self) -> str:
+        async with self._lock:
+            if anyio.current_time() - self._checked >= READY_FOR:
+                try:
+                    with anyio.fail_after(READY_TIMEOUT):
+                        await self.store.status()
+                    self._word = ""
+                except (StoreError, TimeoutError):
+                    self._word = "store_unavailable"
+                self._checked = anyio.current_time()
+            return self._word
 
 
 def open_store(store: str, etcd: str | None, *, timeout: float = 5.0) -> Any:
@@ -69,6 +102,7 @@ async def serve_pd(
                     shutdown,
                     tls=tls,
                     require_client_cert=tls is not None and tls.ca is not None,
+                    readiness=StoreProbe(store),
                     task_status=task_status,
                 )
             finally:
