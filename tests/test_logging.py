@@ -150,4 +150,5 @@ def test_the_cli_refuses_a_bad_log_format() -> None:
         timeout=60,
     )
     assert done.returncode == 2, done
-    assert "log format must be one of text, json" in done.stderr
+    assert "KOALA_LOG_FORMAT='xml'" in done.stderr
+    assert "text, json" in done.stderr
