@@ -37,7 +37,7 @@ import anyio
 
 from .._actor import ActorBase
 from .._config import HostConfig
-from .._runtime import Runtime
+from ..host import Runtime
 
 if TYPE_CHECKING:
     from hypothesis.strategies import SearchStrategy
