@@ -16,13 +16,12 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from .._actor import ActorBase
-from .._drive import lazy_deadline, run_under_deadline
 from .._errors import OverloadedError, ShuttingDownError
 from .._messages import (
     ErrorCode,
@@ -31,31 +30,24 @@ from .._messages import (
     deadline_rejection,
     error_info,
     new_chain_id,
-    rebuild_error,
     rejection,
 )
-from ._call import Call, Turn, TurnBody, Work, current_activation, current_chain, inline_depth
+from . import _inline
+from ._call import Call, Turn, TurnBody, Work, current_activation, current_chain
 from ._states import Pump, State
 from ._timers import TimerHandle, check_timer, run_timer
 
 if TYPE_CHECKING:
-    from .._interface import MethodSpec
     from ._catalog import Catalog
     from ._runtime import Runtime
 
 log = logging.getLogger("koala.activation")
 
-MAX_INLINE_DEPTH = 32
 # A call queued for an activation that deactivated itself inside on_activate goes to a
 # fresh one; after this many in a row it fails instead (the actor never stays up).
 MAX_REDELIVERIES = 3
 
 _DEFAULT_ON_DEACTIVATE = ActorBase.on_deactivate
-
-
-class Refused(Exception):
-    """Internal: the activation a caller ran inline ended inside on_activate; the call
-    did not run and goes through the mailbox instead (to a fresh activation)."""
 
 
 class Activation:
@@ -270,124 +262,8 @@ class Activation:
 
     # ------------------------------------------------------------ the local fast path
 
-    def can_run_inline(self, chain: int) -> bool:
-        """True when a caller may run its turn in its own task right now: the activation
-        is valid (or just created) and free (no turn, nothing queued), or held by the
-        caller's own chain."""
-        if self.state is not State.VALID and self.state is not State.CREATING:
-            return False
-        held = self.chain
-        if held is None:
-            return not self.mailbox and inline_depth.get() < MAX_INLINE_DEPTH
-        return held == chain and inline_depth.get() < MAX_INLINE_DEPTH
-
-    async def run_inline(self, spec: MethodSpec, chain: int, args: tuple[Any, ...]) -> Any:
-        """Run one turn in the caller's task: the local fast path, with no task switch.
-
-        The turn has the same guarantees as a mailbox turn: it holds the activation (other
-        chains queue behind it), it runs under the caller's deadline (or the default one),
-        the caller's cancellation cancels it, and errors reach the caller rebuilt exactly
-        as on the mailbox path. Raises :class:`Refused` (the call did not run) if the
-        activation this call created deactivated itself in on_activate.
-        """
-        cat = self.catalog
-        outer = self.chain
-        self.chain = chain
-        cat.inline_started()
-        t_chain = current_chain.set(chain)
-        t_act = current_activation.set(self)
-        t_depth = inline_depth.set(inline_depth.get() + 1)
-        try:
-            deadline = cat.effective_deadline()
-            if deadline == math.inf:
-                # inside a turn that has not suspended yet, its deadline (whose scope is
-                # entered at its first suspension, this turn's included); else the default
-                deadline = lazy_deadline.get()
-            if deadline == math.inf:
-                result = await self._run_with_default_deadline(spec, args)
-            elif deadline <= cat.clock():
-                raise rebuild_error(
-                    deadline_rejection(
-                        f"the deadline of {spec.qualname} had passed before it ran; not run",
-                        *self.ident,
-                        spec.name,
-                    )
-                )
-            else:
-                result = await self._inline_body(spec, args)
-        except Refused:
-            raise
-        except Exception as exc:  # the caller sees what a mailbox turn would report
-            raise rebuild_error(error_info(exc)) from None
-        finally:
-            current_chain.reset(t_chain)
-            current_activation.reset(t_act)
-            inline_depth.reset(t_depth)
-            # turns of one chain may end out of order (a call back into this actor that
-            # outlives the turn whose call gave up): only the holder's exit frees it
-            if self.chain == chain:
-                self.chain = outer
-            cat.call_ended()
-            if outer is None:
-                if self.state is State.INVALID or self.state is State.CREATING:
-                    self.state = State.INVALID  # its activation failed, or never started
-                    cat.forget(self)
-                    self._requeue_leftovers()
-                else:
-                    self.last_used = cat.now
-                    if self.deactivate_asap and self.state is State.VALID:
-                        self.state = State.DEACTIVATING  # the next call gets a fresh one
-                    if self.mailbox or self.deactivate_asap:
-                        self._wake()
-        return spec.result.check(result, f"the result of {spec.qualname}")
-
-    async def _run_with_default_deadline(self, spec: MethodSpec, args: tuple[Any, ...]) -> Any:
-        """An inline turn under the default deadline; a method seen finishing without
-        suspending skips the deadline's cancel scope until it suspends
-        (koala._drive.run_under_deadline)."""
-        cat = self.catalog
-        timeout = cat.config.default_timeout
-        result, scope = await run_under_deadline(
-            lambda: self._inline_body(spec, args),
-            cat.clock() + timeout,
-            (self.impl, spec.name),
-            cat.sync_methods,
-            cat.scope_marker,
-        )
-        if scope is not None and scope.cancelled_caught:
-            raise rebuild_error(
-                deadline_rejection(
-                    f"{spec.qualname} on {self.ident[0]}/{self.key!r} did not finish within "
-                    f"the default timeout of {timeout} s",
-                    *self.ident,
-                    spec.name,
-                    timeout,
-                )
-            )
-        return result
-
-    def _inline_body(self, spec: MethodSpec, args: tuple[Any, ...]) -> Coroutine[Any, Any, Any]:
-        # implementations are checked to be 'async def' when their class is defined
-        if self.state is State.CREATING:
-            return self._activate_inline(spec, args)
-        return getattr(self.instance, spec.name)(*args)  # type: ignore[no-any-return]
-
-    async def _activate_inline(self, spec: MethodSpec, args: tuple[Any, ...]) -> Any:
-        """First call to a new activation, in the caller's task: on_activate, then the call."""
-        self.state = State.ACTIVATING
-        try:
-            await self._create()
-        except Exception as exc:
-            log.warning("activation of %s/%r failed", *self.ident, exc_info=True)
-            self._activation_failed(error_info(exc))  # the calls queued meanwhile too
-            raise
-        except BaseException:  # the caller was cancelled: the next in line tries again
-            log.warning("activation of %s/%r was cancelled", *self.ident)
-            self._activation_failed(None)
-            raise
-        if not self._activated():
-            raise Refused
-        return await getattr(self.instance, spec.name)(*args)
+    can_run_inline = _inline.can_run_inline
+    run_inline = _inline.run_inline
 
     # ------------------------------------------------------------ mailbox turns
 

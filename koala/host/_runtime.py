@@ -42,9 +42,10 @@ from .._messages import (
     rebuild_error,
 )
 from .._seams import LOCAL, Directory, LocalDirectory, RemoteDelivery
-from ._activation import Activation, Refused
+from ._activation import Activation
 from ._call import Call, TurnBody, current_chain, inline_depth
 from ._catalog import Catalog
+from ._inline import Refused
 from ._states import HostState
 
 log = logging.getLogger("koala.runtime")
