@@ -34,7 +34,8 @@ from typing import Any
 
 import anyio
 
-from koala import ActorBase, ActorInterface, HostConfig, Runtime, _runtime, get_rpc_proxy
+from koala import ActorBase, ActorInterface, HostConfig, Runtime, get_rpc_proxy
+from koala.host import _runtime
 
 
 @dataclass

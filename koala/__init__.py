@@ -1,8 +1,5 @@
 """Koala: virtual actors for Python, on asyncio, uvloop and trio."""
 
-from ._activation import State as ActivationState
-from ._activation import TimerHandle as TimerHandle
-from ._activation import current_deadline as current_deadline
 from ._actor import ActorBase as ActorBase
 from ._backend import run as run
 from ._config import HostConfig as HostConfig
@@ -21,13 +18,16 @@ from ._errors import WrongHostError as WrongHostError
 from ._interface import ActorInterface as ActorInterface
 from ._interface import one_way as one_way
 from ._proxy import get_rpc_proxy as get_rpc_proxy
-from ._runtime import Runtime as Runtime
-from ._runtime import RuntimeStatistics as RuntimeStatistics
-from ._runtime import current_runtime as current_runtime
 from ._seams import LOCAL as LOCAL
 from ._seams import Directory as Directory
 from ._seams import Key as Key
 from ._seams import RemoteDelivery as RemoteDelivery
+from .host import Runtime as Runtime
+from .host import RuntimeStatistics as RuntimeStatistics
+from .host import State as ActivationState
+from .host import TimerHandle as TimerHandle
+from .host import current_deadline as current_deadline
+from .host import current_runtime as current_runtime
 
 __all__ = [
     "LOCAL",

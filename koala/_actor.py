@@ -12,7 +12,7 @@ from ._messages import Key
 from ._proxy import make_proxy
 
 if TYPE_CHECKING:
-    from ._activation import Activation, TimerHandle
+    from .host import Activation, TimerHandle
 
 I = TypeVar("I", bound=ActorInterface)
 

@@ -23,9 +23,9 @@ from ._actor import _implementations
 from ._config import HostConfig
 from ._errors import ConfigError
 from ._net import join_hostport
-from ._runtime import Runtime
 from ._tls import TLSConfig
 from .gateway import HostBridge
+from .host import Runtime
 from .http import Readiness, add_error_handlers, serve_asgi
 from .pd import ClusterDirectory, MemberConfig, PDClient, PlacementRemote
 from .transport import Transport, TransportConfig
@@ -124,7 +124,7 @@ async def serve_host(
             directory = ClusterDirectory(pd, "", services, member)
             remote = PlacementRemote(transport, directory)
             rt = Runtime(config or HostConfig(), directory=directory, remote=remote)
-            rt.drain_hooks.append(transport.go_away)
+            rt.add_drain_hook(transport.go_away)
             async with rt:
                 transport.handler = rt.serve_request
                 transport.on_event = (bridge := HostBridge(rt)).on_event  # gateways' sessions

@@ -21,8 +21,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import IO, Any
 
-from ._activation import current_activation
 from ._errors import ConfigError
+from .host import current_activation
 
 FORMATS = ("text", "json")
 FORMAT_ENV = "KOALA_LOG_FORMAT"

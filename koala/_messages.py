@@ -1,10 +1,11 @@
 """The messages a call is made of. The wire carries exactly these fields.
 
 A :class:`Request` names its target by actor type and key, the interface and method,
-and carries the call-chain id (for reentrancy) and the deadline. The local path hands
-the object itself to the callee (arguments already validated and copied); the remote
-path encodes the same fields. An error travels as an :class:`ErrorInfo`, and becomes an
-exception of the original type on the caller when that type is importable there.
+and carries the call-chain id (for reentrancy), the deadline and the arguments encoded
+to CBOR data: it is what one host sends another. (The local path builds no request and
+encodes nothing: the call carries the validated copies of the arguments.) An error
+travels as an :class:`ErrorInfo`, and becomes an exception of the original type on the
+caller when that type is importable there.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import itertools
 import random
 import traceback
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import _errors
 
@@ -51,9 +52,16 @@ def new_request_id() -> int:
     return next(_request_ids)
 
 
-@dataclass(slots=True)
-class Request:
-    """One call to one actor method."""
+class Request(NamedTuple):
+    """One call to one actor method as it crosses hosts: ``args`` are CBOR data.
+
+    Immutable: whoever passes a request on and must change a field makes a new one
+    (:meth:`with_placement`). The runtime encodes the arguments once, by the method's
+    annotations, when it builds a request for another host; a host that serves one
+    decodes them into the call it runs. A local call has no Request: its arguments stay
+    Python values (``koala.host._call.Call``). A tuple underneath, because it is made
+    per remote call: a frozen dataclass costs several times more to build.
+    """
 
     request_id: int
     chain_id: int
@@ -62,7 +70,7 @@ class Request:
     key: Key
     interface: str
     method: str
-    args: tuple[Any, ...]
+    args: tuple[Any, ...]  # CBOR data (encoded by the method's argument codecs)
     one_way: bool = False
     # no cancel scope of the caller carries the deadline (it is the default one): the
     # transport fails the call when it passes
@@ -70,6 +78,10 @@ class Request:
     # the placement ticket of the caller's directory for this actor (empty: none); the
     # target host trusts it only when it is its own and not stale (Directory.claim)
     placement: bytes = b""
+
+    def with_placement(self, ticket: bytes) -> Request:
+        """The same request carrying ``ticket``."""
+        return tuple.__new__(Request, (*self[:10], ticket))
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,10 @@ class Directory(Protocol):
     ``resolve`` asks the authority and may wait. Hosts are named by opaque strings;
     :data:`LOCAL` is this host. An actor is named by its actor type (the
     implementation's ``actor_type``) and its :data:`Key`.
+
+    A directory may set the attribute ``local_only = True`` to say that every actor
+    lives here, always (as :class:`LocalDirectory` does): the runtime then skips its
+    lookups, claims and releases. Without it (or False) every method is called.
     """
 
     def lookup(self, actor_type: str, key: Key) -> str | None: ...
@@ -54,7 +58,7 @@ class Directory(Protocol):
 class RemoteDelivery(Protocol):
     """The transport's side of the seam: send a request to another host.
 
-    ``req.args`` are already encoded to CBOR data by the caller's method spec; ``call``
+    ``req.args`` are CBOR data, encoded by the caller's method spec; ``call``
     returns the decoded result or raises the rebuilt remote error (a one-way request
     returns None once sent). Hosts reach each other's :meth:`Runtime.serve_request`.
     A request with ``req.expires`` set has a deadline that no cancel scope of its caller
@@ -66,7 +70,13 @@ class RemoteDelivery(Protocol):
 
 
 class LocalDirectory:
-    """A one-host cluster: every actor lives here (a runtime's default directory)."""
+    """A one-host cluster: every actor lives here (a runtime's default directory).
+
+    A subclass that wants to be told of releases (a test's counting double) sets
+    ``local_only = False``.
+    """
+
+    local_only: bool = True
 
     def lookup(self, actor_type: str, key: Key) -> str | None:
         return LOCAL

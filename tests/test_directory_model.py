@@ -20,7 +20,7 @@ import secrets
 from abc import abstractmethod
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -118,7 +118,7 @@ class Net(Gated):
         rt = self.runtimes.get(address)
         if rt is None:
             raise HostUnavailableError(f"{address} cannot be reached")
-        resp = await serve_within_deadline(rt, replace(req))
+        resp = await serve_within_deadline(rt, req)  # immutable: nothing to copy
         if resp is None:
             return None
         if resp.error is not None:
@@ -141,7 +141,7 @@ class NetDelivery:
         self.directory = directory
 
     async def call(self, host: str, req: Request, spec: MethodSpec) -> Any:
-        req.placement = self.directory.ticket_of(req.actor_type, req.key)
+        req = req.with_placement(self.directory.ticket_of(req.actor_type, req.key))
         try:
             with anyio.fail_at(req.deadline):  # the connection enforces it (req.expires)
                 return await self.net.deliver(host, req, spec)
@@ -258,7 +258,7 @@ async def _step(c: Cluster, tg: Any, step: Step) -> None:
             if act is not None:
                 act.begin_deactivation()
     elif step.op == "collect":
-        for act in list(host.rt._catalog.values()):
+        for act in list(host.rt._catalog):
             act.begin_deactivation()
     elif step.op in ("replay", "forge"):
         if step.op == "replay" and c.tickets:
@@ -267,8 +267,18 @@ async def _step(c: Cluster, tg: Any, step: Step) -> None:
         else:  # a well-formed ticket for this host, keyed with a secret it never had
             fake = secrets.token_bytes(32)
             ticket = make_ticket(fake, "Cell", key, host.directory.server_id, 10**9)
-        req = Request(1, step.n + 1, anyio.current_time() + 2.0, "Cell", key, "ICell", "poke", ())
-        req.placement = ticket
+        req = Request(
+            1,
+            step.n + 1,
+            anyio.current_time() + 2.0,
+            "Cell",
+            key,
+            "ICell",
+            "poke",
+            (),
+            False,
+            placement=ticket,
+        )
         tg.start_soon(_quietly, lambda: serve_within_deadline(host.rt, req))
     elif step.op == "lose":
         c.net.lose_next += 1
@@ -394,9 +404,9 @@ async def _live_on_another_host(c: Cluster, key: str, not_on: str) -> str:
 
 
 def _request(key: str, ticket: bytes) -> Request:
-    req = Request(1, 7, anyio.current_time() + 2.0, "Cell", key, "ICell", "poke", ())
-    req.placement = ticket
-    return req
+    return Request(
+        1, 7, anyio.current_time() + 2.0, "Cell", key, "ICell", "poke", (), placement=ticket
+    )
 
 
 async def test_a_stale_ticket_is_refused_and_the_model_sees_it_matter(

@@ -1,5 +1,6 @@
 """Lifecycle: activation, failing activation, idle collection, steering, calls during
-deactivation, shutdown drain and overload."""
+deactivation, shutdown drain and overload; a burst behind a failing activation and
+deactivation asked inside on_activate (both found against Orleans' tests)."""
 
 from __future__ import annotations
 
@@ -7,16 +8,20 @@ from abc import abstractmethod
 from collections import Counter
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from koala import (
     ActivationState,
     ActorBase,
     ActorInterface,
+    KoalaError,
     OverloadedError,
     ShuttingDownError,
     get_rpc_proxy,
+    one_way,
 )
+from koala.host._activation import MAX_REDELIVERIES
 from koala.testing import local_runtime, wait_until
 
 pytestmark = pytest.mark.anyio
@@ -219,3 +224,135 @@ async def test_mailbox_bound_rejects_at_once() -> None:
                 await proxy.hello()
             assert await get_rpc_proxy(ILife, "other").hello() == "hello from other#1"
             gate["block"].set()
+
+
+# ---------------------------------------------------------------- found against Orleans
+
+attempts: Counter[str] = Counter()
+ran: list[str] = []
+
+
+class IFragile(ActorInterface):
+    @abstractmethod
+    async def ping(self) -> str: ...
+
+    @one_way
+    @abstractmethod
+    async def poke(self) -> None: ...
+
+
+class SlowToFail(IFragile, ActorBase):
+    """on_activate suspends, then raises: calls pile up behind it meanwhile."""
+
+    async def on_activate(self) -> None:
+        attempts[str(self.key)] += 1
+        await anyio.sleep(0.05)
+        raise ConnectionError(f"storage for {self.key} unreachable")
+
+    async def ping(self) -> str:
+        return "pong"
+
+    async def poke(self) -> None:
+        pass
+
+
+class GoesAtOnce(IFragile, ActorBase):
+    """Asks to deactivate inside on_activate: its first activation only, or always."""
+
+    async def on_activate(self) -> None:
+        key = str(self.key)
+        attempts[key] += 1
+        await anyio.lowlevel.checkpoint()
+        if key.startswith("always") or attempts[key] == 1:
+            self.deactivate_on_idle()
+
+    async def on_deactivate(self) -> None:
+        log.append(f"deactivate {self.key}#{attempts[str(self.key)]}")
+
+    async def ping(self) -> str:
+        ran.append(f"ping {self.key}#{attempts[str(self.key)]}")
+        return f"#{attempts[str(self.key)]}"
+
+    async def poke(self) -> None:
+        ran.append(f"poke {self.key}#{attempts[str(self.key)]}")
+
+
+@pytest.fixture(autouse=True)
+def _reset_fragile() -> None:
+    attempts.clear()
+    ran.clear()
+
+
+async def _burst(proxy: IFragile, calls: int) -> list[BaseException | str]:
+    out: list[BaseException | str] = []
+
+    async def call() -> None:
+        try:
+            with anyio.fail_after(5):
+                out.append(await proxy.ping())
+        except Exception as exc:
+            out.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(calls):
+            tg.start_soon(call)
+    return out
+
+
+@pytest.mark.parametrize("first", ["call", "one-way"])
+async def test_a_burst_behind_a_failing_activation_fails_with_its_error_tried_once(
+    first: str,
+) -> None:
+    """Orleans: the calls queued for an activation whose OnActivateAsync throws are
+    rejected with that exception. Retrying the activation once per queued call made
+    them wait in line (40 x on_activate), and the last ones timed out."""
+    async with local_runtime(SlowToFail) as rt:
+        proxy = get_rpc_proxy(IFragile, "burst")
+        if first == "one-way":  # the pump activates it, not an inline caller
+            await proxy.poke()
+        out = await _burst(proxy, 40)
+        assert rt.statistics().activations == 0
+        assert rt.statistics().queued == rt.statistics().inflight == 0
+    assert len(out) == 40
+    assert {type(e) for e in out} == {ConnectionError}, out
+    assert all("storage for burst unreachable" in str(e) for e in out)
+    assert attempts["burst"] == 1
+
+
+async def test_a_failed_activation_is_tried_again_by_the_next_call() -> None:
+    async with local_runtime(SlowToFail):
+        proxy = get_rpc_proxy(IFragile, "again")
+        for _ in range(2):
+            with pytest.raises(ConnectionError):
+                await proxy.ping()
+    assert attempts["again"] == 2
+
+
+@pytest.mark.parametrize("first", ["call", "one-way"])
+async def test_deactivate_on_idle_inside_on_activate_sends_the_call_to_a_fresh_activation(
+    first: str,
+) -> None:
+    """Orleans: a grain that calls DeactivateOnIdle in OnActivateAsync does not serve
+    the pending call; it goes to a new activation. The method ran on the activation
+    that was going away."""
+    async with local_runtime(GoesAtOnce, idle_timeout=60) as rt:
+        proxy = get_rpc_proxy(IFragile, "once")
+        if first == "one-way":
+            await proxy.poke()
+        assert await proxy.ping() == "#2"
+        assert rt.statistics().activations == 1
+    assert log[0] == "deactivate once#1"  # the last turn of the first one still ran
+    expected = ["poke once#2", "ping once#2"] if first == "one-way" else ["ping once#2"]
+    assert ran == expected
+
+
+async def test_an_actor_that_always_deactivates_in_on_activate_fails_the_call_clearly() -> None:
+    async with local_runtime(GoesAtOnce, idle_timeout=60) as rt:
+        out = await _burst(get_rpc_proxy(IFragile, "always"), 5)
+        await wait_until(lambda: rt.statistics().activations == 0)
+        assert rt.statistics().queued == rt.statistics().inflight == 0
+    assert len(out) == 5
+    assert all(isinstance(e, KoalaError) for e in out), out
+    assert all("deactivated itself in on_activate" in str(e) for e in out)
+    assert ran == []
+    assert attempts["always"] <= 2 + MAX_REDELIVERIES  # bounded, not forever

@@ -188,7 +188,7 @@ async def test_turns_of_one_chain_that_end_out_of_order_leave_the_actor_free() -
     its deadline). The first to start ends first: the activation must end up held by
     nobody, so a call of another chain runs, instead of queueing behind a chain that no
     turn holds any more."""
-    from koala._activation import current_chain
+    from koala.host import current_chain
 
     _gates[10] = anyio.Event()
     _gates[11] = anyio.Event()

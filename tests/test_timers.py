@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from koala import ActorBase, ActorInterface, TimerHandle, get_rpc_proxy
-from koala._activation import next_tick
+from koala.host._timers import next_tick
 from koala.testing import local_runtime, wait_until
 
 pytestmark = pytest.mark.anyio

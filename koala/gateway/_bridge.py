@@ -49,7 +49,7 @@ from ._codes import ClientCloseCode
 from ._session import Data, SessionClosedError, hub_for
 
 if TYPE_CHECKING:
-    from .._runtime import Runtime
+    from ..host import Runtime
 
 log = logging.getLogger("koala.gateway")
 

@@ -33,7 +33,7 @@ from ._replay import ReplayCache
 from ._session import Data, IAccount, SessionClosedError, hub_for
 
 if TYPE_CHECKING:
-    from .._runtime import Runtime
+    from ..host import Runtime
 
 log = logging.getLogger("koala.gateway")
 

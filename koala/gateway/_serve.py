@@ -11,8 +11,8 @@ from functools import partial
 import anyio
 from anyio.abc import TaskStatus
 
-from .._runtime import Runtime
 from .._tls import TLSConfig
+from ..host import Runtime
 from ..transport import Transport, TransportConfig
 from ._cluster import ClusterLink
 from ._config import DEV_KEY, KEY_ENV, GatewayConfig

@@ -14,19 +14,16 @@ from abc import abstractmethod
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import anyio
-
-from .._activation import Activation, Call, current_activation
 from .._actor import ActorBase
 from .._errors import KoalaError, ShuttingDownError
 from .._interface import ActorInterface
-from .._messages import Key, Request, new_chain_id
+from .._messages import Key
 from ._codes import ClientCloseCode, valid_actor_close_code
 
 if TYPE_CHECKING:
-    from .._runtime import Runtime
+    from ..host import Activation, Runtime
 
 log = logging.getLogger("koala.gateway")
 
@@ -156,7 +153,6 @@ class ClientHandler:
 def client_actor(runtime: Runtime, actor_type: str) -> type[ActorBase] | None:
     """The implementation of ``actor_type`` that handles clients on this host, if any
     (the one defined last, when a module was loaded twice)."""
-    served = runtime._actors
     found: type[ActorBase] | None = None
     todo: list[type[Any]] = [ClientHandler]
     while todo:
@@ -166,7 +162,7 @@ def client_actor(runtime: Runtime, actor_type: str) -> type[ActorBase] | None:
                 issubclass(sub, ActorBase)
                 and sub.actor_type == actor_type
                 and not getattr(sub, "__abstractmethods__", None)
-                and (served is None or sub in served)
+                and runtime.serves(sub)
             ):
                 found = sub
     return found
@@ -193,8 +189,6 @@ class IAccount(ActorInterface):
 
 class ClientHub:
     """The sessions bound to actors of one host, and their turns."""
-
-    CLIENT: ClassVar[str] = "<client>"
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -331,11 +325,8 @@ class ClientHub:
         *,
         reopen: bool,
     ) -> tuple[int, str] | None:
-        rt = self.runtime
 
-        async def turn() -> None:
-            act = current_activation.get()
-            assert act is not None
+        async def turn(act: Activation) -> None:
             instance: Any = act.instance
             if reopen and sess._opened_on is not act:
                 # a fresh activation that never saw this session: tell it first
@@ -343,19 +334,8 @@ class ClientHub:
                 await instance.on_client_open(sess, True)
             await body(instance, act)
 
-        req = Request(
-            0,
-            new_chain_id(),
-            anyio.current_time() + rt.config.default_timeout,
-            impl.actor_type,
-            sess.key,
-            self.CLIENT,
-            hook,
-            (),
-            True,
-        )
         try:
-            rt._deliver_local(Call(rt, req, None, turn), impl)
+            self.runtime.schedule_turn(impl, sess.key, turn, hook)
         except ShuttingDownError:
             return ClientCloseCode.GOING_AWAY, "the host is shutting down"
         except KoalaError as exc:

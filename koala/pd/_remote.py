@@ -38,7 +38,7 @@ class PlacementRemote:
         open channel needs neither: the common case pays nothing for it."""
         if not self.transport.is_open(host):
             await self._reach_within(host, req)
-        req.placement = self.directory.ticket_of(req.actor_type, req.key)
+        req = req.with_placement(self.directory.ticket_of(req.actor_type, req.key))
         try:
             return await self.transport.call(host, req, spec)
         except (HostUnavailableError, ShuttingDownError, WrongHostError):

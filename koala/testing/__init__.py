@@ -51,7 +51,7 @@ from .._annotations import (
 )
 from .._config import HostConfig
 from .._errors import ArgumentTypeError
-from .._runtime import Runtime
+from ..host import Runtime
 
 if TYPE_CHECKING:
     from hypothesis.strategies import SearchStrategy

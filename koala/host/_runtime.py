@@ -1,4 +1,5 @@
-"""The host runtime: the catalog of activations, the call path, collection and shutdown.
+"""The host runtime: the call path (invoke, remote calls, serving the wire), and the
+host's lifecycle (start, drain, shutdown, fencing) over its :class:`Catalog`.
 
 A call goes: proxy -> :meth:`Runtime.invoke` (validate and copy arguments, pick the
 chain and deadline) -> the directory says where the actor lives -> local delivery (no
@@ -8,10 +9,8 @@ mailbox) or a remote delivery through the transport (arguments encoded by their 
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
@@ -21,28 +20,19 @@ import anyio
 import anyio.lowlevel
 from anyio.abc import TaskGroup
 
-from ._activation import (
-    PUMP_NONE,
-    Activation,
-    Call,
-    State,
-    current_chain,
-    inline_depth,
-)
-from ._actor import ActorBase, implementations_of, implemented_interfaces
-from ._config import HostConfig
-from ._context import current_invoker, done_serving, serving, started, stopped
-from ._drive import fast_clock, lazy_deadline, scope_marker
-from ._errors import (
+from .._actor import ActorBase, implementations_of, implemented_interfaces
+from .._config import HostConfig
+from .._context import current_invoker, done_serving, serving, started, stopped
+from .._drive import fast_clock, lazy_deadline, scope_marker
+from .._errors import (
     ActorNotFoundError,
     DeadlineExceededError,
     HostUnavailableError,
-    RuntimeNotRunningError,
     ShuttingDownError,
     WrongHostError,
 )
-from ._interface import ActorInterface, MethodSpec, interfaces_of
-from ._messages import (
+from .._interface import ActorInterface, MethodSpec, interfaces_of
+from .._messages import (
     Key,
     Request,
     Response,
@@ -51,8 +41,12 @@ from ._messages import (
     new_request_id,
     rebuild_error,
 )
-from ._seams import LOCAL as LOCAL  # koala.pd imports it from here (see #16)
-from ._seams import Directory, LocalDirectory, RemoteDelivery
+from .._seams import LOCAL, Directory, LocalDirectory, RemoteDelivery
+from ._activation import Activation
+from ._call import Call, TurnBody, current_chain, inline_depth
+from ._catalog import Catalog
+from ._inline import Refused
+from ._states import HostState
 
 log = logging.getLogger("koala.runtime")
 
@@ -75,11 +69,8 @@ WRONG_HOST_RETRIES = 3
 INLINE_CHECK = 64
 TIME_SLICE = 0.002
 LONG_SLICE = 0.02
-# Memory is given back (the catalog's table rebuilt, the C heap trimmed) once at least
-# COMPACT_AFTER activations left since the last time, four times as many as remain, and
-# no more than COMPACT_MAX remain: the rebuild copies them in one step (a few ms).
-COMPACT_AFTER = 10_000
-COMPACT_MAX = 50_000
+
+_RUNNING = HostState.RUNNING
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,40 +97,29 @@ class Runtime:
     ) -> None:
         self.config = config or HostConfig()
         self.directory: Directory = directory or LocalDirectory()
-        self._local_only = isinstance(self.directory, LocalDirectory)
+        # a one-host directory (every actor is LOCAL): no lookups, no releases to report
+        self._local_only = bool(getattr(self.directory, "local_only", False))
         self.remote = remote
         self._actors = list(actors) if actors is not None else None
         self._impls: dict[type[ActorInterface], type[ActorBase]] = {}
-        # names the task's innermost cancel scope (see koala._drive); None: unknown
-        self.scope_marker: Callable[[], object] | None = None
+        self._catalog = Catalog(
+            self,
+            self.config,
+            None if self._local_only else self.directory.released,
+            self.serves,
+        )
         # anyio.current_time and current_effective_deadline, minus the backend lookup
-        self.clock: Callable[[], float] = anyio.current_time
-        self.effective_deadline: Callable[[], float] = anyio.current_effective_deadline
-        # per method: inline turns in a row that finished without suspending (-1: one
-        # did suspend); see Activation._run_with_default_deadline
-        self.sync_methods: dict[tuple[type[ActorBase], str], int] = {}
+        # (the catalog's turns read the same ones: both are set once, at start)
+        self._clock: Callable[[], float] = anyio.current_time
+        self._effective_deadline: Callable[[], float] = anyio.current_effective_deadline
         self._targets: dict[tuple[str, str, str], tuple[type[ActorBase], MethodSpec]] = {}
-        self.drain_hooks: list[Callable[[], Awaitable[None]]] = []
-        self._catalog: dict[tuple[str, Key], Activation] = {}
-        self._waiting: set[Activation] = set()
-        self._buckets: dict[int, set[Activation]] = {}
-        self._queued = 0
-        self._inflight = 0
-        # idle activations waiting for a deactivation task, and how many tasks run
-        self._retiring: deque[Activation] = deque()
-        self._retirers = 0
-        self._released = 0  # activations that left the catalog since the last compaction
+        self._drain_hooks: list[Callable[[], Awaitable[None]]] = []
         # chain id -> requests of it served here or calls of it out of here, in flight:
         # the chains a draining host still accepts requests of
         self._chains: dict[int, int] = {}
         self._inline_calls = 0
         self._last_pause = 0.0  # when a task last let others run (see TIME_SLICE)
-        self.now = 0.0  # a coarse clock (updated by the collector) for idle bookkeeping
-        self._draining = False
-        self._stopping = False
-        self._drained = anyio.Event()
-        self._emptied = anyio.Event()
-        self._tg: TaskGroup = _NotStarted()  # type: ignore[assignment]
+        self._tg: TaskGroup | None = None
         self._token: Any = None
         if self._actors is not None:
             for impl in self._actors:
@@ -151,13 +131,11 @@ class Runtime:
     # ------------------------------------------------------------ lifecycle
 
     async def __aenter__(self) -> Runtime:
-        self.scope_marker = scope_marker()
-        self.clock, self.effective_deadline = fast_clock()
+        self._clock, self._effective_deadline = fast_clock()
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
-        self.now = anyio.current_time()
+        self._catalog.start(self._tg, self._clock, self._effective_deadline, scope_marker())
         self._token = started(self)
-        self._tg.start_soon(self._collector)
         return self
 
     async def __aexit__(
@@ -166,6 +144,7 @@ class Runtime:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool | None:
+        assert self._tg is not None
         try:
             if exc is None:
                 await self.shutdown()
@@ -175,33 +154,33 @@ class Runtime:
             result = await self._tg.__aexit__(exc_type, exc, tb)
         return result
 
+    def add_drain_hook(self, hook: Callable[[], Awaitable[None]]) -> None:
+        """Run ``await hook()`` when the host starts draining (e.g. the transport tells
+        its peers, GOAWAY), within the shutdown grace."""
+        self._drain_hooks.append(hook)
+
     async def shutdown(self, grace: float | None = None) -> None:
         """Drain: refuse new calls, let in-flight turns finish, deactivate everything.
 
         Calls made by turns already running (the same call chains) still go through.
         After ``grace`` seconds what remains is cancelled.
         """
-        if self._stopping:
+        cat = self._catalog
+        if not cat.state.creates:  # stopping already, or fenced (evict_all runs)
             return
         grace = self.config.shutdown_grace if grace is None else grace
         deadline = anyio.current_time() + grace
-        self._draining = True
-        for hook in self.drain_hooks:  # e.g. the transport tells peers (GOAWAY)
+        cat.drain()
+        for hook in self._drain_hooks:
             try:
                 with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
                     await hook()
             except Exception:
                 log.exception("a drain hook failed")
-        if self._inflight:
-            with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
-                await self._drained.wait()
-        self._stopping = True
-        with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
-            await self._begin_deactivating(deque(self._catalog.values()))
-            if self._catalog:
-                await self._emptied.wait()
-        if self._catalog:
-            log.warning("%d activations did not deactivate within the grace", len(self._catalog))
+        await cat.wait_drained(deadline)
+        left = await cat.stop(deadline)
+        if left:
+            log.warning("%d activations did not deactivate within the grace", left)
 
     async def evict_all(self, grace: float) -> int:
         """Deactivate every activation, starting no new one until they are gone (or
@@ -213,22 +192,7 @@ class Runtime:
         ``grace`` (a batch at a time, letting other tasks run in between); the grace
         bounds the wait for them to finish.
         """
-        if self._stopping:
-            return len(self._catalog)
-        self._stopping = True
-        self._emptied = anyio.Event()
-        deadline = anyio.current_time() + grace
-        try:
-            await self._begin_deactivating(deque(self._catalog.values()))
-            if self._catalog:
-                with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
-                    await self._emptied.wait()
-            self._compact_if_due()
-            return len(self._catalog)
-        finally:
-            if not self._draining:
-                self._stopping = False
-                self._emptied = anyio.Event()
+        return await self._catalog.evict_all(grace)
 
     async def shed(self, count: int) -> int:
         """Begin deactivating up to ``count`` activations that are valid and idle (no
@@ -239,90 +203,61 @@ class Runtime:
         off a loaded host with this. The activations are looked at and deactivated a
         batch at a time, letting other tasks run in between.
         """
-        if count <= 0 or self._stopping:
-            return 0
-        scan = self.config.deactivation_batch * 32  # looking costs less than deactivating
-        by_use: dict[float, list[Activation]] = {}  # last_used is a coarse clock: few values
-        for i, act in enumerate(list(self._catalog.values())):
-            if i and i % scan == 0:
-                await anyio.lowlevel.checkpoint()
-            if act.state is State.VALID and act.chain is None and not act.mailbox:
-                by_use.setdefault(act.last_used, []).append(act)
-        chosen: deque[Activation] = deque()
-        for used in sorted(by_use):
-            chosen.extend(by_use[used][: count - len(chosen)])
-            if len(chosen) >= count:
-                break
-        del by_use
-        return await self._begin_deactivating(chosen, idle_only=True)  # others ran meanwhile
-
-    async def _begin_deactivating(self, todo: deque[Activation], idle_only: bool = False) -> int:
-        """``begin_deactivation`` for each of ``todo`` (only those still idle then, if
-        ``idle_only``), a batch at a time, letting other tasks run between batches; the
-        number begun. Taken out of ``todo`` one by one, each is freed as it goes."""
-        batch = self.config.deactivation_batch
-        looked = begun = 0
-        while todo:
-            if looked and looked % batch == 0:
-                await anyio.lowlevel.checkpoint()
-            act = todo.popleft()
-            looked += 1
-            if idle_only and not (
-                act.state is State.VALID and act.chain is None and not act.mailbox
-            ):
-                continue
-            act.begin_deactivation()
-            begun += 1
-        return begun
-
-    def _retire(self, act: Activation) -> None:
-        """Have a deactivation task run the last turn of ``act``, which is free and has
-        no task of its own; at most ``deactivation_tasks`` of them run at once."""
-        self._retiring.append(act)
-        if self._retirers < self.config.deactivation_tasks:
-            self._retirers += 1
-            self._tg.start_soon(self._retirer)
-
-    async def _retirer(self) -> None:
-        try:
-            while self._retiring:
-                act = self._retiring.popleft()
-                try:
-                    await act._deactivate()
-                finally:
-                    act.pump = PUMP_NONE
-                await anyio.lowlevel.checkpoint()  # on_deactivate may never suspend
-        finally:
-            self._retirers -= 1
+        return await self._catalog.shed(count)
 
     async def _pause(self, long: bool = False) -> None:
         """Let other tasks run if none did through here for TIME_SLICE seconds (or
         LONG_SLICE, when ``long``): for loops that may never suspend otherwise."""
-        now = self.clock()
+        now = self._clock()
         if now - self._last_pause >= (LONG_SLICE if long else TIME_SLICE):
             self._last_pause = now
             await anyio.lowlevel.checkpoint()
-            self._last_pause = self.clock()
+            self._last_pause = self._clock()
+
+    # ------------------------------------------------------------ looking at it
 
     def statistics(self) -> RuntimeStatistics:
+        cat = self._catalog
         return RuntimeStatistics(
-            activations=len(self._catalog),
-            queued=self._queued,
-            inflight=self._inflight,
-            draining=self._draining,
+            activations=len(cat),
+            queued=cat.queued,
+            inflight=cat.inflight,
+            draining=cat.state.draining,
         )
 
     @property
     def draining(self) -> bool:
-        return self._draining
+        return self._catalog.state.draining
 
     def activation_of(self, impl: type[ActorBase], key: Key) -> Activation | None:
         """The live activation of (impl, key) on this host, if any (for tests and tools)."""
-        return self._catalog.get((impl.actor_type, key))
+        return self._catalog.get(impl.actor_type, key)
 
     def is_active(self, actor_type: str, key: Key) -> bool:
         """Whether this host holds an activation of (actor_type, key) right now."""
-        return (actor_type, key) in self._catalog
+        return self._catalog.get(actor_type, key) is not None
+
+    @property
+    def scope_marker(self) -> Callable[[], object] | None:
+        """What names the running task's innermost cancel scope (a loop hook; None
+        where it is not found, or before the runtime starts). See koala._drive."""
+        return self._catalog.scope_marker
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        """``anyio.current_time`` of the running loop, minus the backend lookup."""
+        return self._clock
+
+    @property
+    def effective_deadline(self) -> Callable[[], float]:
+        """``anyio.current_effective_deadline`` of the running loop, likewise."""
+        return self._effective_deadline
+
+    @property
+    def sync_methods(self) -> dict[tuple[type[ActorBase], str], int]:
+        """Per (implementation, method): inline turns in a row that finished without
+        suspending, -1 once one did (see koala._drive.run_under_deadline). Read only."""
+        return self._catalog.sync_methods
 
     # ------------------------------------------------------------ resolving
 
@@ -365,9 +300,10 @@ class Runtime:
     ) -> Any:
         """Call ``spec`` on actor (interface, key) with positional ``args``; await the result."""
         impl = self._impls.get(interface) or self.impl_for(interface)
+        cat = self._catalog
         chain = current_chain.get()
         if chain is None:
-            if self._draining:
+            if cat.state is not _RUNNING and cat.state.draining:
                 raise ShuttingDownError(
                     "this host is shutting down and accepts no new calls; retry on another host"
                 )
@@ -378,38 +314,51 @@ class Runtime:
             host = self.directory.lookup(impl.actor_type, key) or await self._resolve(
                 spec, impl.actor_type, key
             )
-        if host == LOCAL:
-            args = spec.copy_args(args)
-            if not spec.one_way:
-                calls = self._inline_calls = self._inline_calls + 1
-                if calls >= INLINE_CHECK:  # a loop of these may never suspend
-                    self._inline_calls = 0
-                    await self._pause(long=inline_depth.get() > 0)
-                ident = (impl.actor_type, key)
-                act = self._catalog.get(ident)
-                if act is None and not self._stopping and self.serves(impl):
-                    act = self._catalog[ident] = Activation(self, impl, key)
-                if act is not None and act.can_run_inline(chain):
+        if host != LOCAL:
+            deadline, own_deadline = self._deadline()
+            req = Request(
+                new_request_id(),
+                new_chain_id() if spec.one_way else chain,
+                deadline,
+                impl.actor_type,
+                key,
+                spec.interface.__name__,
+                spec.name,
+                tuple(spec.encode_args(args)),
+                spec.one_way,
+                # without a scope of the caller's, the transport enforces the deadline: a
+                # scope per call would cost more than the call's own work (Channel)
+                own_deadline,
+            )
+            return await self._invoke_remote(host, req, spec)
+        args = spec.copy_args(args)
+        if spec.one_way:
+            act = cat.get_or_create(impl, key)
+        else:
+            calls = self._inline_calls = self._inline_calls + 1
+            if calls >= INLINE_CHECK:  # a loop of these may never suspend
+                self._inline_calls = 0
+                await self._pause(long=inline_depth.get() > 0)
+            act = cat.get_or_create(impl, key)
+            if act.can_run_inline(chain):
+                try:
                     return await act.run_inline(spec, chain, args)
+                except Refused:  # it ended in on_activate: queue for the next one
+                    act = cat.get_or_create(impl, key)
         deadline, own_deadline = self._deadline()
-        req = Request(
-            new_request_id(),
+        call = Call(
+            cat,
+            spec,
+            act.ident,
             new_chain_id() if spec.one_way else chain,
             deadline,
-            impl.actor_type,
-            key,
-            spec.interface.__name__,
-            spec.name,
             args,
             spec.one_way,
         )
-        if host != LOCAL:
-            return await self._invoke_remote(host, req, spec, own_deadline)
-        call = Call(self, req, spec)
-        self._deliver_local(call, impl)
+        act.accept(call)
         if own_deadline:
             with anyio.CancelScope(deadline=deadline):
-                return await self._await_call(call, spec)
+                return await self._await_call(call)
             raise DeadlineExceededError(
                 f"{spec.qualname} on {impl.actor_type}/{key!r} got no answer within "
                 f"the default timeout of {self.config.default_timeout} s",
@@ -418,17 +367,17 @@ class Runtime:
                 key,
                 spec.name,
             )
-        return await self._await_call(call, spec)
+        return await self._await_call(call)
 
     def _deadline(self) -> tuple[float, bool]:
         """The current call's deadline, and whether the call enforces it itself (no cancel
         scope of its caller's does: the default timeout, or an inline turn's lazy one)."""
-        deadline = self.effective_deadline()
+        deadline = self._effective_deadline()
         if deadline != math.inf:
             return deadline, False
         deadline = lazy_deadline.get()  # an inline turn's default one, not yet scoped
         if deadline == math.inf:
-            deadline = self.clock() + self.config.default_timeout
+            deadline = self._clock() + self.config.default_timeout
         return deadline, True
 
     async def _resolve(self, spec: MethodSpec, actor_type: str, key: Key) -> str:
@@ -448,11 +397,11 @@ class Runtime:
             spec.name,
         )
 
-    async def _await_call(self, call: Call, spec: MethodSpec) -> Any:
+    @staticmethod
+    async def _await_call(call: Call) -> Any:
         """Wait for a delivered call's answer; a caller that gives up cancels it."""
-        if spec.one_way:
+        if call.done is None:  # one-way
             return None
-        assert call.done is not None
         try:
             await call.done.wait()
         except BaseException:
@@ -463,18 +412,12 @@ class Runtime:
             raise rebuild_error(call.error)
         return call.result
 
-    async def _invoke_remote(
-        self, host: str, req: Request, spec: MethodSpec, own_deadline: bool
-    ) -> Any:
+    async def _invoke_remote(self, host: str, req: Request, spec: MethodSpec) -> Any:
         if self.remote is None:
             raise HostUnavailableError(
                 f"{req.actor_type}/{req.key!r} lives on host {host!r}, and this runtime has "
                 "no transport to reach it"
             )
-        req.args = tuple(spec.encode_args(req.args))
-        # without a scope of the caller's, the transport enforces the deadline: a scope
-        # per call would cost more than the call's own work (see Channel._expire_calls)
-        req.expires = own_deadline
         chains, chain = self._chains, req.chain_id
         chains[chain] = chains.get(chain, 0) + 1
         try:
@@ -503,13 +446,16 @@ class Runtime:
             else:
                 host = await self.directory.resolve(req.actor_type, req.key)
             if host == LOCAL:
-                req.args = spec.decode_args(req.args)
-                call = Call(self, req, spec)
-                self._deliver_local(call, self.impl_for(spec.interface))
+                args = spec.decode_args(req.args)
+                act = self._catalog.get_or_create(self.impl_for(spec.interface), req.key)
+                call = Call(
+                    self._catalog, spec, act.ident, req.chain_id, req.deadline, args, req.one_way
+                )
+                act.accept(call)
                 if req.expires:
                     with anyio.fail_at(req.deadline):
-                        return await self._await_call(call, spec)
-                return await self._await_call(call, spec)
+                        return await self._await_call(call)
+                return await self._await_call(call)
             if attempt == WRONG_HOST_RETRIES - 1:
                 break
             try:
@@ -517,6 +463,14 @@ class Runtime:
             except WrongHostError:
                 continue
         return await self.remote.call(host, req, spec)
+
+    def schedule_turn(self, impl: type[ActorBase], key: Key, body: TurnBody, name: str) -> None:
+        """Queue ``body(activation)`` as a turn of actor (impl, key) on this host, with a
+        chain of its own and the default timeout, activating the actor if needed: for
+        work that is not a call (a gateway's client session hooks). Nobody waits for it;
+        what it raises is logged. ShuttingDownError, ActorNotFoundError (not served
+        here) or OverloadedError (the mailbox or the host's queue is full) if refused."""
+        self._catalog.get_or_create(impl, key).schedule_turn(body, name)
 
     async def serve_request(self, req: Request) -> Response | None:
         """Run a request that came over the wire; its args and the answer are CBOR data.
@@ -528,7 +482,7 @@ class Runtime:
         otherwise the request queues. Returns None for one-way requests.
         """
         chains, chain = self._chains, req.chain_id
-        if self._draining and chain not in chains:
+        if self._catalog.state.draining and chain not in chains:
             # only chains live here go on: a turn of it waits on a call out of this host
             # (which may call back), or another request of it is served here
             exc = ShuttingDownError("this host is shutting down; retry on another host")
@@ -560,22 +514,22 @@ class Runtime:
                         f"{req.actor_type}/{req.key!r} is not placed on this host "
                         f"(it is on {owner}); refresh the placement and retry"
                     )
-            req.args = spec.decode_args(req.args)
-            if not req.one_way:
-                ident = (req.actor_type, req.key)
-                act = self._catalog.get(ident)
-                if act is None and not self._stopping and self.serves(impl):
-                    act = self._catalog[ident] = Activation(self, impl, req.key)
-                if act is not None and act.can_run_inline(req.chain_id):
-                    result = await act.run_inline(spec, req.chain_id, req.args)
+            args = spec.decode_args(req.args)
+            act = self._catalog.get_or_create(impl, req.key)
+            if not req.one_way and act.can_run_inline(req.chain_id):
+                try:
+                    result = await act.run_inline(spec, req.chain_id, args)
                     return Response(req.request_id, spec.result.to_wire(result))
-            call = Call(self, req, spec)
-            self._deliver_local(call, impl)
+                except Refused:  # it ended in on_activate: queue for the next one
+                    act = self._catalog.get_or_create(impl, req.key)
+            call = Call(
+                self._catalog, spec, act.ident, req.chain_id, req.deadline, args, req.one_way
+            )
+            act.accept(call)
         except Exception as exc:
             return None if req.one_way else Response(req.request_id, None, error_info(exc))
-        if req.one_way:
+        if call.done is None:
             return None
-        assert call.done is not None
         try:
             await call.done.wait()
         except BaseException:
@@ -612,120 +566,3 @@ class Runtime:
         if self._actors is not None:
             return [iface for impl in self._actors for iface in interfaces_of(impl)]
         return implemented_interfaces()
-
-    def _deliver_local(self, call: Call, impl: type[ActorBase]) -> None:
-        req = call.req
-        ident = (req.actor_type, req.key)
-        act = self._catalog.get(ident)
-        if act is None or act.state is State.INVALID:
-            if self._stopping:
-                raise ShuttingDownError("this host is shutting down; retry on another host")
-            if not self.serves(impl):
-                raise ActorNotFoundError(
-                    f"this host does not serve {impl.actor_type} (not in its actors=[...])"
-                )
-            act = self._catalog[ident] = Activation(self, impl, req.key)
-        act.accept(call)
-
-    # ------------------------------------------------------------ collection
-
-    def _forget(self, act: Activation) -> None:
-        if self._catalog.get(act.ident) is act:
-            del self._catalog[act.ident]
-            self._released += 1
-            if not self._local_only:
-                self.directory.released(*act.ident)
-        bucket = self._buckets.get(act.bucket)
-        if bucket is not None:
-            bucket.discard(act)
-        if self._stopping and not self._catalog:
-            self._emptied.set()
-
-    def _schedule_collection(self, act: Activation) -> None:
-        quantum = self.config.collection_interval
-        expiry = max(act.last_used + act.idle_timeout, act.keep_until)
-        index = math.ceil(expiry / quantum)
-        old = self._buckets.get(act.bucket)
-        if old is not None:
-            old.discard(act)
-        act.bucket = index
-        self._buckets.setdefault(index, set()).add(act)
-
-    async def _collector(self) -> None:
-        """Deactivate idle activations; let idle pumps go. Work is O(what expired), done
-        a batch at a time, letting other tasks run between batches."""
-        while True:
-            await anyio.sleep(self.config.collection_interval)
-            self.now = anyio.current_time()
-            await self._sweep(self.now)
-            self._compact_if_due()
-
-    async def _sweep(self, now: float) -> None:
-        """One look at what expired by ``now``. (A function of its own: what it held goes
-        when it returns, not at the next sweep.)"""
-        quantum = self.config.collection_interval
-        batch = self.config.deactivation_batch
-        lingering = [a for a in self._waiting if now - a.last_used >= quantum]
-        for i, act in enumerate(lingering):
-            if i and i % batch == 0:
-                await anyio.lowlevel.checkpoint()
-            if act in self._waiting:
-                act.linger_exit = True
-                act._wake()
-        seen = 0
-        for index in sorted(i for i in self._buckets if i * quantum <= now):
-            # popped, the set is ours: an activation filed meanwhile goes to a later one.
-            # Taken out one by one, so each activation is freed as it goes, not all at
-            # once with the set (which, emptied, keeps its table until it goes too)
-            bucket = self._buckets.pop(index)
-            while bucket:
-                act = bucket.pop()
-                seen += 1
-                if seen % batch == 0:
-                    await anyio.lowlevel.checkpoint()
-                if act.state is not State.VALID:
-                    continue
-                expiry = max(act.last_used + act.idle_timeout, act.keep_until)
-                busy = act.chain is not None or bool(act.mailbox)
-                if expiry > now or busy:
-                    if busy:
-                        act.last_used = now
-                    self._schedule_collection(act)
-                else:
-                    act.begin_deactivation()
-
-    def _compact_if_due(self) -> None:
-        """After many activations left, give their memory back: a dict's table never
-        shrinks as keys go, and freed memory stays in the C heap unless trimmed."""
-        left = len(self._catalog)
-        if self._released < COMPACT_AFTER or left * 4 > self._released or left > COMPACT_MAX:
-            return
-        self._released = 0
-        self._catalog = dict(self._catalog)
-        self._waiting = set(self._waiting)
-        self._buckets = dict(self._buckets)
-        _trim_c_heap()
-
-
-def _find_malloc_trim() -> Callable[[int], int] | None:
-    try:
-        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return None
-    return trim
-
-
-# looked up at import: objects made late, during a large collection, would stay for good
-# in memory pages that would otherwise be given back
-_malloc_trim = _find_malloc_trim()
-
-
-def _trim_c_heap() -> None:
-    """glibc keeps freed memory in its heap; ``malloc_trim`` returns the free pages."""
-    if _malloc_trim is not None:
-        _malloc_trim(0)
-
-
-class _NotStarted:
-    def start_soon(self, *args: Any, **kwargs: Any) -> None:
-        raise RuntimeNotRunningError("the runtime is not started: use `async with Runtime()`")
