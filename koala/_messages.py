@@ -78,10 +78,13 @@ class Request(NamedTuple):
     # the placement ticket of the caller's directory for this actor (empty: none); the
     # target host trusts it only when it is its own and not stale (Directory.claim)
     placement: bytes = b""
+    # the caller's span context (W3C traceparent, tracestate) while tracing is on
+    # (koala._tracing); None: no trace to continue
+    trace: tuple[str, str] | None = None
 
     def with_placement(self, ticket: bytes) -> Request:
         """The same request carrying ``ticket``."""
-        return tuple.__new__(Request, (*self[:10], ticket))
+        return tuple.__new__(Request, (*self[:10], ticket, *self[11:]))
 
 
 @dataclass(frozen=True, slots=True)
