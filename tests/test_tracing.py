@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from abc import abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,8 +13,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from koala import _tracing
+from koala import ActorBase, ActorInterface, _tracing, get_rpc_proxy
 from koala.storage import Storage
+from koala.testing import local_runtime
 
 
 @pytest.fixture
@@ -91,3 +93,28 @@ def test_traceparent_round_trip(spans: InMemorySpanExporter) -> None:
 )
 def test_malformed_traceparent_is_ignored(garbage: object) -> None:
     assert _tracing.incoming(garbage) is None  # type: ignore[arg-type]
+
+
+class IEcho(ActorInterface):
+    @abstractmethod
+    async def echo(self, text: str) -> str: ...
+
+
+class Echo(IEcho, ActorBase):
+    async def echo(self, text: str) -> str:
+        return text
+
+
+@pytest.mark.anyio
+async def test_a_local_call_is_a_client_span_of_its_caller(spans: InMemorySpanExporter) -> None:
+    async with local_runtime(Echo):
+        assert _tracing.tracer is not None
+        with _tracing.tracer.start_as_current_span("route") as route:
+            assert await get_rpc_proxy(IEcho, "a").echo("hi") == "hi"
+    (call,) = [s for s in spans.get_finished_spans() if s.name == "IEcho.echo"]
+    assert call.kind is SpanKind.CLIENT
+    assert call.parent is not None
+    assert call.parent.span_id == route.get_span_context().span_id
+    assert call.attributes is not None
+    assert call.attributes["koala.actor_type"] == "Echo"
+    assert call.attributes["koala.actor_key"] == "a"

@@ -19,24 +19,20 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 from anyio.abc import TaskGroup
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from opentelemetry.trace import SpanKind
 
-from .. import _metrics
-from .._actor import ActorBase, implementations_of, implemented_interfaces
+from .. import _metrics, _tracing
+from .._actor import ActorBase
 from .._config import HostConfig
 from .._context import current_invoker, done_serving, serving, started, stopped
 from .._drive import fast_clock, lazy_deadline, scope_marker
 from .._errors import (
-    ActorNotFoundError,
-    ArgumentTypeError,
     DeadlineExceededError,
     HostUnavailableError,
-    KoalaError,
-    OverloadedError,
     ShuttingDownError,
     WrongHostError,
 )
-from .._interface import ActorInterface, MethodSpec, interfaces_of
+from .._interface import ActorInterface, MethodSpec
 from .._messages import (
     Key,
     Request,
@@ -53,6 +49,8 @@ from ._activation import Activation
 from ._call import Call, TurnBody, current_chain, inline_depth
 from ._catalog import Catalog
 from ._inline import Refused
+from ._observe import outcome_of, runtime_metrics
+from ._served import Served
 from ._states import HostState
 
 log = logging.getLogger("koala.runtime")
@@ -107,8 +105,9 @@ class Runtime:
         # a one-host directory (every actor is LOCAL): no lookups, no releases to report
         self._local_only = bool(getattr(self.directory, "local_only", False))
         self.remote = remote
-        self._actors = list(actors) if actors is not None else None
-        self._impls: dict[type[ActorInterface], type[ActorBase]] = {}
+        self._served_impls = Served(actors)
+        self._actors = self._served_impls.actors
+        self._impls = self._served_impls.impls  # read on every call: one lookup less
         self._catalog = Catalog(
             self,
             self.config,
@@ -119,7 +118,6 @@ class Runtime:
         # (the catalog's turns read the same ones: both are set once, at start)
         self._clock: Callable[[], float] = anyio.current_time
         self._effective_deadline: Callable[[], float] = anyio.current_effective_deadline
-        self._targets: dict[tuple[str, str, str], tuple[type[ActorBase], MethodSpec]] = {}
         self._drain_hooks: list[Callable[[], Awaitable[None]]] = []
         # chain id -> requests of it served here or calls of it out of here, in flight:
         # the chains a draining host still accepts requests of
@@ -132,17 +130,11 @@ class Runtime:
             "Requests from other hosts served here, by actor type and method",
             ("actor_type", "method"),
         )
-        _metrics.report(self, _runtime_metrics)
+        _metrics.report(self, runtime_metrics)
         self._inline_calls = 0
         self._last_pause = 0.0  # when a task last let others run (see TIME_SLICE)
         self._tg: TaskGroup | None = None
         self._token: Any = None
-        if self._actors is not None:
-            for impl in self._actors:
-                if not (isinstance(impl, type) and issubclass(impl, ActorBase)):
-                    raise TypeError(f"{impl!r} is not an ActorBase implementation")
-                for iface in interfaces_of(impl):
-                    self._impls[iface] = impl
 
     # ------------------------------------------------------------ lifecycle
 
@@ -152,6 +144,8 @@ class Runtime:
         await self._tg.__aenter__()
         self._catalog.start(self._tg, self._clock, self._effective_deadline, scope_marker())
         self._token = started(self)
+        if _tracing.refresh():  # a tracer provider is configured: calls become spans
+            self.invoke = self._invoke_traced  # type: ignore[method-assign]
         return self
 
     async def __aexit__(
@@ -289,36 +283,13 @@ class Runtime:
     # ------------------------------------------------------------ resolving
 
     def impl_for(self, interface: type[ActorInterface]) -> type[ActorBase]:
-        """The implementation (hence the actor type) that calls through ``interface`` reach.
-
-        The implementations this host serves come first; a host may also call actors it
-        does not serve (they live elsewhere), as long as their class is importable here.
-        """
-        try:
-            return self._impls[interface]
-        except KeyError:
-            pass
-        served = [a for a in self._actors or () if issubclass(a, interface)]
-        candidates = served or implementations_of(interface)
-        # the same class defined again (a reloaded module) replaces the old one
-        candidates = list({(c.__module__, c.__qualname__): c for c in candidates}.values())
-        if not candidates:
-            raise ActorNotFoundError(
-                f"no implementation of {interface.__name__} is known to this host: define a "
-                f"class that subclasses {interface.__name__} and ActorBase, and import it"
-            )
-        if len(candidates) > 1:
-            names = ", ".join(sorted(c.__qualname__ for c in candidates))
-            raise ActorNotFoundError(
-                f"{interface.__name__} has several implementations ({names}); pass the one "
-                "this host serves in actors=[...]"
-            )
-        self._impls[interface] = candidates[0]
-        return candidates[0]
+        """The implementation (hence the actor type) that calls through ``interface``
+        reach (see :meth:`Served.impl_for`)."""
+        return self._served_impls.impl_for(interface)
 
     def serves(self, impl: type[ActorBase]) -> bool:
         """Whether this host may activate ``impl`` (every implementation, by default)."""
-        return self._actors is None or impl in self._actors
+        return self._served_impls.serves(impl)
 
     # ------------------------------------------------------------ the call path
 
@@ -357,6 +328,8 @@ class Runtime:
                 # without a scope of the caller's, the transport enforces the deadline: a
                 # scope per call would cost more than the call's own work (Channel)
                 own_deadline,
+                b"",
+                None if _tracing.tracer is None else _tracing.outgoing(),
             )
             return await self._invoke_remote(host, req, spec, start)
         series = self._local_calls.get(spec) or self._series(self._local_calls, spec, impl, "local")
@@ -407,6 +380,19 @@ class Runtime:
             series.done(outcome, seconds)
             if seconds > self.config.slow_turn:
                 series.slow += 1
+
+    async def _invoke_traced(
+        self, spec: MethodSpec, interface: type[ActorInterface], key: Key, args: tuple[Any, ...]
+    ) -> Any:
+        """:meth:`invoke` inside a CLIENT span (the runtime's ``invoke`` while tracing is
+        on: with no tracer, calls pay nothing for it)."""
+        active = _tracing.tracer
+        if active is None:
+            return await Runtime.invoke(self, spec, interface, key, args)
+        impl = self._impls.get(interface) or self.impl_for(interface)
+        attributes = _tracing.call_attributes(interface.__name__, spec.name, impl.actor_type, key)
+        with _tracing.span(active, spec.qualname, SpanKind.CLIENT, attributes):
+            return await Runtime.invoke(self, spec, interface, key, args)
 
     def _deadline(self) -> tuple[float, bool]:
         """The current call's deadline, and whether the call enforces it itself (no cancel
@@ -552,14 +538,24 @@ class Runtime:
         token = serving(self)
         chains[chain] = chains.get(chain, 0) + 1
         try:
-            return await self._serve(req)
+            active = _tracing.tracer
+            if active is None:
+                return await self._serve(req)
+            trace = req.trace
+            parent = None if trace is None else _tracing.incoming(*trace)
+            attributes = _tracing.call_attributes(
+                req.interface, req.method, req.actor_type, req.key
+            )
+            name = f"{req.interface}.{req.method}"
+            with _tracing.span(active, name, SpanKind.SERVER, attributes, parent):
+                return await self._serve(req)
         finally:
             self._chain_done(chain)
             done_serving(token)
 
     async def _serve(self, req: Request) -> Response | None:
         try:
-            impl, spec = self._target_of(req)
+            impl, spec = self._served_impls.target_of(req)
             self._served.inc((req.actor_type, req.method))
             if not self._local_only:
                 owner = self.directory.lookup(req.actor_type, req.key)
@@ -604,85 +600,3 @@ class Runtime:
             return Response(req.request_id, spec.result.to_wire(call.result))
         except Exception as exc:
             return Response(req.request_id, None, error_info(exc))
-
-    def _target_of(self, req: Request) -> tuple[type[ActorBase], MethodSpec]:
-        """Implementation and method named by a wire request (only interface methods
-        are callable). Cached per (interface, actor type, method)."""
-        target = (req.interface, req.actor_type, req.method)
-        found = self._targets.get(target)
-        if found is not None:
-            return found
-        for iface in self._served_interfaces():
-            if iface.__name__ == req.interface:
-                impl = self.impl_for(iface)
-                spec = iface.__koala_methods__.get(req.method)
-                if impl.actor_type != req.actor_type or spec is None:
-                    continue
-                if len(self._targets) < 10_000:
-                    self._targets[target] = (impl, spec)
-                return impl, spec
-        raise ActorNotFoundError(
-            f"this host serves no {req.interface}.{req.method} for actor type {req.actor_type}"
-        )
-
-    def _served_interfaces(self) -> list[type[ActorInterface]]:
-        if self._actors is not None:
-            return [iface for impl in self._actors for iface in interfaces_of(impl)]
-        return implemented_interfaces()
-
-
-def outcome_of(exc: BaseException) -> str:
-    """The ``outcome`` label of a call that raised ``exc`` (its kind, not its text)."""
-    if isinstance(exc, TimeoutError):
-        return "timeout"
-    if isinstance(exc, KoalaError):
-        return _OUTCOMES.get(type(exc), "error")
-    if isinstance(exc, Exception):
-        return "error"  # the actor's own exception
-    return "cancelled"  # the caller gave up (or the host stops)
-
-
-_OUTCOMES: dict[type[KoalaError], str] = {
-    OverloadedError: "overloaded",
-    ShuttingDownError: "shutting_down",
-    HostUnavailableError: "unavailable",
-    ActorNotFoundError: "not_found",
-    ArgumentTypeError: "bad_argument",
-    WrongHostError: "wrong_host",
-}
-
-
-def _runtime_metrics(rt: Runtime) -> list[Metric]:
-    cat = rt._catalog
-    life = cat.lifecycle
-    live = GaugeMetricFamily(
-        "koala_activations", "Live activations by actor type", labels=("actor_type",)
-    )
-    for actor_type, n in list(life.live.items()):
-        live.add_metric([actor_type], n)
-    finished = CounterMetricFamily(
-        "koala_deactivations", "Activations that ended, by actor type", labels=("actor_type",)
-    )
-    for actor_type, n in list(life.finished.items()):
-        finished.add_metric([actor_type], n)
-    failed = CounterMetricFamily(
-        "koala_activation_failures",
-        "Activations whose on_activate raised or ran out of time",
-        labels=("actor_type",),
-    )
-    for actor_type, n in list(life.failed.items()):
-        failed.add_metric([actor_type], n)
-    calls = [*rt._local_calls.values(), *rt._remote_calls.values()]
-    g = _metrics.gauge
-    return [
-        live,
-        finished,
-        failed,
-        life.activate_seconds.family(),
-        life.deactivate_seconds.family(),
-        *_metrics.call_families(calls),
-        rt._served.family(),
-        g("koala_mailbox_queued_calls", "Calls waiting in mailboxes on this host", cat.queued),
-        g("koala_calls_in_flight", "Calls being run or waited for on this host", cat.inflight),
-        g("koala_host_draining", "1 while the host drains", float(cat.state.draining)),
-    ]
