@@ -29,8 +29,7 @@ from typing import Any
 
 import anyio
 
-from koala.pd import EtcdStore
-from koala.pd.server import HostInfo, MaintenanceConfig, PDError, PlacementDriver
+from koala.pd.server import EtcdStore, HostInfo, MaintenanceConfig, PDError, PlacementDriver
 from koala.testing.etcd import EtcdProcess
 
 WORKERS = 8  # tasks renewing at once

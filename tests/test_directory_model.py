@@ -41,10 +41,10 @@ from koala import (
 )
 from koala._interface import MethodSpec
 from koala._messages import Request, rebuild_error
-from koala.pd import ClusterDirectory, MemberConfig, MemoryStore, PDClient
+from koala.pd import ClusterDirectory, MemberConfig, PDClient
 from koala.pd._positions import OwnPositions
 from koala.pd._ticket import make_ticket
-from koala.pd.server import PlacementDriver, create_app
+from koala.pd.server import MemoryStore, PlacementDriver, create_app
 
 pytestmark = pytest.mark.anyio
 

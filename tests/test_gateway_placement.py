@@ -22,13 +22,7 @@ from koala import HostConfig, Runtime
 from koala._host import embedded_pd
 from koala.gateway import ClusterLink, Gateway, HostBridge
 from koala.gateway._session import hub_for
-from koala.pd import (
-    ActorPosition,
-    ClusterDirectory,
-    MemberConfig,
-    PDClient,
-    PlacementRemote,
-)
+from koala.pd import ActorPosition, ClusterDirectory, MemberConfig, PDClient, PlacementRemote
 from koala.transport import Transport, TransportConfig
 
 from ._gateway_client import WSClient, session

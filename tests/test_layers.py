@@ -56,16 +56,12 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 # Runtime imports up the layers that are still there, each to go (issue #16).
-KNOWN_UP: dict[tuple[str, str], str] = {
-    # koala.pd re-exports the store names of its server, imported on first use only
-    ("koala.pd", "koala.pd.server"): "EtcdStore, MemoryStore, ...",
-}
+KNOWN_UP: dict[tuple[str, str], str] = {}
 
 # Annotations that name a type of a higher layer (never imported when running).
 TYPING_UP: dict[tuple[str, str], str] = {
     ("koala._actor", "koala.host"): "ActorBase delegates to its activation",
     ("koala.storage._state", "koala._actor"): "a state handle belongs to an actor",
-    ("koala.pd", "koala.pd.server"): "the lazily re-exported store names, for mypy",
 }
 
 CORE = ("leaves", "actors and seams", "host runtime")

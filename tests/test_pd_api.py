@@ -14,8 +14,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from koala.pd import EtcdStore, MemoryStore, Store, StoreUnavailableError
-from koala.pd.server import MaintenanceConfig, PlacementDriver, Position, create_app
+from koala.pd.server import (
+    EtcdStore,
+    MaintenanceConfig,
+    MemoryStore,
+    PlacementDriver,
+    Position,
+    Store,
+    StoreUnavailableError,
+    create_app,
+)
 from koala.pd.server import _membership as membership_module
 from koala.pd.server._api import check_address
 from koala.pd.server._driver import MAX_BATCH

@@ -24,7 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from koala import ConfigError, HostConfig, Runtime
-from koala.pd import ClusterDirectory, EtcdStore, MemberConfig, PDClient, PDRequestError
+from koala.pd import ClusterDirectory, MemberConfig, PDClient, PDRequestError
 from koala.pd._auth import (
     AuthConfig,
     AuthError,
@@ -38,7 +38,7 @@ from koala.pd._auth import (
     signature,
 )
 from koala.pd._status import fetch_status
-from koala.pd.server import PlacementDriver, create_app, serve_pd
+from koala.pd.server import EtcdStore, PlacementDriver, create_app, serve_pd
 from tests._cluster import ROOT, Proc
 from tests._etcd import etcd_url, free_port, unique_prefix
 from tests.test_pd_client import Thing

@@ -24,16 +24,9 @@ from koala import (
     get_rpc_proxy,
 )
 from koala._messages import Request
-from koala.pd import (
-    ClusterDirectory,
-    MemberConfig,
-    MemoryStore,
-    PDClient,
-    PDRequestError,
-    PDUnavailableError,
-)
+from koala.pd import ClusterDirectory, MemberConfig, PDClient, PDRequestError, PDUnavailableError
 from koala.pd import _directory as directory_module
-from koala.pd.server import serve_pd
+from koala.pd.server import MemoryStore, serve_pd
 from tests._etcd import free_port
 
 pytestmark = pytest.mark.anyio
@@ -547,7 +540,7 @@ def test_the_client_side_loads_no_server_code() -> None:
         "import sys, koala.gateway, koala.pd\n"
         "loaded = sorted(m for m in sys.modules if m.startswith(('koala.pd.server', 'fastapi')))\n"
         "assert not loaded, loaded\n"
-        "from koala.pd import EtcdStore\n"
+        "from koala.pd.server import EtcdStore\n"
         "assert 'koala.pd.server._etcd' in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", script], check=True, timeout=60)

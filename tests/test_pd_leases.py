@@ -10,8 +10,7 @@ import anyio
 import httpx
 import pytest
 
-from koala.pd import MemoryStore, Store
-from koala.pd.server import PlacementDriver
+from koala.pd.server import MemoryStore, PlacementDriver, Store
 from tests._etcd import etcd_url, unique_prefix
 from tests.test_pd_api import client_for, post, register, store
 

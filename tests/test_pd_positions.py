@@ -15,8 +15,9 @@ import pytest
 
 from koala import WrongHostError
 from koala._messages import Request, new_chain_id, new_request_id
-from koala.pd import EtcdStore, PDClient
+from koala.pd import PDClient
 from koala.pd._ticket import make_ticket
+from koala.pd.server import EtcdStore
 from koala.transport import Transport, TransportConfig
 from tests._cluster import Cluster, Proc, double_activations, stats, url
 from tests._cluster_app import ICounter

@@ -11,7 +11,7 @@ import anyio
 import pytest
 
 from koala import ConfigError
-from koala.pd import (
+from koala.pd.server import (
     EtcdStore,
     LeaseNotFoundError,
     MemoryStore,

@@ -138,7 +138,7 @@ def parse_endpoints(url: str) -> list[str]:
 
 
 class EtcdStore:
-    """:class:`~koala.pd.Store` on etcd's v3 JSON gateway. Use ``await store.aclose()``."""
+    """:class:`~koala.pd.server.Store` on etcd's v3 JSON gateway. Use ``await store.aclose()``."""
 
     def __init__(
         self, url: str, *, timeout: float = DEFAULT_TIMEOUT, max_txn_ops: int = MAX_TXN_OPS

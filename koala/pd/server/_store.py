@@ -1,7 +1,7 @@
 """The placement driver's store: a small typed key-value interface with leases.
 
 Two implementations behave the same (one contract test suite runs against both):
-:class:`~koala.pd.EtcdStore` (etcd's v3 JSON gateway, the cluster's consensus store)
+:class:`~koala.pd.server.EtcdStore` (etcd's v3 JSON gateway, the cluster's consensus store)
 and :class:`MemoryStore` (one process, for ``koala pd --store memory`` and tests).
 
 The operations are exactly what the PD needs: read a key or a prefix, write, create a
