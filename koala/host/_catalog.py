@@ -65,6 +65,7 @@ class Catalog:
         self._buckets: dict[int, set[Activation]] = {}  # collection: expiry quantum -> due
         self._queued = 0
         self._inflight = 0
+        self.calls_ended = 0  # calls that ended here since the host started (the cluster page)
         self._drained = anyio.Event()
         self._emptied = anyio.Event()
         # idle activations waiting for a deactivation task, and how many tasks run
@@ -166,6 +167,7 @@ class Catalog:
             self._inflight += 1
 
     def call_ended(self) -> None:
+        self.calls_ended += 1
         n = self._inflight = self._inflight - 1
         if n == 0 and self.state is not _RUNNING and self.state.draining:
             self._drained.set()

@@ -42,6 +42,7 @@ from .._messages import (
     rebuild_error,
 )
 from .._seams import LOCAL, Directory, LocalDirectory, RemoteDelivery
+from ..pd._records import HostStats
 from ._activation import Activation
 from ._call import Call, TurnBody, current_chain, inline_depth
 from ._catalog import Catalog
@@ -224,6 +225,16 @@ class Runtime:
             inflight=cat.inflight,
             draining=cat.state.draining,
         )
+
+    def host_stats(self) -> HostStats:
+        """What this host reports to the PD for the cluster page: calls served since it
+        started and activations by type. (A stand-in on the dash branch until the
+        runtime's own accessor lands: no call time is measured here, so call_seconds
+        stays 0.)"""
+        by_type: dict[str, int] = {}
+        for act in self._catalog:
+            by_type[act.ident[0]] = by_type.get(act.ident[0], 0) + 1
+        return HostStats(self._catalog.calls_ended, 0.0, by_type)
 
     @property
     def draining(self) -> bool:
