@@ -147,7 +147,9 @@ class History:
                     total_seconds += host.call_seconds - base_secs
                     rates[host.server_id] = (host.calls - base_calls) / span
                 calls = total_calls / span
-                mean_ms = 1000 * total_seconds / total_calls if total_calls else None
+                # no time reported (a host that does not measure it): unknown, not 0 ms
+                timed = total_calls and total_seconds > 0
+                mean_ms = 1000 * total_seconds / total_calls if timed else None
                 placed = max(0, sample.placements - before.placements) / span
         self._points.append(_Point(now, calls, mean_ms, placed, sample.gateway_sessions))
         self._last = (now, sample)
