@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,8 +26,8 @@ from koala.dashboard import OFF_REASON, PASSWORD_ENV, ClusterSample, History, Ho
 from koala.pd._records import MAX_REPORTED_TYPES, HostStats
 from koala.pd.server import MemoryStore, PlacementDriver, create_app
 from koala.pd.server._dashboard import cluster_sample
-from tests._cluster import Cluster, Proc, url
-from tests._etcd import etcd_url, unique_prefix
+from tests._cluster import APP, Cluster, Proc, url
+from tests._etcd import etcd_url, free_port, unique_prefix
 
 __all__ = ["etcd_url"]
 
@@ -353,3 +354,33 @@ def test_activations_by_type_add_up_over_hosts() -> None:
     history = History()
     history.add(1.0, ClusterSample([a, b], 0))
     assert history.picture()["activations_by_type"] == {"X": 6, "Y": 1}
+
+
+# ---------------------------------------------------------------- koala dev
+
+
+@pytest.mark.slow
+def test_koala_dev_serves_the_page_with_its_gateway(memory_cluster: Cluster) -> None:
+    port, ws = free_port(), free_port()
+    cmd = [sys.executable, "-m", "koala.cli", "dev", APP, "--http", f"127.0.0.1:{port}"]
+    cmd += ["--gateway", f"127.0.0.1:{ws}", "--log-level", "WARNING"]
+    log = memory_cluster.tmp / "dev.log"
+    dev = Proc("dev", cmd, memory_cluster.env(), log)
+    dev.port = port
+    memory_cluster.procs.append(dev)
+    found = dev.start(r"cluster page: (http://\S+/dashboard/);")
+    assert found.group(1) == f"http://127.0.0.1:{port}/dashboard/"
+    with httpx.Client(timeout=10) as client:
+        for key in ("a", "b", "c"):
+            assert client.get(f"{url(dev)}/hit/{key}").status_code == 200
+        deadline = time.monotonic() + REPORTED
+        while True:
+            picture = data(dev)
+            hosts = picture["hosts"]
+            if hosts and hosts[0]["activations"] >= 3 and picture["gateway_sessions"] == 0:
+                break
+            assert time.monotonic() < deadline, f"the page never showed the calls: {picture}"
+            time.sleep(0.2)
+    assert picture["activations_by_type"] == {"Counter": 3}
+    assert picture["hosts"][0]["address"] == "embedded.invalid:1"
+    assert dev.stop() == 0
