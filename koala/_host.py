@@ -24,10 +24,13 @@ from ._config import HostConfig
 from ._errors import ConfigError
 from ._net import join_hostport
 from ._tls import TLSConfig
-from .gateway import HostBridge
+from .dashboard import ClusterSample, Dashboard, access_from_env
+from .gateway import Gateway, HostBridge
 from .host import Runtime
 from .http import Readiness, add_error_handlers, serve_asgi
 from .pd import ClusterDirectory, MemberConfig, PDClient, PlacementRemote
+from .pd.server import MemoryStore, PlacementDriver, create_app
+from .pd.server._dashboard import cluster_sample
 from .transport import Transport, TransportConfig
 
 EMBEDDED_PD_URL = "http://embedded-pd"
@@ -36,28 +39,75 @@ EMBEDDED_PD_URL = "http://embedded-pd"
 EMBEDDED_ADDRESS = "embedded.invalid:1"
 
 
-def embedded_pd() -> PDClient:
-    """A placement driver inside this process, on the in-memory store, reached through
-    its own HTTP API without a socket (httpx's ASGI transport): what ``koala dev`` runs,
-    so one process places, leases and fences exactly as a cluster does."""
-    from .pd.server import MemoryStore, PlacementDriver, create_app
-
-    app = create_app(PlacementDriver(MemoryStore()))
+def embedded_pd(driver: PlacementDriver | None = None) -> PDClient:
+    """A placement driver inside this process (``driver``; default: a new one on the
+    in-memory store), reached through its own HTTP API without a socket (httpx's ASGI
+    transport): what ``koala dev`` runs, so one process places, leases and fences
+    exactly as a cluster does."""
+    app = create_app(driver or PlacementDriver(MemoryStore()))
     return PDClient(EMBEDDED_PD_URL, transport=httpx.ASGITransport(app=app))
+
+
+class DevPage:
+    """``koala dev``'s cluster page (koala.dashboard): its embedded PD's host table, and
+    the sessions of its gateway once :meth:`serve_gateway` runs one. The embedded PD
+    has no cluster secret, so the page is open (loopback by default), unless
+    KOALA_DASHBOARD_PASSWORD asks for a password."""
+
+    def __init__(self, driver: PlacementDriver | None = None) -> None:
+        self.driver = driver or PlacementDriver(MemoryStore())
+        self.gateway: Gateway | None = None
+        password, closed = access_from_env(secret=False)
+        self.dashboard = Dashboard(self._sample, password=password, closed_reason=closed)
+
+    async def run(self, shutdown: anyio.Event) -> None:
+        """Sample for the page until ``shutdown`` is set."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self.dashboard.run)
+            await shutdown.wait()
+            tg.cancel_scope.cancel()
+
+    async def _sample(self) -> ClusterSample:
+        sessions = self.gateway.statistics().sessions if self.gateway is not None else None
+        return cluster_sample(self.driver, sessions)
+
+    async def serve_gateway(
+        self,
+        runtime: Runtime,
+        host: str,
+        port: int,
+        shutdown: anyio.Event,
+        *,
+        task_status: anyio.abc.TaskStatus[tuple[str, int]] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """``koala dev --gateway``: koala.gateway's in-process gateway, its sessions
+        on the page."""
+        from .gateway._gateway import LocalLink
+        from .gateway._serve import dev_config
+
+        self.gateway = Gateway(dev_config(), LocalLink(runtime))
+        try:
+            await self.gateway.serve(host, port, shutdown, task_status=task_status)
+        finally:
+            self.gateway = None
 
 
 @asynccontextmanager
 async def embedded_host(
-    config: HostConfig, member: MemberConfig | None = None
+    config: HostConfig,
+    member: MemberConfig | None = None,
+    *,
+    driver: PlacementDriver | None = None,
 ) -> AsyncIterator[Runtime]:
-    """A runtime registered with an embedded PD (``koala dev``): every actor is placed
-    through the PD's atomic placement, on this host, under a lease it renews."""
+    """A runtime registered with an embedded PD (``koala dev``; ``driver``: that PD,
+    default a new one): every actor is placed through the PD's atomic placement, on
+    this host, under a lease it renews."""
     services = served_types()
-    pd = embedded_pd()
+    pd = embedded_pd(driver)
     try:
         directory = ClusterDirectory(pd, EMBEDDED_ADDRESS, services, member)
         async with Runtime(config, directory=directory) as rt, anyio.create_task_group() as tg:
-            directory.attach(rt)
+            directory.attach(rt, stats=rt.host_stats)
             await tg.start(directory.run)
             try:
                 yield rt
@@ -129,7 +179,7 @@ async def serve_host(
                 transport.handler = rt.serve_request
                 transport.on_event = (bridge := HostBridge(rt)).on_event  # gateways' sessions
                 directory.address = await _listen(transport, *listen)
-                directory.attach(rt)
+                directory.attach(rt, stats=rt.host_stats)
                 async with anyio.create_task_group() as member_tg:
                     member_tg.start_soon(bridge.run)
                     if not await _start_unless(shutdown, member_tg, directory.run):

@@ -111,22 +111,25 @@ async def run_dev(
     app: Any = getattr(module, "app", None)
     shutdown = anyio.Event()
     backend = _backend.backend_from_env().name
-    from ._host import embedded_host, host_readiness
+    from ._host import DevPage, embedded_host, host_readiness
 
-    async with embedded_host(config) as runtime, anyio.create_task_group() as tg:
+    page = DevPage()  # the cluster page, on the app's HTTP port (/dashboard/)
+    async with (
+        embedded_host(config, driver=page.driver) as runtime,
+        anyio.create_task_group() as tg,
+    ):
         tg.start_soon(_watch_signals, shutdown)
         if gateway is not None:
-            from .gateway._serve import serve_dev_gateway
-
-            ws = await tg.start(serve_dev_gateway, runtime, *gateway, shutdown)
+            ws = await tg.start(page.serve_gateway, runtime, *gateway, shutdown)
             print(f"koala dev: gateway on ws://{ws[0]}:{ws[1]}", flush=True)
         if app is not None:
             add_error_handlers(app)
+            tg.start_soon(page.run, shutdown)
             serve = partial(serve_asgi, readiness=host_readiness(runtime))
-            bound = await tg.start(serve, app, host, port, shutdown)
+            bound = await tg.start(serve, page.dashboard.wrap(app), host, port, shutdown)
             print(
                 f"koala dev: {target} on {backend}; HTTP on http://{bound[0]}:{bound[1]} "
-                "(Ctrl-C to stop)",
+                f"(cluster page: http://{bound[0]}:{bound[1]}/dashboard/; Ctrl-C to stop)",
                 flush=True,
             )
         else:

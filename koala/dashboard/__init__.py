@@ -14,6 +14,8 @@ default: bounded), and serves
 The page is read-only. It is served to anyone only where the PD would be (loopback,
 or without a cluster secret); with a cluster secret it needs ``password`` (HTTP Basic,
 any user name), and with a secret but no password it is off (404, saying why).
+:func:`access_from_env` applies that rule to ``KOALA_DASHBOARD_PASSWORD`` (an
+environment variable only: a password on a command line shows in ``ps``).
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ import base64
 import hmac
 import importlib.resources
 import logging
+import os
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -36,6 +39,12 @@ from starlette.types import Receive, Scope, Send
 DEFAULT_PERIOD: Final = 2.0
 DEFAULT_POINTS: Final = 300  # ten minutes at the default period
 MAX_TYPES: Final = 500  # actor types shown (the most activations first)
+PASSWORD_ENV: Final = "KOALA_DASHBOARD_PASSWORD"
+OFF_REASON: Final = (
+    "the cluster page is off: this PD has a cluster secret (KOALA_CLUSTER_SECRET), so "
+    f"the page needs a password; set {PASSWORD_ENV} where the PD runs and open "
+    "/dashboard/ with any user name and that password"
+)
 
 log = logging.getLogger("koala.dashboard")
 
@@ -78,6 +87,19 @@ class ClusterSample:
     hosts: list[HostSample]
     placements: int  # actors placed since the PD started
     gateway_sessions: int | None = None  # None: no gateway in view
+
+
+def access_from_env(
+    secret: bool, environ: Mapping[str, str] | None = None
+) -> tuple[str | None, str | None]:
+    """``(password, closed_reason)`` for :class:`Dashboard`, by the page's access rule:
+    a password in ``KOALA_DASHBOARD_PASSWORD`` is always asked for; without one the
+    page is open when there is no cluster secret (``secret`` False: the PD then listens
+    on loopback only), and off when there is one."""
+    password = (os.environ if environ is None else environ).get(PASSWORD_ENV) or None
+    if password is not None:
+        return password, None
+    return None, OFF_REASON if secret else None
 
 
 class _Point:
@@ -125,7 +147,9 @@ class History:
                     total_seconds += host.call_seconds - base_secs
                     rates[host.server_id] = (host.calls - base_calls) / span
                 calls = total_calls / span
-                mean_ms = 1000 * total_seconds / total_calls if total_calls else None
+                # no time reported (a host that does not measure it): unknown, not 0 ms
+                timed = total_calls and total_seconds > 0
+                mean_ms = 1000 * total_seconds / total_calls if timed else None
                 placed = max(0, sample.placements - before.placements) / span
         self._points.append(_Point(now, calls, mean_ms, placed, sample.gateway_sessions))
         self._last = (now, sample)

@@ -22,6 +22,7 @@ import logging
 import math
 import secrets
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -32,7 +33,7 @@ from .._errors import ConfigError, LeaseExpiredError, PDRequestError, PDUnavaila
 from .._messages import Key
 from ._http import PDClient
 from ._rebalance import RebalanceConfig
-from ._records import Member, Membership
+from ._records import MAX_REPORTED_TYPES, HostStats, Member, Membership
 from ._ticket import PLACEMENT_KEY_SIZE
 
 log = logging.getLogger("koala.pd.client")
@@ -130,7 +131,9 @@ class MembershipAgent:
 
     ``address`` is where this host's transport listens; ``services`` maps each actor
     type it serves to its implementation's name. ``attach(runtime)`` names the runtime
-    whose load is reported and whose activations a fence evicts.
+    whose load is reported and whose activations a fence evicts; ``stats`` (or
+    ``attach(runtime, stats=...)``), called at each renewal, gives what the renewal
+    reports for the cluster page (koala.dashboard; None: nothing).
     """
 
     def __init__(
@@ -141,8 +144,10 @@ class MembershipAgent:
         config: MemberConfig | None = None,
         *,
         labels: dict[str, str] | None = None,
+        stats: Callable[[], HostStats] | None = None,
     ) -> None:
         self.pd = pd
+        self.stats = stats
         self.address = address
         self.services = dict(services)
         self.config = config or MemberConfig()
@@ -164,9 +169,29 @@ class MembershipAgent:
         self._failed_renewals = 0
         self._lease_ok_at = -math.inf  # when the lease was last known alive (sent then)
 
-    def attach(self, runtime: HostRuntime) -> None:
-        """The runtime whose load is reported and whose activations a fence evicts."""
+    def attach(self, runtime: HostRuntime, *, stats: Callable[[], HostStats] | None = None) -> None:
+        """The runtime whose load is reported and whose activations a fence evicts;
+        ``stats``: what each renewal reports for the cluster page (None: unchanged)."""
         self.runtime = runtime
+        if stats is not None:
+            self.stats = stats
+
+    def _stats(self) -> HostStats | None:
+        """This renewal's report for the cluster page, within the PD's bounds (the most
+        activated types when there are more); None if there is none or it failed: the
+        page is never a reason for a renewal to fail."""
+        if self.stats is None:
+            return None
+        try:
+            stats = self.stats()
+        except Exception as exc:
+            log.debug("server %d: no stats for this renewal: %s", self.server_id, exc)
+            return None
+        by_type = stats.activations_by_type
+        if len(by_type) > MAX_REPORTED_TYPES:
+            top = sorted(by_type.items(), key=lambda kv: -kv[1])[:MAX_REPORTED_TYPES]
+            stats = HostStats(stats.calls, stats.call_seconds, dict(top))
+        return stats
 
     def readiness(self) -> str:
         """Whether this host should get traffic (``/readyz``): "" when it is registered
@@ -280,7 +305,12 @@ class MembershipAgent:
             with anyio.move_on_after(fence_at - now):
                 try:
                     view = await self.pd.keep_alive(
-                        self.server_id, self.lease_id, load, activations, version=self._version
+                        self.server_id,
+                        self.lease_id,
+                        load,
+                        activations,
+                        version=self._version,
+                        stats=self._stats(),
                     )
                 except LeaseExpiredError as exc:
                     log.error("server %d: %s; fencing itself", self.server_id, exc.message)

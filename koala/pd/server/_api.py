@@ -29,7 +29,13 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from ..._errors import KoalaError
 from .._auth import OWNER_HEADER, AuthConfig, AuthError, Gate, parse_owner
-from .._records import DEFAULT_HOST_TTL, MAX_POSITION_LEASES, HostInfo
+from .._records import (
+    DEFAULT_HOST_TTL,
+    MAX_POSITION_LEASES,
+    MAX_REPORTED_TYPES,
+    HostInfo,
+    HostStats,
+)
 from ._driver import MAX_BATCH, MAX_NAME, PlacementDriver
 from ._errors import STORE_FULL_FIX, PDError, now_ms
 from ._membership import MAX_HOST_TTL, MembershipView
@@ -131,11 +137,30 @@ class RegisterResponse(BaseModel):
     ttl: int
 
 
+MAX_CALLS = 2**53  # calls a host reports (exact in a JSON number, ~285 years at 1e6/s)
+MAX_CALL_SECONDS = 1e15
+
+
+class StatsModel(_Strict):
+    """What a host reports for the cluster page with a renewal (koala.pd._records.HostStats)."""
+
+    calls: Annotated[int, Field(ge=0, le=MAX_CALLS)] = 0
+    # finite: pydantic refuses inf and nan in JSON for a float with bounds
+    call_seconds: Annotated[float, Field(ge=0.0, le=MAX_CALL_SECONDS, allow_inf_nan=False)] = 0.0
+    activations_by_type: Annotated[
+        dict[ActorType, Count], Field(max_length=MAX_REPORTED_TYPES)
+    ] = {}
+
+    def to_stats(self) -> HostStats:
+        return HostStats(self.calls, self.call_seconds, dict(self.activations_by_type))
+
+
 class KeepAliveRequest(_Strict):
     server_id: ServerId
     lease_id: LeaseId
     load: Count = 0
     activations: Count | None = None
+    stats: StatsModel | None = None  # for the cluster page (koala.dashboard)
     # the membership version the host holds: answer a delta (one never given: the table)
     version: Annotated[int, Field(ge=-INT64_MAX - 1, le=INT64_MAX)] | None = None
 
@@ -457,7 +482,12 @@ def create_app(pd: PlacementDriver, auth: AuthConfig | None = None) -> FastAPI:
     @app.post("/pd/api/v1/membership/keep_alive")
     async def keep_alive(body: KeepAliveRequest, request: Request) -> MembershipResponse:
         await pd.keep_alive(
-            body.server_id, body.lease_id, body.load, body.activations, owner=_owner(request)
+            body.server_id,
+            body.lease_id,
+            body.load,
+            body.activations,
+            owner=_owner(request),
+            stats=body.stats.to_stats() if body.stats is not None else None,
         )
         await pd.hosts()
         return membership(pd.membership(body.version))

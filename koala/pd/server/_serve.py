@@ -9,8 +9,10 @@ import anyio
 from anyio.abc import TaskStatus
 
 from ..._errors import ConfigError
+from ...dashboard import ClusterSample, Dashboard, access_from_env
 from ...http import serve_asgi
 from ._api import create_app
+from ._dashboard import cluster_sample
 from ._driver import PlacementDriver
 from ._store import StoreError
 
@@ -88,12 +90,30 @@ async def serve_pd(
     ``auth``: the cluster secret every request must be signed with, and the API's
     bounds (``AuthConfig.from_env()`` reads KOALA_CLUSTER_SECRET); None: no secret.
     ``tls`` with a certificate serves HTTPS; with a CA too, callers must present a
-    certificate it signed (mutual TLS)."""
+    certificate it signed (mutual TLS).
+
+    ``/dashboard`` is the cluster page (koala.dashboard), in front of the API's guard:
+    it is not signed but has its own rule (``access_from_env``: open without a cluster
+    secret, else only with KOALA_DASHBOARD_PASSWORD)."""
     pd = PlacementDriver(store, prefix=prefix, maintenance=maintenance)
-    app = create_app(pd, auth)
+    password, closed = access_from_env(auth is not None and auth.secret is not None)
+
+    async def sample() -> ClusterSample:
+        return cluster_sample(pd)
+
+    dashboard = Dashboard(sample, password=password, closed_reason=closed)
+    sampler = anyio.CancelScope()
+
+    async def sampling() -> None:
+        with sampler:
+            await dashboard.run()
+
+    app = dashboard.wrap(create_app(pd, auth))
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(pd.maintain)
+            if closed is None:
+                tg.start_soon(sampling)
             try:
                 await serve_asgi(
                     app,
@@ -108,8 +128,9 @@ async def serve_pd(
             finally:
                 # maintenance ends by its own scope: cancelling this task group instead
                 # left one of hypercorn's connections open on uvloop (the loop then
-                # refused to close)
+                # refused to close); the sampler likewise, by its own scope
                 pd.stop_maintenance()
+                sampler.cancel()
     finally:
         with anyio.CancelScope(shield=True):
             await store.aclose()
