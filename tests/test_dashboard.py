@@ -26,7 +26,7 @@ from koala.dashboard import OFF_REASON, PASSWORD_ENV, ClusterSample, History, Ho
 from koala.pd._records import MAX_REPORTED_TYPES, HostStats
 from koala.pd.server import MemoryStore, PlacementDriver, create_app
 from koala.pd.server._dashboard import cluster_sample
-from tests._cluster import APP, Cluster, Proc, url
+from tests._cluster import APP, Cluster, Proc, cluster_of, url
 from tests._etcd import etcd_url, free_port, unique_prefix
 
 __all__ = ["etcd_url"]
@@ -38,14 +38,7 @@ SECRET = "koala-dashboard-test-secret-0123"
 
 @pytest.fixture
 def cluster(tmp_path: Path, etcd_url: str) -> Iterator[Cluster]:
-    c = Cluster(tmp_path, etcd_url, unique_prefix("dashboard"))
-    try:
-        yield c
-    except BaseException:
-        print(c.dump())
-        raise
-    finally:
-        c.close()
+    yield from cluster_of(tmp_path, etcd_url, "dashboard")
 
 
 @pytest.fixture

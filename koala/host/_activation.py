@@ -282,9 +282,14 @@ class Activation:
                 )
             )
             return
-        self.chain = call.chain_id
+        await self._holding(call.chain_id, self._turn(call))
+
+    async def _holding(self, chain: int, turn: Awaitable[None]) -> None:
+        """Run ``turn`` holding the activation for ``chain``, until the calls of that
+        chain that came back here (running beside it) have ended too."""
+        self.chain = chain
         try:
-            await self._turn(call)
+            await turn
             if self.depth:
                 self.reentrant_done = anyio.Event()
                 await self.reentrant_done.wait()
@@ -341,15 +346,7 @@ class Activation:
         if turn.deadline <= anyio.current_time():
             turn.fail(rejection(ErrorCode.TIMEOUT, "its deadline passed in the mailbox; not run"))
             return
-        self.chain = turn.chain_id
-        try:
-            await self._run_body(turn)
-            if self.depth:
-                self.reentrant_done = anyio.Event()
-                await self.reentrant_done.wait()
-        finally:
-            self.chain = None
-            self.reentrant_done = None
+        await self._holding(turn.chain_id, self._run_body(turn))
 
     async def _run_body(self, turn: Turn) -> None:
         t_chain = current_chain.set(turn.chain_id)

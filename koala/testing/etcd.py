@@ -28,6 +28,7 @@ import time
 import httpx
 
 from . import free_port
+from ._server import ServerProcess
 
 ETCD_ENV = "KOALA_TEST_ETCD"  # path of the etcd binary (default: etcd on PATH)
 DEFAULT_QUOTA_BYTES = 2 * 1024**3  # etcd's own default, given explicitly as docs/pd.md says
@@ -48,7 +49,7 @@ class _PortTaken(Exception):
     """etcd could not bind its port: another process took it."""
 
 
-class EtcdProcess:
+class EtcdProcess(ServerProcess):
     """One etcd member on loopback, in its own temporary directory.
 
     ``quota_bytes``: etcd's ``--quota-backend-bytes`` (beyond it, etcd raises its
@@ -116,25 +117,3 @@ class EtcdProcess:
             time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"etcd did not answer within {timeout} s:\n{self.log()}")
-
-    def log(self) -> str:
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as f:
-                return f.read()[-4000:]
-        except OSError:
-            return "(no log)"
-
-    def stop(self) -> None:
-        """Stop the process (the data directory stays, so it can start again)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def destroy(self) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)

@@ -29,6 +29,7 @@ from typing import Any
 import httpx
 
 from . import free_port
+from ._server import ServerProcess
 
 PROMETHEUS_ENV = "KOALA_TEST_PROMETHEUS"
 
@@ -43,7 +44,7 @@ def prometheus_binary() -> str:
     return found
 
 
-class PrometheusProcess:
+class PrometheusProcess(ServerProcess):
     """One Prometheus server scraping ``targets`` (HOST:PORT, path ``metrics_path``)."""
 
     def __init__(
@@ -134,24 +135,3 @@ class PrometheusProcess:
         """Until every target has been scraped and answered (``up == 1``)."""
         want = len(self.targets)
         self.wait_until("sum(up)", lambda v: v == want, timeout)
-
-    def log(self) -> str:
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as f:
-                return f.read()[-4000:]
-        except OSError:
-            return "(no log)"
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def destroy(self) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
