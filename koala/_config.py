@@ -25,6 +25,9 @@ class HostConfig:
       ``shutdown`` and ``shed`` go through before they let other tasks run.
     - ``deactivation_tasks``: most tasks running ``on_deactivate`` of idle activations
       at once (an activation whose ``on_deactivate`` is the default needs none).
+    - ``inline_check``: a loop of local calls runs in its caller's task and may never
+      suspend: every this many such calls the runtime looks at the clock and, if 2 ms
+      went by since other tasks last ran through it, lets them run.
     - ``slow_turn``: a local call taking longer than this many seconds is counted in
       the ``koala_slow_turns_total`` metric.
     """
@@ -37,6 +40,7 @@ class HostConfig:
     shutdown_grace: float = 10.0
     deactivation_batch: int = 32
     deactivation_tasks: int = 64
+    inline_check: int = 64
     slow_turn: float = 1.0
 
     def __post_init__(self) -> None:
@@ -46,6 +50,12 @@ class HostConfig:
                 raise ConfigError(f"HostConfig.{f.name} must be a number, got {value!r}")
             if not math.isfinite(value) or value <= 0:
                 raise ConfigError(f"HostConfig.{f.name} must be a positive number, got {value!r}")
-        for name in ("mailbox_size", "max_queued", "deactivation_batch", "deactivation_tasks"):
+        for name in (
+            "mailbox_size",
+            "max_queued",
+            "deactivation_batch",
+            "deactivation_tasks",
+            "inline_check",
+        ):
             if not isinstance(getattr(self, name), int):
                 raise ConfigError(f"HostConfig.{name} must be an integer")

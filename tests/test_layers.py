@@ -239,12 +239,7 @@ def test_nothing_in_koala_imports_the_test_kit() -> None:
 
 
 # bench/ modules that still import a private name
-BENCH_PRIVATE = {
-    # the PD's server side has no public facade yet (issue #16)
-    # the cost of the inline loop's yield, measured by turning it off: a knob that is
-    # not meant to be turned, for this comparison only
-    ("bench.scale", "koala.host._runtime"),
-}
+BENCH_PRIVATE: set[tuple[str, str]] = set()
 
 
 def test_the_benchmarks_import_only_public_names() -> None:

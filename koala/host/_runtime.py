@@ -66,12 +66,11 @@ def current_runtime() -> Runtime:
 WRONG_HOST_RETRIES = 3
 
 # The local fast path runs turns in the caller's task: a loop of local calls never
-# suspends. Every INLINE_CHECK inline calls the runtime looks at the clock, and if
+# suspends. Every HostConfig.inline_check inline calls the runtime looks at the clock, and if
 # TIME_SLICE seconds passed since a task last let others run through it, the caller
 # lets them run now (a checkpoint). Inside an inline turn that would count as the
 # turn suspending (its method then takes a deadline scope for good, see
 # koala._drive), so there it waits for LONG_SLICE: such a turn is long anyway.
-INLINE_CHECK = 64
 TIME_SLICE = 0.002
 LONG_SLICE = 0.02
 
@@ -132,6 +131,7 @@ class Runtime:
         )
         _metrics.report(self, runtime_metrics)
         self._inline_calls = 0
+        self._inline_check = self.config.inline_check
         self._last_pause = 0.0  # when a task last let others run (see TIME_SLICE)
         self._tg: TaskGroup | None = None
         self._token: Any = None
@@ -340,7 +340,7 @@ class Runtime:
                 act = cat.get_or_create(impl, key)
             else:
                 calls = self._inline_calls = self._inline_calls + 1
-                if calls >= INLINE_CHECK:  # a loop of these may never suspend
+                if calls >= self._inline_check:  # a loop of these may never suspend
                     self._inline_calls = 0
                     await self._pause(long=inline_depth.get() > 0)
                 act = cat.get_or_create(impl, key)
