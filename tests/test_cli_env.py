@@ -13,15 +13,8 @@ from pathlib import Path
 import pytest
 
 from koala import ConfigError, HostConfig
-from koala.cli import (
-    HOST_FLAGS,
-    EnvParser,
-    _host_config,
-    build_parser,
-    check_dialable,
-    env_name,
-    first_koala_error,
-)
+from koala._flags import HOST_FLAGS, EnvParser, _host_config, env_name
+from koala.cli import build_parser, check_dialable, first_koala_error
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = ("dev", "pd", "host", "gateway", "status")

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 import yaml
 
-from koala.cli import build_parser, check_bind, check_dialable, env_name
+from koala._flags import env_name
+from koala.cli import build_parser, check_bind, check_dialable
 from koala.http import parse_hostport
 
 ROOT = Path(__file__).resolve().parent.parent

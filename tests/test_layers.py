@@ -50,7 +50,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("transport and placement", ("koala.transport", "koala.pd")),
     ("host runtime", ("koala.host",)),
     ("gateway and http", ("koala.gateway", "koala.http", "koala.dashboard", "koala.pd.server")),
-    ("processes", ("koala._host", "koala.cli", "koala._app", "koala._logging")),
+    ("processes", ("koala._host", "koala.cli", "koala._flags", "koala._app", "koala._logging")),
     ("facade", ("koala",)),
     ("test kit", ("koala.testing",)),
 )
