@@ -9,22 +9,34 @@ HTTP route through two hosts' runtimes over the real transport.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from abc import abstractmethod
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 import cbor2
+import httpx
 import pytest
+from anyio.abc import TaskStatus
+from fastapi import FastAPI
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
 
-from koala import _tracing
+from koala import ActorBase, ActorInterface, HostConfig, Runtime, _tracing
 from koala._messages import Request as CallRequest
+from koala.gateway import ClientHandler, ClientSession, Gateway, LocalLink
+from koala.http import serve_asgi
 from koala.transport._serving import call_of
 from koala.wire._events import MAX_TRACESTATE, RemoteProtocolError, Request
 from koala.wire._wire import decode, encode, frame, request_frame
+
+from ._gateway_client import KEY, session
+from ._gateway_helpers import gateway_config
 
 TP = "00-000102030405060708090a0b0c0d0e0f-1011121314151617-01"
 BASE: list[Any] = [10, 1, 4242, 30.0, "Player", "p1", "IPlayer", "echo", ["hello"], False]
@@ -194,3 +206,203 @@ def test_a_traced_request_frame_is_bounded_like_any_other() -> None:
     data = request_frame(1, 1.0, req, 1 << 20)
     (size,) = struct.unpack(">I", data[:4])
     assert size == len(data) - 4 < 700
+
+
+# ---------------------------------------------------------------- HTTP
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_ID = "00f067aa0ba902b7"
+HEADER = f"00-{TRACE_ID}-{PARENT_ID}-01"
+
+
+@asynccontextmanager
+async def served(app: Any) -> AsyncIterator[str]:
+    """``app`` behind koala.http.serve_asgi (hypercorn) on a free port: its base URL."""
+    shutdown = anyio.Event()
+
+    async def serve(*, task_status: TaskStatus[tuple[str, int]]) -> None:
+        await serve_asgi(app, "127.0.0.1", 0, shutdown, task_status=task_status)
+
+    async with anyio.create_task_group() as tg:
+        host, port = await tg.start(serve)
+        try:
+            yield f"http://{host}:{port}"
+        finally:
+            shutdown.set()
+
+
+def _traced_app() -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/items/{item_id}")
+    async def item(item_id: str) -> str:
+        assert _tracing.tracer is not None
+        with _tracing.tracer.start_as_current_span("inside the route"):
+            return item_id
+
+    @app.get("/broken")
+    async def broken() -> str:
+        raise RuntimeError("route bug")
+
+    return app
+
+
+@pytest.mark.anyio
+async def test_an_http_request_is_a_server_span_continuing_the_callers_trace(
+    spans: InMemorySpanExporter,
+) -> None:
+    async with served(_traced_app()) as base, httpx.AsyncClient(base_url=base) as client:
+        headers = {"traceparent": HEADER, "tracestate": "vendor=x"}
+        assert (await client.get("/items/42", headers=headers)).json() == "42"
+    done = spans.get_finished_spans()
+    server = next(s for s in done if s.kind is SpanKind.SERVER)
+    assert server.name == "GET /items/{item_id}"  # the route's template, not the path
+    assert server.context is not None
+    assert server.parent is not None
+    assert format(server.context.trace_id, "032x") == TRACE_ID
+    assert format(server.parent.span_id, "016x") == PARENT_ID
+    assert server.parent.is_remote
+    assert server.context.trace_state.get("vendor") == "x"
+    assert server.attributes is not None
+    assert server.attributes["http.request.method"] == "GET"
+    assert server.attributes["url.path"] == "/items/42"
+    assert server.attributes["http.route"] == "/items/{item_id}"
+    assert server.attributes["http.response.status_code"] == 200
+    assert server.status.status_code is not StatusCode.ERROR
+    inside = next(s for s in done if s.name == "inside the route")
+    assert inside.parent is not None
+    assert inside.parent.span_id == server.context.span_id  # current while the app ran
+
+
+@pytest.mark.anyio
+async def test_http_spans_without_a_route_or_with_a_failure(
+    spans: InMemorySpanExporter,
+) -> None:
+    async with served(_traced_app()) as base, httpx.AsyncClient(base_url=base) as client:
+        assert (await client.get("/nowhere", headers={"traceparent": "00-bad"})).status_code == 404
+        assert (await client.get("/broken")).status_code == 500
+        assert (await client.get("/healthz")).status_code == 200  # probes make no span
+    done = {s.name: s for s in spans.get_finished_spans() if s.kind is SpanKind.SERVER}
+    assert set(done) == {"HTTP GET", "GET /broken"}
+    missing = done["HTTP GET"]
+    assert missing.parent is None  # a malformed traceparent starts a new trace
+    assert missing.attributes is not None
+    assert missing.attributes["http.response.status_code"] == 404
+    failed = done["GET /broken"]
+    assert failed.attributes is not None
+    assert failed.attributes["http.response.status_code"] == 500
+    assert failed.status.status_code is StatusCode.ERROR
+
+
+@pytest.mark.anyio
+async def test_no_tracer_no_span(spans: InMemorySpanExporter) -> None:
+    _tracing.use(None)  # the provider that records into ``spans`` is no longer Koala's
+    app = FastAPI()
+
+    @app.get("/plain")
+    async def plain() -> str:
+        return "ok"
+
+    async with served(app) as base, httpx.AsyncClient(base_url=base) as client:
+        assert (await client.get("/plain", headers={"traceparent": HEADER})).json() == "ok"
+    assert _tracing.tracer is None
+    assert spans.get_finished_spans() == ()
+
+
+# ---------------------------------------------------------------- the gateway
+
+
+class IStamp(ActorInterface):
+    @abstractmethod
+    async def stamp(self, text: str) -> str: ...
+
+
+class Stamp(IStamp, ActorBase):
+    async def stamp(self, text: str) -> str:
+        assert _tracing.tracer is not None
+        with _tracing.tracer.start_as_current_span("stamping"):
+            return f"stamped {text}"
+
+
+class TracedClient(ClientHandler, ActorBase):
+    """Answers each frame with what another actor made of it (an actor call)."""
+
+    async def on_client_message(self, session: ClientSession, data: bytes | str) -> None:
+        from koala import get_rpc_proxy
+
+        await session.push(await get_rpc_proxy(IStamp, "s").stamp(str(data)))
+
+
+@asynccontextmanager
+async def gateway_over(actors: list[type[ActorBase]]) -> AsyncIterator[tuple[str, int]]:
+    shutdown = anyio.Event()
+    async with (
+        Runtime(HostConfig(default_timeout=10.0, shutdown_grace=2.0), actors) as rt,
+        anyio.create_task_group() as tg,
+    ):
+        gateway = Gateway(gateway_config(), LocalLink(rt))
+
+        async def serve(*, task_status: TaskStatus[tuple[str, int]]) -> None:
+            await gateway.serve("127.0.0.1", 0, shutdown, task_status=task_status)
+
+        address = await tg.start(serve)
+        try:
+            yield address
+        finally:
+            shutdown.set()
+
+
+@pytest.mark.anyio
+async def test_a_client_frame_runs_in_a_gateway_span_with_the_clients_parent(
+    spans: InMemorySpanExporter,
+) -> None:
+    async with (
+        gateway_over([TracedClient, Stamp]) as address,
+        session(address, "TracedClient", "c1", traceparent=HEADER) as client,
+    ):
+        await client.send("hi")
+        with anyio.fail_after(10):
+            assert await client.receive() == "stamped hi"
+        await client.close()
+    done = spans.get_finished_spans()
+    hook = next(s for s in done if s.name == "gateway on_client_message")
+    assert hook.kind is SpanKind.SERVER
+    assert hook.context is not None
+    assert hook.parent is not None
+    assert format(hook.parent.span_id, "016x") == PARENT_ID  # the first packet's field
+    assert format(hook.context.trace_id, "032x") == TRACE_ID
+    assert hook.attributes is not None
+    assert hook.attributes["koala.actor_type"] == "TracedClient"
+    assert hook.attributes["koala.actor_key"] == "c1"
+    assert hook.attributes["rpc.method"] == "on_client_message"
+    # the actor call the hook made ran inside the span: whatever spans the runtime
+    # adds per call in between, the callee's work is in the hook's trace, under it
+    by_id = {s.context.span_id: s for s in done if s.context is not None}
+    work = next(s for s in done if s.name == "stamping")
+    assert work.context is not None
+    assert work.context.trace_id == hook.context.trace_id
+    ancestor = work
+    while ancestor.parent is not None and ancestor.parent.span_id in by_id:
+        ancestor = by_id[ancestor.parent.span_id]
+        if ancestor is hook:
+            break
+    assert ancestor is hook
+
+
+@pytest.mark.anyio
+async def test_a_session_without_a_traceparent_starts_its_own_trace(
+    spans: InMemorySpanExporter,
+) -> None:
+    async with (
+        gateway_over([TracedClient, Stamp]) as address,
+        session(address, "TracedClient", "c2") as client,
+    ):
+        await client.send("x")
+        with anyio.fail_after(10):
+            assert await client.receive() == "stamped x"
+        await client.close()
+    hook = next(s for s in spans.get_finished_spans() if s.name == "gateway on_client_message")
+    assert hook.parent is None
+
+
+__all__ = ["KEY"]
