@@ -22,21 +22,23 @@ from anyio.abc import TaskStatus
 from fastapi import FastAPI
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from koala import ActorBase, ActorInterface, HostConfig, Runtime, _tracing
+from koala import ActorBase, ActorInterface, HostConfig, Runtime, _tracing, get_rpc_proxy
 from koala._messages import Request as CallRequest
 from koala.gateway import ClientHandler, ClientSession, Gateway, LocalLink
+from koala.host import _runtime as _runtime_module
 from koala.http import serve_asgi
 from koala.transport._serving import call_of
 from koala.wire._events import MAX_TRACESTATE, RemoteProtocolError, Request
 from koala.wire._wire import decode, encode, frame, request_frame
 
-from ._gateway_client import KEY, session
+from ._gateway_client import session
 from ._gateway_helpers import gateway_config
+from ._transport_helpers import IEcho, node
 
 TP = "00-000102030405060708090a0b0c0d0e0f-1011121314151617-01"
 BASE: list[Any] = [10, 1, 4242, 30.0, "Player", "p1", "IPlayer", "echo", ["hello"], False]
@@ -328,8 +330,6 @@ class TracedClient(ClientHandler, ActorBase):
     """Answers each frame with what another actor made of it (an actor call)."""
 
     async def on_client_message(self, session: ClientSession, data: bytes | str) -> None:
-        from koala import get_rpc_proxy
-
         await session.push(await get_rpc_proxy(IStamp, "s").stamp(str(data)))
 
 
@@ -405,4 +405,54 @@ async def test_a_session_without_a_traceparent_starts_its_own_trace(
     assert hook.parent is None
 
 
-__all__ = ["KEY"]
+# ---------------------------------------------------------------- across hosts
+
+# The runtime's spans per actor call (a CLIENT span in invoke, a SERVER span in
+# serve_request from the REQUEST's trace) are the lead's part of issue #13, in
+# koala/host/_runtime.py; until they are on this branch this test cannot run.
+_RUNTIME_TRACES = hasattr(_runtime_module, "_tracing")
+
+
+@pytest.mark.anyio
+@pytest.mark.skipif(not _RUNTIME_TRACES, reason="needs the runtime's call spans (#13, lead)")
+async def test_one_trace_from_an_http_route_through_two_hosts(
+    spans: InMemorySpanExporter,
+) -> None:
+    """HTTP -> host A (a route calls an actor placed on B) -> host B, over the real
+    transport in one process: the HTTP span is the parent of A's CLIENT span, which is
+    the parent of B's SERVER span, all in the trace of the client's traceparent."""
+    async with node() as (_, b, _), node({"Echo": b.address}) as (rt_a, _, _):
+        app = FastAPI()
+
+        @app.get("/echo/{text}")
+        async def echo(text: str) -> str:
+            return await get_rpc_proxy(IEcho, "e1", runtime=rt_a).echo(text)
+
+        async with served(app) as base, httpx.AsyncClient(base_url=base, timeout=10) as client:
+            resp = await client.get("/echo/hi", headers={"traceparent": HEADER})
+            assert resp.json() == "hi"
+    done = spans.get_finished_spans()
+
+    def rpc(kind: SpanKind) -> ReadableSpan:
+        found = [
+            s
+            for s in done
+            if s.kind is kind
+            and s.attributes is not None
+            and s.attributes.get("rpc.method") == "echo"
+        ]
+        assert len(found) == 1, [s.name for s in done]
+        return found[0]
+
+    http = next(s for s in done if s.name == "GET /echo/{text}")
+    client_span, server_span = rpc(SpanKind.CLIENT), rpc(SpanKind.SERVER)
+    for sp in (http, client_span, server_span):
+        assert sp.context is not None
+        assert format(sp.context.trace_id, "032x") == TRACE_ID
+    assert http.context is not None
+    assert client_span.context is not None
+    assert client_span.parent is not None
+    assert client_span.parent.span_id == http.context.span_id
+    assert server_span.parent is not None
+    assert server_span.parent.span_id == client_span.context.span_id
+    assert server_span.parent.is_remote  # it came over the wire, in the REQUEST
