@@ -25,6 +25,8 @@ class HostConfig:
       ``shutdown`` and ``shed`` go through before they let other tasks run.
     - ``deactivation_tasks``: most tasks running ``on_deactivate`` of idle activations
       at once (an activation whose ``on_deactivate`` is the default needs none).
+    - ``slow_turn``: a local call taking longer than this many seconds is counted in
+      the ``koala_slow_turns_total`` metric.
     """
 
     default_timeout: float = 30.0
@@ -35,6 +37,7 @@ class HostConfig:
     shutdown_grace: float = 10.0
     deactivation_batch: int = 32
     deactivation_tasks: int = 64
+    slow_turn: float = 1.0
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -155,51 +155,30 @@ class CallSeries:
         self.time.observe(seconds)
 
 
-class CallTable:
-    """Every CallSeries of a runtime, at most MAX_SERIES (then one "other" series)."""
-
-    __slots__ = ("_other", "series")
-
-    def __init__(self) -> None:
-        self.series: dict[object, CallSeries] = {}
-        self._other: dict[str, CallSeries] = {}
-
-    def of(self, key: object, actor_type: str, method: str, path: str) -> CallSeries:
-        """The series under ``key`` (any hashable the runtime finds fast: its method
-        spec, say), made on first use."""
-        found = self.series.get(key)
-        if found is None:
-            if len(self.series) < MAX_SERIES:
-                found = self.series[key] = CallSeries(actor_type, method, path)
-            else:
-                found = self._other.get(path)
-                if found is None:
-                    found = self._other[path] = CallSeries(OTHER, OTHER, path)
-        return found
-
-    def families(self, prefix: str = "koala_calls") -> list[Metric]:
-        counts = CounterMetricFamily(
-            f"{prefix}_total",
-            "Actor calls made by this host, by actor type, method, path and outcome",
-            labels=("actor_type", "method", "path", "outcome"),
-        )
-        times = HistogramMetricFamily(
-            f"{prefix.removesuffix('s')}_seconds",
-            "Time from a call to its answer, by actor type, method and path",
-            labels=("actor_type", "method", "path"),
-        )
-        slow = CounterMetricFamily(
-            "koala_slow_turns_total",
-            "Local calls whose turn took longer than the host's slow_turn threshold",
-            labels=("actor_type", "method"),
-        )
-        for series in [*self.series.values(), *self._other.values()]:
-            for outcome, n in list(series.outcomes.items()):
-                counts.add_metric([*series.labels, outcome], n)
-            times.add_metric(list(series.labels), series.time.cumulative(), series.time.sum)
-            if series.slow:
-                slow.add_metric(list(series.labels[:2]), series.slow)
-        return [counts, times, slow]
+def call_families(all_series: Iterable[CallSeries]) -> list[Metric]:
+    """The families of a runtime's calls: counts by outcome, latency, slow turns."""
+    counts = CounterMetricFamily(
+        "koala_calls_total",
+        "Actor calls made by this host, by actor type, method, path and outcome",
+        labels=("actor_type", "method", "path", "outcome"),
+    )
+    times = HistogramMetricFamily(
+        "koala_call_seconds",
+        "Time from a call to its answer, by actor type, method and path (local or remote)",
+        labels=("actor_type", "method", "path"),
+    )
+    slow = CounterMetricFamily(
+        "koala_slow_turns_total",
+        "Local calls that took longer than the host's slow_turn seconds",
+        labels=("actor_type", "method"),
+    )
+    for series in all_series:
+        for outcome, n in list(series.outcomes.items()):
+            counts.add_metric([*series.labels, outcome], n)
+        times.add_metric(list(series.labels), series.time.cumulative(), series.time.sum)
+        if series.slow:
+            slow.add_metric(list(series.labels[:2]), series.slow)
+    return [counts, times, slow]
 
 
 def gauge(name: str, doc: str, value: float, **labels: str) -> GaugeMetricFamily:

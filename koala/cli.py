@@ -245,6 +245,7 @@ HOST_FLAGS = {
     "shutdown_grace": "seconds a stopping host lets running turns and on_deactivate finish",
     "deactivation_batch": "activations deactivated between two yields to other tasks",
     "deactivation_tasks": "most on_deactivate hooks of idle actors running at once",
+    "slow_turn": "seconds past which a local call counts in koala_slow_turns_total",
 }
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hmac
 import json
 import logging
 import os
@@ -32,7 +33,7 @@ from anyio.abc import TaskStatus
 from hypercorn.config import Config
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 
-from . import _tracing
+from . import _metrics, _tracing
 from ._errors import (
     ActorNotFoundError,
     ArgumentTypeError,
@@ -240,7 +241,8 @@ Send = Callable[[Message], Awaitable[None]]
 # why not (e.g. "draining", "fenced"); that word is all /readyz reveals.
 Readiness = Callable[[], Awaitable[str]]
 
-HEALTH_PATHS = ("/healthz", "/readyz")
+HEALTH_PATHS = ("/healthz", "/readyz", "/metrics")
+METRICS_TOKEN_ENV = "KOALA_METRICS_TOKEN"  # set: /metrics needs "Authorization: Bearer <it>"
 WS_DRAIN_TIMEOUT = 10.0  # seconds a closed WebSocket's late messages are read and dropped
 READINESS_TIMEOUT = 5.0  # seconds a readiness check may take before /readyz says "unknown"
 
@@ -260,6 +262,8 @@ class Front:
     - ``GET|HEAD /healthz``: 200 ``{"status": "alive"}`` while the process serves.
     - ``GET|HEAD /readyz``: 200 ``{"status": "ready"}``, or 503 with the word
       ``readiness`` answered (``"stopping"`` once ``stopping`` is set).
+    - ``GET|HEAD /metrics``: this process's Prometheus metrics (koala._metrics); with
+      ``KOALA_METRICS_TOKEN`` set, only for ``Authorization: Bearer <token>`` (401 else).
     - Every exception that escapes the app is logged once, with its traceback, method
       and path, on ``koala.http``; a request without an answer yet gets a plain 500.
     - While a tracer is configured (koala._tracing), every HTTP request but the health
@@ -281,6 +285,8 @@ class Front:
         self.readiness = readiness
         self.stopping = stopping
         self.own = own_paths(app) if own is None else own
+        token = os.environ.get(METRICS_TOKEN_ENV, "")
+        self._metrics_auth = f"Bearer {token}".encode() if token else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -368,8 +374,28 @@ class Front:
         if scope["path"] == "/healthz":
             await _send_json(send, 200, {"status": "alive"}, scope)
             return
+        if scope["path"] == "/metrics":
+            await self._metrics(scope, send)
+            return
         word = await self._why_not_ready()
         await _send_json(send, 503 if word else 200, {"status": word or "ready"}, scope)
+
+    async def _metrics(self, scope: Scope, send: Send) -> None:
+        if self._metrics_auth is not None:
+            given = dict(scope.get("headers") or ()).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self._metrics_auth):
+                await _send_json(send, 401, {"status": "metrics_token_required"}, scope)
+                return
+        data, content_type = _metrics.exposition()
+        headers = [
+            (b"content-type", content_type.encode()),
+            (b"content-length", str(len(data)).encode()),
+            (b"cache-control", b"no-store"),
+        ]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send(
+            {"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else data}
+        )
 
     async def _why_not_ready(self) -> str:
         if self.stopping is not None and self.stopping.is_set():

@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 from anyio.abc import TaskStatus
+from prometheus_client.core import Metric
 
+from .. import _metrics
 from .._errors import KoalaError
 from .._interface import ActorInterface
 from .._messages import Key
@@ -139,6 +141,7 @@ class ClientConnection:
         if self.close_code is not None:
             return
         self.close_code, self.close_reason = int(code), reason[:120]
+        _closes.inc((str(self.close_code),))
         self._reader_scope.cancel()
         try:
             self._send.send_nowait(_CLOSE)
@@ -160,6 +163,27 @@ class GatewayStatistics:
     first_packets_seen: int = 0  # entries of the replay cache (packets still in the window)
 
 
+# close codes the gateway sent its clients (process-wide: codes are few)
+_closes = _metrics.Counters(
+    "koala_gateway_closes_total", "WebSocket sessions closed by the gateway, by code", ("code",)
+)
+_metrics.report(_metrics.PROCESS, lambda _: [_closes.family()])
+
+
+def _gateway_metrics(gateway: Gateway) -> list[Metric]:
+    st = gateway.statistics()
+    c, g = _metrics.counter, _metrics.gauge
+    return [
+        g("koala_gateway_connections", "Open WebSocket connections", st.connections),
+        g("koala_gateway_sessions", "Signed-in sessions bound to an actor", st.sessions),
+        c("koala_gateway_accepted_total", "Connections accepted", st.accepted),
+        c("koala_gateway_refused_total", "Connections refused", st.refused),
+        c("koala_gateway_frames_received_total", "Frames from clients", st.frames_in),
+        c("koala_gateway_frames_sent_total", "Frames to clients", st.frames_out),
+        c("koala_gateway_replays_total", "First packets refused as replays", st.replays),
+    ]
+
+
 class Gateway:
     """The gateway's ASGI app. Serve it with :meth:`serve` (hypercorn, any backend)."""
 
@@ -177,6 +201,7 @@ class Gateway:
         self._all: set[ClientConnection] = set()
         self._gone = anyio.Event()
         link.attach(self)
+        _metrics.report(self, _gateway_metrics)
 
     def statistics(self) -> GatewayStatistics:
         return GatewayStatistics(

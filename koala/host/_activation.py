@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -379,11 +380,16 @@ class Activation:
     async def _create(self) -> None:
         """The activation itself: make the instance, then on_activate (its first turn)."""
         impl = self.impl
+        start = time.perf_counter()
         instance = impl.__new__(impl)
         instance._koala_activation = self
         instance.__init__()  # type: ignore[misc]
         self.instance = instance
-        await instance.on_activate()
+        try:
+            await instance.on_activate()
+        finally:
+            seconds = time.perf_counter() - start
+            self.catalog.lifecycle.activate_seconds.observe((self.ident[0],), seconds)
 
     def _activated(self) -> bool:
         """on_activate returned: valid from now on. False if it asked to deactivate
@@ -422,6 +428,7 @@ class Activation:
         self.state = State.INVALID
         self._stop_timers()
         self.instance = None
+        self.catalog.lifecycle.failure(self.ident[0])
         self.catalog.forget(self)
         if info is None:
             self._requeue_leftovers()
@@ -478,6 +485,7 @@ class Activation:
         self.chain = chain
         t_chain = current_chain.set(chain)
         t_act = current_activation.set(self)
+        start = time.perf_counter()
         try:
             with anyio.move_on_after(self.catalog.config.shutdown_grace):
                 assert self.instance is not None
@@ -485,6 +493,8 @@ class Activation:
         except Exception:
             log.exception("on_deactivate of %s/%r raised", *self.ident)
         finally:
+            seconds = time.perf_counter() - start
+            self.catalog.lifecycle.deactivate_seconds.observe((self.ident[0],), seconds)
             current_chain.reset(t_chain)
             current_activation.reset(t_act)
             self.chain = None

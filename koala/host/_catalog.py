@@ -24,6 +24,7 @@ import anyio
 import anyio.lowlevel
 from anyio.abc import TaskGroup
 
+from .. import _metrics
 from .._actor import ActorBase
 from .._config import HostConfig
 from .._errors import ActorNotFoundError, OverloadedError, RuntimeNotRunningError, ShuttingDownError
@@ -43,6 +44,38 @@ COMPACT_MAX = 50_000
 
 _RUNNING = HostState.RUNNING
 _INVALID = State.INVALID
+
+
+class Lifecycle:
+    """Activations by actor type: live now, and how many started, failed and ended
+    (plain counters: koala._metrics reads them at a scrape, the PD's page at a renewal)."""
+
+    __slots__ = ("activate_seconds", "deactivate_seconds", "failed", "finished", "live")
+
+    def __init__(self) -> None:
+        self.live: dict[str, int] = {}
+        self.finished: dict[str, int] = {}  # left the catalog (deactivated, or failed)
+        self.failed: dict[str, int] = {}  # on_activate raised or ran out of time
+        self.activate_seconds = _metrics.Histograms(
+            "koala_activation_seconds",
+            "Time of on_activate (instance creation included)",
+            ("actor_type",),
+        )
+        self.deactivate_seconds = _metrics.Histograms(
+            "koala_deactivation_seconds", "Time of on_deactivate", ("actor_type",)
+        )
+
+    def ended(self, actor_type: str) -> None:
+        live = self.live
+        left = live[actor_type] - 1
+        if left:
+            live[actor_type] = left
+        else:
+            del live[actor_type]
+        self.finished[actor_type] = self.finished.get(actor_type, 0) + 1
+
+    def failure(self, actor_type: str) -> None:
+        self.failed[actor_type] = self.failed.get(actor_type, 0) + 1
 
 
 class Catalog:
@@ -81,6 +114,7 @@ class Catalog:
         # did suspend); see Activation._run_with_default_deadline
         self.sync_methods: dict[tuple[type[ActorBase], str], int] = {}
         self._tg: TaskGroup = _NotStarted()  # type: ignore[assignment]
+        self.lifecycle = Lifecycle()  # counts by actor type, for metrics and the PD
 
     def start(
         self,
@@ -129,6 +163,8 @@ class Catalog:
             )
         ident = (impl.actor_type, key)
         act = self._table[ident] = Activation(self, impl, ident)
+        live = self.lifecycle.live
+        live[ident[0]] = live.get(ident[0], 0) + 1
         return act
 
     def forget(self, act: Activation) -> None:
@@ -136,6 +172,7 @@ class Catalog:
         if self._table.get(act.ident) is act:
             del self._table[act.ident]
             self._released += 1
+            self.lifecycle.ended(act.ident[0])
             if self._released_hook is not None:
                 self._released_hook(*act.ident)
         bucket = self._buckets.get(act.bucket)

@@ -19,15 +19,20 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 from anyio.abc import TaskGroup
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from .. import _metrics
 from .._actor import ActorBase, implementations_of, implemented_interfaces
 from .._config import HostConfig
 from .._context import current_invoker, done_serving, serving, started, stopped
 from .._drive import fast_clock, lazy_deadline, scope_marker
 from .._errors import (
     ActorNotFoundError,
+    ArgumentTypeError,
     DeadlineExceededError,
     HostUnavailableError,
+    KoalaError,
+    OverloadedError,
     ShuttingDownError,
     WrongHostError,
 )
@@ -41,7 +46,9 @@ from .._messages import (
     new_request_id,
     rebuild_error,
 )
+from .._metrics import CallSeries
 from .._seams import LOCAL, Directory, LocalDirectory, RemoteDelivery
+from ..pd._records import MAX_REPORTED_TYPES, HostStats
 from ._activation import Activation
 from ._call import Call, TurnBody, current_chain, inline_depth
 from ._catalog import Catalog
@@ -117,6 +124,15 @@ class Runtime:
         # chain id -> requests of it served here or calls of it out of here, in flight:
         # the chains a draining host still accepts requests of
         self._chains: dict[int, int] = {}
+        # metrics of the calls made from this host, per method (koala._metrics)
+        self._local_calls: dict[MethodSpec, CallSeries] = {}
+        self._remote_calls: dict[MethodSpec, CallSeries] = {}
+        self._served = _metrics.Counters(
+            "koala_requests_served_total",
+            "Requests from other hosts served here, by actor type and method",
+            ("actor_type", "method"),
+        )
+        _metrics.report(self, _runtime_metrics)
         self._inline_calls = 0
         self._last_pause = 0.0  # when a task last let others run (see TIME_SLICE)
         self._tg: TaskGroup | None = None
@@ -225,6 +241,17 @@ class Runtime:
             draining=cat.state.draining,
         )
 
+    def host_stats(self) -> HostStats:
+        """What the cluster page shows of this host (sent to the PD with each renewal):
+        calls made here, their total time, and live activations by actor type."""
+        calls, seconds = 0, 0.0
+        for table in (self._local_calls, self._remote_calls):
+            for series in list(table.values()):
+                calls += sum(series.outcomes.values())
+                seconds += series.time.sum
+        live = self._catalog.lifecycle.live
+        return HostStats(calls, seconds, dict(list(live.items())[:MAX_REPORTED_TYPES]))
+
     @property
     def draining(self) -> bool:
         return self._catalog.state.draining
@@ -301,6 +328,7 @@ class Runtime:
         """Call ``spec`` on actor (interface, key) with positional ``args``; await the result."""
         impl = self._impls.get(interface) or self.impl_for(interface)
         cat = self._catalog
+        start = cat.clock()
         chain = current_chain.get()
         if chain is None:
             if cat.state is not _RUNNING and cat.state.draining:
@@ -330,44 +358,55 @@ class Runtime:
                 # scope per call would cost more than the call's own work (Channel)
                 own_deadline,
             )
-            return await self._invoke_remote(host, req, spec)
-        args = spec.copy_args(args)
-        if spec.one_way:
-            act = cat.get_or_create(impl, key)
-        else:
-            calls = self._inline_calls = self._inline_calls + 1
-            if calls >= INLINE_CHECK:  # a loop of these may never suspend
-                self._inline_calls = 0
-                await self._pause(long=inline_depth.get() > 0)
-            act = cat.get_or_create(impl, key)
-            if act.can_run_inline(chain):
-                try:
-                    return await act.run_inline(spec, chain, args)
-                except Refused:  # it ended in on_activate: queue for the next one
-                    act = cat.get_or_create(impl, key)
-        deadline, own_deadline = self._deadline()
-        call = Call(
-            cat,
-            spec,
-            act.ident,
-            new_chain_id() if spec.one_way else chain,
-            deadline,
-            args,
-            spec.one_way,
-        )
-        act.accept(call)
-        if own_deadline:
-            with anyio.CancelScope(deadline=deadline):
-                return await self._await_call(call)
-            raise DeadlineExceededError(
-                f"{spec.qualname} on {impl.actor_type}/{key!r} got no answer within "
-                f"the default timeout of {self.config.default_timeout} s",
-                self.config.default_timeout,
-                impl.actor_type,
-                key,
-                spec.name,
+            return await self._invoke_remote(host, req, spec, start)
+        series = self._local_calls.get(spec) or self._series(self._local_calls, spec, impl, "local")
+        outcome = "ok"
+        try:
+            args = spec.copy_args(args)
+            if spec.one_way:
+                act = cat.get_or_create(impl, key)
+            else:
+                calls = self._inline_calls = self._inline_calls + 1
+                if calls >= INLINE_CHECK:  # a loop of these may never suspend
+                    self._inline_calls = 0
+                    await self._pause(long=inline_depth.get() > 0)
+                act = cat.get_or_create(impl, key)
+                if act.can_run_inline(chain):
+                    try:
+                        return await act.run_inline(spec, chain, args)
+                    except Refused:  # it ended in on_activate: queue for the next one
+                        act = cat.get_or_create(impl, key)
+            deadline, own_deadline = self._deadline()
+            call = Call(
+                cat,
+                spec,
+                act.ident,
+                new_chain_id() if spec.one_way else chain,
+                deadline,
+                args,
+                spec.one_way,
             )
-        return await self._await_call(call)
+            act.accept(call)
+            if own_deadline:
+                with anyio.CancelScope(deadline=deadline):
+                    return await self._await_call(call)
+                raise DeadlineExceededError(
+                    f"{spec.qualname} on {impl.actor_type}/{key!r} got no answer within "
+                    f"the default timeout of {self.config.default_timeout} s",
+                    self.config.default_timeout,
+                    impl.actor_type,
+                    key,
+                    spec.name,
+                )
+            return await self._await_call(call)
+        except BaseException as exc:
+            outcome = outcome_of(exc)
+            raise
+        finally:
+            seconds = cat.clock() - start
+            series.done(outcome, seconds)
+            if seconds > self.config.slow_turn:
+                series.slow += 1
 
     def _deadline(self) -> tuple[float, bool]:
         """The current call's deadline, and whether the call enforces it itself (no cancel
@@ -412,20 +451,43 @@ class Runtime:
             raise rebuild_error(call.error)
         return call.result
 
-    async def _invoke_remote(self, host: str, req: Request, spec: MethodSpec) -> Any:
+    async def _invoke_remote(self, host: str, req: Request, spec: MethodSpec, start: float) -> Any:
         if self.remote is None:
             raise HostUnavailableError(
                 f"{req.actor_type}/{req.key!r} lives on host {host!r}, and this runtime has "
                 "no transport to reach it"
             )
+        series = self._remote_calls.get(spec) or self._series(
+            self._remote_calls, spec, self.impl_for(spec.interface), "remote"
+        )
         chains, chain = self._chains, req.chain_id
         chains[chain] = chains.get(chain, 0) + 1
+        outcome = "ok"
         try:
             return await self.remote.call(host, req, spec)
         except WrongHostError:
-            return await self._send_elsewhere(req, spec)
+            try:
+                return await self._send_elsewhere(req, spec)
+            except BaseException as exc:
+                outcome = outcome_of(exc)
+                raise
+        except BaseException as exc:
+            outcome = outcome_of(exc)
+            raise
         finally:
             self._chain_done(chain)
+            series.done(outcome, self._catalog.clock() - start)
+
+    @staticmethod
+    def _series(
+        table: dict[MethodSpec, CallSeries], spec: MethodSpec, impl: type[ActorBase], path: str
+    ) -> CallSeries:
+        """The metrics series of calls to ``spec`` on ``path``, made on first use (at
+        most MAX_SERIES per table: methods are few, but a table never grows unbounded)."""
+        series = CallSeries(impl.actor_type, spec.name, path)
+        if len(table) < _metrics.MAX_SERIES:
+            table[spec] = series
+        return series
 
     def _chain_done(self, chain: int) -> None:
         left = self._chains[chain] - 1
@@ -498,6 +560,7 @@ class Runtime:
     async def _serve(self, req: Request) -> Response | None:
         try:
             impl, spec = self._target_of(req)
+            self._served.inc((req.actor_type, req.method))
             if not self._local_only:
                 owner = self.directory.lookup(req.actor_type, req.key)
                 if owner != LOCAL:
@@ -566,3 +629,60 @@ class Runtime:
         if self._actors is not None:
             return [iface for impl in self._actors for iface in interfaces_of(impl)]
         return implemented_interfaces()
+
+
+def outcome_of(exc: BaseException) -> str:
+    """The ``outcome`` label of a call that raised ``exc`` (its kind, not its text)."""
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, KoalaError):
+        return _OUTCOMES.get(type(exc), "error")
+    if isinstance(exc, Exception):
+        return "error"  # the actor's own exception
+    return "cancelled"  # the caller gave up (or the host stops)
+
+
+_OUTCOMES: dict[type[KoalaError], str] = {
+    OverloadedError: "overloaded",
+    ShuttingDownError: "shutting_down",
+    HostUnavailableError: "unavailable",
+    ActorNotFoundError: "not_found",
+    ArgumentTypeError: "bad_argument",
+    WrongHostError: "wrong_host",
+}
+
+
+def _runtime_metrics(rt: Runtime) -> list[Metric]:
+    cat = rt._catalog
+    life = cat.lifecycle
+    live = GaugeMetricFamily(
+        "koala_activations", "Live activations by actor type", labels=("actor_type",)
+    )
+    for actor_type, n in list(life.live.items()):
+        live.add_metric([actor_type], n)
+    finished = CounterMetricFamily(
+        "koala_deactivations", "Activations that ended, by actor type", labels=("actor_type",)
+    )
+    for actor_type, n in list(life.finished.items()):
+        finished.add_metric([actor_type], n)
+    failed = CounterMetricFamily(
+        "koala_activation_failures",
+        "Activations whose on_activate raised or ran out of time",
+        labels=("actor_type",),
+    )
+    for actor_type, n in list(life.failed.items()):
+        failed.add_metric([actor_type], n)
+    calls = [*rt._local_calls.values(), *rt._remote_calls.values()]
+    g = _metrics.gauge
+    return [
+        live,
+        finished,
+        failed,
+        life.activate_seconds.family(),
+        life.deactivate_seconds.family(),
+        *_metrics.call_families(calls),
+        rt._served.family(),
+        g("koala_mailbox_queued_calls", "Calls waiting in mailboxes on this host", cat.queued),
+        g("koala_calls_in_flight", "Calls being run or waited for on this host", cat.inflight),
+        g("koala_host_draining", "1 while the host drains", float(cat.state.draining)),
+    ]

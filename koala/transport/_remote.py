@@ -31,7 +31,9 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.abc import ByteStream, SocketAttribute, TaskGroup
 from anyio.streams.tls import TLSStream
+from prometheus_client.core import Metric
 
+from .. import _metrics
 from .._errors import ConfigError, HostUnavailableError
 from .._messages import Request as CallRequest
 from .._messages import rebuild_error
@@ -128,6 +130,7 @@ class Transport:
         self._channels: dict[str, Channel] = {}  # by peer address
         self._all: set[Channel] = set()
         self._attempts: dict[str, _Attempt] = {}
+        _metrics.report(self, _transport_metrics)
         self._backoff: dict[str, _Backoff] = {}
         self._tg: TaskGroup | None = None
         self._listeners: list[anyio.abc.Listener[Any]] = []
@@ -565,3 +568,27 @@ def _set_nodelay(stream: ByteStream) -> None:
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _transport_metrics(transport: Transport) -> list[Metric]:
+    st = transport.statistics()
+    frames = sum(ch.conn.frames_received for ch in list(transport._all))
+    c, g = _metrics.counter, _metrics.gauge
+    return [
+        g("koala_transport_connections", "Open connections to other hosts", st.connections),
+        g("koala_transport_pending_calls", "Calls out waiting for their answer", st.pending_calls),
+        g("koala_transport_serving", "Requests from other hosts being served", st.serving),
+        g(
+            "koala_transport_unauthenticated",
+            "Inbound connections in their handshake",
+            st.unauthenticated,
+        ),
+        g("koala_transport_frames_received", "Frames received on the open connections", frames),
+        c("koala_transport_connects_total", "Connections dialled", st.connects),
+        c("koala_transport_failed_connects_total", "Dials that failed", st.failed_connects),
+        c(
+            "koala_transport_refused_total",
+            "Inbound connections refused at their handshake",
+            st.refused_connections,
+        ),
+    ]
