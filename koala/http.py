@@ -411,8 +411,9 @@ class Front:
 
 
 def _trace_headers(scope: Scope) -> tuple[str | None, str]:
-    """The request's W3C ``traceparent`` and ``tracestate`` headers (several tracestate
-    headers join with commas, as W3C says); bad bytes count as no header."""
+    """The request's W3C ``traceparent`` and ``tracestate`` headers, as latin-1 text (any
+    byte decodes; a malformed value is then ignored by _tracing.incoming). Several
+    tracestate headers join with commas, as W3C says."""
     parent: str | None = None
     states: list[str] = []
     for name, value in scope.get("headers", ()):
