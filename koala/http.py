@@ -2,8 +2,9 @@
 HTTP or HTTPS (and so ws or wss), and answer Koala's errors with a status and a JSON body.
 
 Every server Koala runs goes through :func:`serve_asgi`, which puts a thin ASGI front
-before the app: ``/healthz`` and ``/readyz`` (docs/operations.md), and a log line with
-the traceback for every exception that escapes the app. It also bounds shutdown: on
+before the app: ``/healthz`` and ``/readyz`` (docs/operations.md), a log line with
+the traceback for every exception that escapes the app, and, while tracing is on, a
+span per HTTP request (docs/operations.md, "Traces"). It also bounds shutdown: on
 Python 3.12+ hypercorn's asyncio server waits for every open connection to close
 (pgjones/hypercorn#308), so connections still open after the graceful timeout are
 aborted here.
@@ -30,8 +31,9 @@ import anyio
 import sniffio
 from anyio.abc import TaskStatus
 from hypercorn.config import Config
+from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 
-from . import _metrics
+from . import _metrics, _tracing
 from ._errors import (
     ActorNotFoundError,
     ArgumentTypeError,
@@ -264,6 +266,8 @@ class Front:
       ``KOALA_METRICS_TOKEN`` set, only for ``Authorization: Bearer <token>`` (401 else).
     - Every exception that escapes the app is logged once, with its traceback, method
       and path, on ``koala.http``; a request without an answer yet gets a plain 500.
+    - While a tracer is configured (koala._tracing), every HTTP request but the health
+      probes is served in a SERVER span continuing the client's ``traceparent``.
 
     A path the app routes itself (``own``) goes to the app. The health paths are
     answered before the app's middleware, so they need no credentials: they tell
@@ -292,6 +296,42 @@ class Front:
         if kind not in ("http", "websocket"):  # lifespan
             await self.app(scope, receive, send)
             return
+        active = _tracing.tracer  # None unless tracing is on: the whole cost when off
+        if active is not None and kind == "http":
+            await self._traced(active, scope, receive, send)
+            return
+        await self._serve(kind, scope, receive, send)
+
+    async def _traced(self, active: Tracer, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve an HTTP request in a SERVER span, the child of the ``traceparent`` the
+        client sent (if well formed), current while the app runs so the actor calls a
+        route makes are its children. Named after the route's template once the app
+        routed it (FastAPI puts the route in the scope), else ``HTTP <method>``."""
+        method = scope.get("method", "GET")
+        parent = _tracing.incoming(*_trace_headers(scope))
+        attributes = {"http.request.method": method, "url.path": scope.get("path", "")}
+        status = 0
+
+        async def status_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message.get("status", 0))
+            await send(message)
+
+        with _tracing.span(active, f"HTTP {method}", SpanKind.SERVER, attributes, parent) as sp:
+            try:
+                await self._serve("http", scope, receive, status_send)
+            finally:
+                template = getattr(scope.get("route"), "path", None)
+                if isinstance(template, str):
+                    sp.update_name(f"{method} {template}")
+                    sp.set_attribute("http.route", template)
+                if status:
+                    sp.set_attribute("http.response.status_code", status)
+                if status >= 500 or not status:  # OpenTelemetry: a server span fails on 5xx
+                    sp.set_status(Status(StatusCode.ERROR, f"HTTP {status or 'no answer'}"))
+
+    async def _serve(self, kind: str, scope: Scope, receive: Receive, send: Send) -> None:
         started = disconnected = False
 
         async def tracked_send(message: Message) -> None:
@@ -368,6 +408,20 @@ class Front:
         except Exception:  # a probe must answer; the log says what went wrong
             log.exception("the readiness check failed")
             return "unknown"
+
+
+def _trace_headers(scope: Scope) -> tuple[str | None, str]:
+    """The request's W3C ``traceparent`` and ``tracestate`` headers, as latin-1 text (any
+    byte decodes; a malformed value is then ignored by _tracing.incoming). Several
+    tracestate headers join with commas, as W3C says."""
+    parent: str | None = None
+    states: list[str] = []
+    for name, value in scope.get("headers", ()):
+        if name == b"traceparent":
+            parent = value.decode("latin-1")
+        elif name == b"tracestate":
+            states.append(value.decode("latin-1"))
+    return parent, ",".join(states)
 
 
 async def _drain(receive: Receive) -> None:
@@ -513,6 +567,7 @@ async def serve_asgi(
     secure = tls if tls is not None and tls.enabled else None
     if secure is not None:
         _check_tls(secure)
+    _tracing.refresh()  # a tracer provider configured since the last start counts
     front: Any = Front(app, readiness, shutdown)  # hypercorn types the app narrowly
     sock = _bind_socket(host, port)
     bound = sock.getsockname()[:2]

@@ -669,7 +669,15 @@ error = st.builds(
     st.tuples(leaf, leaf) | st.just(()),
 )
 # REQUEST's fields in order: ids, timeout, actor type, key, interface, method, args,
-# one_way, placement
+# one_way, placement, trace
+traceparent = st.builds(
+    lambda v, t, p, f: f"{v:02x}-{t:032x}-{p:016x}-{f:02x}",
+    st.integers(0, 254),
+    st.integers(0, 2**128 - 1),
+    st.integers(0, 2**64 - 1),
+    st.integers(0, 255),
+)
+trace = st.none() | st.tuples(traceparent, st.text(max_size=40))
 request_fields = (
     u64,
     u64,
@@ -681,6 +689,7 @@ request_fields = (
     st.lists(data, max_size=4),
     st.booleans(),
     st.just(b"") | st.binary(min_size=32, max_size=32),
+    trace,
 )
 app_events: st.SearchStrategy[Event] = st.one_of(
     st.builds(Request, *request_fields),
@@ -796,9 +805,12 @@ def test_the_request_fast_path_frames_what_the_checked_path_frames(
     args: list[Any],
     one_way: bool,
     placement: bytes,
+    trace: tuple[str, str] | None,
 ) -> None:
     c, s = open_pair()
-    ev = Request(rid, chain, timeout, actor_type, k, interface, method, args, one_way, placement)
+    ev = Request(
+        rid, chain, timeout, actor_type, k, interface, method, args, one_way, placement, trace
+    )
     fast = c.send_request(rid, timeout, ev)  # an event has the fields of an OutgoingCall
     assert fast == c.send(ev)
     s.receive_data(fast)
@@ -823,6 +835,7 @@ class _Call:
     args: tuple[Any, ...] = ()
     one_way: bool = False
     placement: bytes = b""
+    trace: tuple[str, str] | None = None
 
 
 def test_the_request_fast_path_refuses_what_the_checked_path_refuses() -> None:

@@ -60,6 +60,18 @@ def test_request_vector_means_what_the_doc_says() -> None:
     assert decode(VECTORS["request-placed"][4:]) == Request(
         1, 4242, 30.0, "Player", "p1", "IPlayer", "echo", ["hello"], False, placement=TICKET
     )
+    assert decode(VECTORS["request-traced"][4:]) == Request(
+        1,
+        4242,
+        30.0,
+        "Player",
+        "p1",
+        "IPlayer",
+        "echo",
+        ["hello"],
+        False,
+        trace=("00-000102030405060708090a0b0c0d0e0f-1011121314151617-01", "koala=1"),
+    )
     err = decode(VECTORS["error"][4:])
     assert err == Response(
         1,

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol
 
+from opentelemetry.trace import SpanKind
+
+from .. import _tracing
 from .._actor import ActorBase
 from .._errors import KoalaError, ShuttingDownError
 from .._interface import ActorInterface
@@ -326,13 +329,27 @@ class ClientHub:
         reopen: bool,
     ) -> tuple[int, str] | None:
 
-        async def turn(act: Activation) -> None:
+        async def run(act: Activation) -> None:
             instance: Any = act.instance
             if reopen and sess._opened_on is not act:
                 # a fresh activation that never saw this session: tell it first
                 sess._opened_on = act
                 await instance.on_client_open(sess, True)
             await body(instance, act)
+
+        async def turn(act: Activation) -> None:
+            active = _tracing.tracer  # None unless tracing is on: the whole cost when off
+            if active is None:
+                await run(act)
+                return
+            # inside the turn, in the actor's task, so the calls the hook makes are the
+            # span's children; its parent is the traceparent of the first packet, if any
+            meta = sess.metadata
+            parent = _tracing.incoming(meta.get("traceparent"), meta.get("tracestate", ""))
+            attributes = _tracing.call_attributes("gateway", hook, sess.actor_type, sess.key)
+            attributes["koala.session_id"] = sess.session_id
+            with _tracing.span(active, f"gateway {hook}", SpanKind.SERVER, attributes, parent):
+                await run(act)
 
         try:
             self.runtime.schedule_turn(impl, sess.key, turn, hook)

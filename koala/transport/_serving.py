@@ -99,6 +99,7 @@ def call_of(ev: Request, deadline: float) -> CallRequest:
         tuple(ev.args),
         ev.one_way,
         placement=ev.placement,
+        trace=ev.trace,
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
@@ -22,6 +23,9 @@ NONCE_SIZE = 32
 PROOF_SIZE = 32  # HMAC-SHA256
 MAX_REASON = 1024  # characters of a CLOSE/GOAWAY reason kept on send
 _U64 = 1 << 64
+MAX_TRACESTATE = 512  # characters of a REQUEST's tracestate carried (W3C: 32 members)
+# W3C trace context's traceparent: version-trace_id-parent_id-flags, lowercase hex
+TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 
 
 class ProtocolError(Exception):
@@ -248,6 +252,11 @@ class Request(Event):
     # the placement ticket the sender's PD lookup returned (empty: not given): a host
     # that finds a valid ticket of its own here needs not ask the PD (koala.pd._ticket)
     placement: bytes = b""
+    # the caller's span context, W3C (traceparent, tracestate), None: no trace. Kept
+    # only when well formed (W3C: a receiver ignores a bad one and starts a new trace),
+    # so a malformed value becomes None and an over-long tracestate ""; a value that
+    # is not a pair of text strings is refused like any other field of a wrong type
+    trace: tuple[str, str] | None = None
 
     def __post_init__(self) -> None:
         _check_u64("request_id", self.request_id)
@@ -266,6 +275,24 @@ class Request(Event):
             _fail(f"one_way must be a boolean, got {self.one_way!r}")
         if self.placement != b"":  # anything else than bytes of a ticket is refused
             _check_bytes("placement", self.placement, TICKET_SIZE)
+        if self.trace is not None:
+            object.__setattr__(self, "trace", _trace(self.trace))
+
+
+def _trace(value: object) -> tuple[str, str] | None:
+    """A REQUEST's trace element as carried on: two text strings, else refused."""
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise LocalProtocolError(
+            f"trace must be an array [traceparent, tracestate], got {value!r:.80}"
+        )
+    parent, state = value
+    if not isinstance(parent, str) or not isinstance(state, str):
+        raise LocalProtocolError(f"trace must hold two text strings, got {value!r:.80}")
+    if len(parent) != 55 or TRACEPARENT.fullmatch(parent) is None:
+        return None  # not a traceparent: no trace to continue
+    if len(state) > MAX_TRACESTATE:
+        state = ""  # W3C: drop a tracestate that cannot be kept whole, keep the parent
+    return (str(parent), str(state))  # exactly str, whatever subclass was given
 
 
 class OutgoingCall(Protocol):
@@ -289,6 +316,8 @@ class OutgoingCall(Protocol):
     def one_way(self) -> bool: ...
     @property
     def placement(self) -> bytes: ...
+    @property
+    def trace(self) -> tuple[str, str] | None: ...
 
 
 @dataclass(frozen=True, slots=True)

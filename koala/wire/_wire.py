@@ -135,7 +135,9 @@ def _to_array(ev: Event) -> list[Any]:
                 list(ev.args),
                 ev.one_way,
             ]
-            if ev.placement:  # an optional last field, left out when not given
+            if ev.trace is not None:  # the trace follows placement, given or empty
+                item += (ev.placement, list(ev.trace))
+            elif ev.placement:  # an optional last field, left out when not given
                 item.append(ev.placement)
             return item
         case Response(error=None):
@@ -226,6 +228,7 @@ def request_frame(
             list(call.args),
             call.one_way,
             call.placement,
+            call.trace,
         )
         return frame(ev, max_frame_size)
     item = [
@@ -240,7 +243,10 @@ def request_frame(
         call.args,  # a tuple is a CBOR array too
         call.one_way,
     ]
-    if call.placement:
+    trace = call.trace  # None unless a tracer is configured: one test when off
+    if trace is not None:
+        item += (call.placement, trace)  # a tuple is a CBOR array too
+    elif call.placement:
         item.append(call.placement)
     return _framed(dumps(item), "Request", max_frame_size)
 
@@ -255,8 +261,10 @@ def result_frame(request_id: int, result: Any, max_frame_size: int) -> bytes:
 
 
 def _request(a: list[Any]) -> Event:
-    placement = a[10] if len(a) > 10 else b""
-    return Request(a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], placement)
+    n = len(a)
+    placement = a[10] if n > 10 else b""
+    trace = a[11] if n > 11 else None  # CBOR null: no trace, as when absent
+    return Request(a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], placement, trace)
 
 
 _ERROR_CODES = frozenset(int(c) for c in ErrorCode)
