@@ -30,7 +30,6 @@ from opentelemetry.trace import SpanKind, StatusCode
 from koala import ActorBase, ActorInterface, HostConfig, Runtime, _tracing, get_rpc_proxy
 from koala._messages import Request as CallRequest
 from koala.gateway import ClientHandler, ClientSession, Gateway, LocalLink
-from koala.host import _runtime as _runtime_module
 from koala.http import serve_asgi
 from koala.transport._serving import call_of
 from koala.wire._events import MAX_TRACESTATE, RemoteProtocolError, Request
@@ -407,14 +406,8 @@ async def test_a_session_without_a_traceparent_starts_its_own_trace(
 
 # ---------------------------------------------------------------- across hosts
 
-# The runtime's spans per actor call (a CLIENT span in invoke, a SERVER span in
-# serve_request from the REQUEST's trace) are the lead's part of issue #13, in
-# koala/host/_runtime.py; until they are on this branch this test cannot run.
-_RUNTIME_TRACES = hasattr(_runtime_module, "_tracing")
-
 
 @pytest.mark.anyio
-@pytest.mark.skipif(not _RUNTIME_TRACES, reason="needs the runtime's call spans (#13, lead)")
 async def test_one_trace_from_an_http_route_through_two_hosts(
     spans: InMemorySpanExporter,
 ) -> None:
