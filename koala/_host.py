@@ -152,13 +152,15 @@ async def serve_host(
     shutdown: anyio.Event,
     *,
     http: tuple[str, int] | None = None,
+    metrics: tuple[str, int] | None = None,
     config: HostConfig | None = None,
     member: MemberConfig | None = None,
     tls: TLSConfig | None = None,
     announce: Callable[[str], None] = print,
 ) -> None:
     """A host of the cluster: runtime, transport and PD membership, and the module's
-    ``app`` over HTTP if it has one; until ``shutdown``, then drain and leave. Its PD
+    ``app`` over HTTP if it has one (``metrics``: an address for /metrics and the health
+    checks alone); until ``shutdown``, then drain and leave. Its PD
     requests are signed with the transport's cluster secret (KOALA_CLUSTER_SECRET).
     ``tls`` (default: KOALA_TLS_*) secures all three: mutual TLS on host links, HTTPS
     to the PD (checked against its CA) and HTTPS for the app."""
@@ -200,6 +202,15 @@ async def serve_host(
                                 shutdown,
                             )
                             where = f"; HTTP on {tls.scheme}://{bound[0]}:{bound[1]}"
+                        if metrics is not None:
+                            bound = await http_tg.start(
+                                partial(serve_asgi, tls=tls, readiness=host_readiness(rt)),
+                                _nothing_else,
+                                metrics[0],
+                                metrics[1],
+                                shutdown,
+                            )
+                            where += f"; metrics on {tls.scheme}://{bound[0]}:{bound[1]}/metrics"
                         announce(
                             f"koala host: server {directory.server_id} on {directory.address}"
                             f"{where}; serving {', '.join(sorted(services))}"
@@ -212,6 +223,30 @@ async def serve_host(
     finally:
         with anyio.CancelScope(shield=True):
             await pd.aclose()
+
+
+async def _nothing_else(scope: Any, receive: Any, send: Any) -> None:
+    """The app behind a metrics-only address: koala.http answers /metrics, /healthz and
+    /readyz in front of it; anything else is not here."""
+    if scope["type"] == "lifespan":  # nothing to start or stop; say so when asked
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    if scope["type"] != "http":
+        return
+    body = b'{"error": "not_found", "message": "this address serves /metrics and health only"}'
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 404,
+            "headers": [(b"content-type", b"application/json")],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 async def _listen(transport: Transport, host: str, port: int) -> str:

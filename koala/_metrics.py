@@ -139,20 +139,35 @@ class Histograms:
 
 class CallSeries:
     """The calls of one method of one actor type on one path (local or remote), kept by
-    the runtime per method: outcomes counted, latency bucketed, slow turns counted."""
+    the runtime per method: answers counted (``ok``, and failures by outcome), latency
+    bucketed, slow turns counted. The runtime's local path writes these fields itself."""
 
-    __slots__ = ("labels", "outcomes", "slow", "time")
+    __slots__ = ("labels", "ok", "outcomes", "slow", "time")
 
     def __init__(self, actor_type: str, method: str, path: str) -> None:
         self.labels = (actor_type, method, path)
-        self.outcomes: dict[str, int] = {}
+        self.ok = 0
+        self.outcomes: dict[str, int] = {}  # the failed ones, by outcome
         self.time = Histogram()
         self.slow = 0
 
-    def done(self, outcome: str, seconds: float) -> None:
+    def failed(self, outcome: str) -> None:
         outcomes = self.outcomes
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
+
+    def done(self, outcome: str, seconds: float) -> None:
+        if outcome == "ok":
+            self.ok += 1
+        else:
+            self.failed(outcome)
         self.time.observe(seconds)
+
+    def counts(self) -> dict[str, int]:
+        """Calls by outcome, ``ok`` included."""
+        out = dict(self.outcomes)
+        if self.ok:
+            out["ok"] = self.ok
+        return out
 
 
 def call_families(all_series: Iterable[CallSeries]) -> list[Metric]:
@@ -173,7 +188,7 @@ def call_families(all_series: Iterable[CallSeries]) -> list[Metric]:
         labels=("actor_type", "method"),
     )
     for series in all_series:
-        for outcome, n in list(series.outcomes.items()):
+        for outcome, n in series.counts().items():
             counts.add_metric([*series.labels, outcome], n)
         times.add_metric(list(series.labels), series.time.cumulative(), series.time.sum)
         if series.slow:

@@ -62,7 +62,7 @@ def outgoing() -> tuple[str, str] | None:
 
 
 def valid_traceparent(value: object) -> bool:
-    return isinstance(value, str) and _TRACEPARENT.match(value) is not None
+    return isinstance(value, str) and _TRACEPARENT.fullmatch(value) is not None
 
 
 def incoming(traceparent: str | None, tracestate: str = "") -> context.Context | None:

@@ -213,6 +213,10 @@ def _add_cluster_commands(sub: Any) -> None:
     host.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT for other hosts")
     host.add_argument("--http", help="HOST:PORT to serve the app's HTTP API on (if it has one)")
     host.add_argument(
+        "--metrics",
+        help="HOST:PORT for /metrics, /healthz and /readyz alone (they are on --http too)",
+    )
+    host.add_argument(
         "--ttl", type=int, default=15, help="membership lease TTL, seconds (default 15)"
     )
     host.add_argument(
@@ -330,6 +334,9 @@ def _run_cluster_command(args: argparse.Namespace, backend: _backend.Backend) ->
         http = parse_hostport(args.http, "--http") if args.http else None
         if http is not None:
             check_bind(http[0], "--http")
+        metrics = parse_hostport(args.metrics, "--metrics") if args.metrics else None
+        if metrics is not None:
+            check_bind(metrics[0], "--metrics")
         config = _host_config(args)
         member = MemberConfig(ttl=args.ttl)
         if args.positions_per_lease is not None:
@@ -352,6 +359,7 @@ def _run_cluster_command(args: argparse.Namespace, backend: _backend.Backend) ->
                 args.pd,
                 listen,
                 http=http,
+                metrics=metrics,
                 config=config,
                 member=member,
                 tls=_tls(args),

@@ -132,11 +132,14 @@ class Cluster:
         backend: str = "asyncio",
         ttl: int = 2,
         default_timeout: float = 10.0,
+        extra: tuple[str, ...] = (),
     ) -> Proc:
+        """A `koala host` process; ``extra``: more flags."""
         port = free_port()
         cmd = [sys.executable, "-m", "koala.cli", "host", APP, "--pd", pd_urls]
         cmd += ["--listen", "127.0.0.1:0", "--http", f"127.0.0.1:{port}", "--ttl", str(ttl)]
         cmd += ["--default-timeout", str(default_timeout), "--log-level", "WARNING"]
+        cmd += list(extra)
         proc = Proc(f"host:{port}:{backend}", cmd, self.env(backend), self.tmp / f"host-{port}.log")
         proc.port = port
         self.procs.append(proc)

@@ -12,7 +12,7 @@ import pytest
 
 from koala.testing.prometheus import PrometheusProcess
 from tests._cluster import Cluster, cluster_of, url
-from tests._etcd import etcd_url
+from tests._etcd import etcd_url, free_port
 
 __all__ = ["etcd_url"]
 
@@ -29,7 +29,9 @@ def cluster(tmp_path: Path, etcd_url: str) -> Iterator[Cluster]:
 def test_prometheus_sees_the_calls_a_cluster_made(cluster: Cluster) -> None:
     pd = cluster.pd()
     first = cluster.host(url(pd), "asyncio")
-    second = cluster.host(url(pd), "trio")
+    metrics_port = free_port()  # the second host's metrics on an address of their own
+    second = cluster.host(url(pd), "trio", extra=("--metrics", f"127.0.0.1:{metrics_port}"))
+    assert f"metrics on http://127.0.0.1:{metrics_port}/metrics" in second.output()
     keys = [f"k{i}" for i in range(20)]
     with httpx.Client(timeout=30) as client:
         for i in range(CALLS):  # every HTTP request makes one actor call from `first`
@@ -40,7 +42,7 @@ def test_prometheus_sees_the_calls_a_cluster_made(cluster: Cluster) -> None:
     assert "koala_calls_total" in text
     assert "koala_call_seconds_bucket" in text
 
-    targets = [f"127.0.0.1:{p.port}" for p in (pd, first, second)]
+    targets = [f"127.0.0.1:{p.port}" for p in (pd, first)] + [f"127.0.0.1:{metrics_port}"]
     prom = PrometheusProcess(targets, interval=0.5)
     try:
         prom.start()
