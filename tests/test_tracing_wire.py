@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 from abc import abstractmethod
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -22,8 +22,7 @@ from anyio.abc import TaskStatus
 from fastapi import FastAPI
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
@@ -38,23 +37,12 @@ from koala.wire._wire import decode, encode, frame, request_frame
 from ._gateway_client import session
 from ._gateway_helpers import gateway_config
 from ._transport_helpers import IEcho, node
+from .test_tracing import spans
+
+__all__ = ["spans"]  # the fixture, shared with test_tracing.py
 
 TP = "00-000102030405060708090a0b0c0d0e0f-1011121314151617-01"
 BASE: list[Any] = [10, 1, 4242, 30.0, "Player", "p1", "IPlayer", "echo", ["hello"], False]
-
-
-@pytest.fixture
-def spans() -> Iterator[InMemorySpanExporter]:
-    """Spans recorded in memory for the test (a provider of its own, not the global one)."""
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    _tracing.use(provider)
-    try:
-        yield exporter
-    finally:
-        _tracing.use(None)
-        provider.shutdown()
 
 
 # ---------------------------------------------------------------- the wire
