@@ -95,13 +95,26 @@ class MethodSpec:
 
     def copy_args(self, args: tuple[Any, ...]) -> tuple[Any, ...]:
         """Validate positional arguments and copy them for the callee (the local path)."""
-        codecs = self.params
+        if not self._built:
+            self._build()
+        codecs = self._params
         try:
+            if len(args) == 1 == len(codecs):  # the common case, without a loop
+                return (codecs[0].copy(args[0]),)
             return tuple([c.copy(v) for c, v in zip(codecs, args, strict=True)])
         except Mismatch:
             for name, codec, value in zip(self.param_names, codecs, args, strict=True):
                 codec.check(value, f"{self.qualname}() argument {name!r}")
             raise
+
+    def copy_result(self, value: Any) -> Any:
+        """Validate a result and copy it for the caller (the local path)."""
+        codec = self._result if self._built else self.result
+        assert codec is not None
+        try:
+            return codec.copy(value)
+        except Mismatch as exc:
+            raise exc.to_error(f"the result of {self.qualname}") from None
 
     def encode_args(self, args: tuple[Any, ...]) -> list[Any]:
         return [

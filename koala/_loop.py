@@ -19,14 +19,17 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import logging
+import math
 import os
 import platform
 import socket
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 from weakref import ref
 
@@ -104,9 +107,10 @@ HOOKS: tuple[Hook, ...] = (
         "asyncio_deadline",
         ("asyncio", "uvloop"),
         "anyio",
-        "anyio._backends._asyncio.AsyncIOBackend.current_effective_deadline",
-        "anyio.current_effective_deadline(), which looks the backend up each time: "
-        "about 1 us more per read",
+        "the cancel scopes of anyio's asyncio task states (_deadline, _shield, "
+        "_cancel_called, _parent_scope)",
+        "anyio.current_effective_deadline(), which looks the backend up and walks the "
+        "scopes through properties: about 1 us more per read",
     ),
     Hook(
         "asyncio_pipe",
@@ -271,7 +275,10 @@ def fast_clock() -> tuple[Callable[[], float], Callable[[], float]]:
         return trio.current_time, trio.current_effective_deadline
     if backend != "asyncio":
         return anyio.current_time, anyio.current_effective_deadline
-    now = asyncio.get_running_loop().time  # what anyio's current_time() reads
+    loop = asyncio.get_running_loop()
+    now = loop.time  # what anyio's current_time() reads
+    if type(loop).time is asyncio.BaseEventLoop.time:
+        now = time.monotonic  # what BaseEventLoop.time() returns, without its frame
     if _forced_off:
         return now, anyio.current_effective_deadline
     found = _asyncio_deadline()
@@ -282,15 +289,54 @@ def fast_clock() -> tuple[Callable[[], float], Callable[[], float]]:
 
 
 def _asyncio_deadline() -> Callable[[], float] | str:
+    """The current task's effective deadline read from anyio's scopes directly (what
+    ``anyio.current_effective_deadline()`` computes), checked against anyio's own answer
+    under nested, shielded and cancelled scopes; or why it cannot be."""
     try:
-        from anyio._backends._asyncio import AsyncIOBackend
-
-        deadline: Callable[[], float] = AsyncIOBackend.current_effective_deadline
-        with anyio.CancelScope(deadline=anyio.current_time() + 1e6) as scope:  # noqa: ASYNC100
-            if deadline() != scope.deadline:
-                return "it does not give the current deadline"
-    except (ImportError, AttributeError, TypeError) as exc:
+        deadline = _asyncio_deadline_reader()
+        with anyio.CancelScope(deadline=anyio.current_time() + 1e6) as outer:  # noqa: ASYNC100
+            seen = [(deadline(), outer.deadline)]
+            with anyio.CancelScope(deadline=outer.deadline - 1):  # noqa: ASYNC100
+                seen.append((deadline(), anyio.current_effective_deadline()))
+                with anyio.CancelScope(shield=True):  # noqa: ASYNC100
+                    seen.append((deadline(), math.inf))
+            with anyio.CancelScope() as cancelled:  # noqa: ASYNC100
+                cancelled.cancel()
+                seen.append((deadline(), -math.inf))
+        seen.append((deadline(), anyio.current_effective_deadline()))
+        if any(got != want for got, want in seen):
+            return f"it does not give the current deadline (read, expected: {seen})"
+    except (ImportError, AttributeError, TypeError, KeyError) as exc:
         return repr(exc)
+    return deadline
+
+
+def _asyncio_deadline_reader() -> Callable[[], float]:
+    from anyio._backends._asyncio import _task_states
+
+    states: dict[Any, Any] = _task_states.data  # type: ignore[attr-defined]  # by weakref
+    no_state = _NoState()
+    loop = asyncio.get_running_loop()
+    current = _current_tasks(loop)
+    inf = math.inf
+    # the running task, by a C call either way (3.11's public one makes a system call)
+    task_of: Callable[[], Any] = (
+        asyncio.current_task if current is None else partial(current.__getitem__, loop)
+    )
+
+    def deadline() -> float:
+        scope = states.get(ref(task_of()), no_state).cancel_scope
+        found = inf
+        while scope is not None:
+            if scope._deadline < found:
+                found = scope._deadline
+            if scope._cancel_called:
+                return -inf
+            if scope._shield:
+                break
+            scope = scope._parent_scope
+        return found
+
     return deadline
 
 

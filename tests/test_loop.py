@@ -8,6 +8,7 @@ cost, where the behavioural tests would pass on the slower public fallback.
 from __future__ import annotations
 
 import logging
+import math
 import socket
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -104,6 +105,39 @@ async def test_the_asyncio_marker_works_through_the_public_current_task(
     with anyio.CancelScope() as scope:  # noqa: ASYNC100
         assert marker() is scope
     assert marker() is outer
+
+
+@pytest.mark.parametrize("public_task", [False, True], ids=["task-table", "current_task"])
+async def test_the_asyncio_deadline_reader_agrees_with_anyio(
+    monkeypatch: pytest.MonkeyPatch, public_task: bool
+) -> None:
+    """Nested, shielded and cancelled scopes, in every order: the reader's answer is
+    anyio's (the reader walks the same scopes without its backend lookup)."""
+    if _loop.running_backend() == "trio" or _loop.forced_off():
+        pytest.skip("the asyncio deadline reader, with its hooks on")
+    if public_task:
+        monkeypatch.setattr(_loop, "_current_tasks", lambda loop: None)
+    deadline = _loop._asyncio_deadline_reader()
+    now = anyio.current_time()
+    kinds = ("near", "far", "none", "shield", "cancelled")
+
+    def scope_of(kind: str) -> anyio.CancelScope:
+        if kind == "shield":
+            return anyio.CancelScope(shield=True)
+        scope = anyio.CancelScope(deadline={"near": now + 50, "far": now + 500}.get(kind, math.inf))
+        if kind == "cancelled":
+            scope.cancel()
+        return scope
+
+    checked = 0
+    for outer in kinds:
+        for middle in kinds:
+            for inner in kinds:
+                assert deadline() == anyio.current_effective_deadline()
+                with scope_of(outer), scope_of(middle), scope_of(inner):
+                    assert deadline() == anyio.current_effective_deadline(), (outer, middle, inner)
+                    checked += 1
+    assert checked == len(kinds) ** 3
 
 
 async def test_forced_off_every_hook_takes_its_public_fallback(forced_off: None) -> None:

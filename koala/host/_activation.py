@@ -328,7 +328,7 @@ class Activation:
                         )
                     )
             elif call.done is not None:
-                call.finish(spec.result.check(result, f"the result of {spec.qualname}"))
+                call.finish(spec.copy_result(result))
             else:
                 call.finish(None)
         except Exception as exc:

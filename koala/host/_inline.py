@@ -100,7 +100,7 @@ async def run_inline(act: Activation, spec: MethodSpec, chain: int, args: tuple[
                     act.state = State.DEACTIVATING  # the next call gets a fresh one
                 if act.mailbox or act.deactivate_asap:
                     act._wake()
-    return spec.result.check(result, f"the result of {spec.qualname}")
+    return spec.copy_result(result)
 
 
 async def _run_with_default_deadline(
