@@ -497,6 +497,19 @@ def test_frames_received_counts_whole_frames_only() -> None:
     assert s.frames_received == before + 1
 
 
+def test_what_crosses_a_connection_is_counted_on_both_sides() -> None:
+    c, s = open_pair()  # the handshake frames are counted too
+    assert c.frames_sent == s.frames_received
+    assert s.frames_sent == c.frames_received
+    assert (c.bytes_sent, s.bytes_sent) == (s.bytes_received, c.bytes_received)
+    sent = [c.send(Ping(i)) for i in range(5)] + [c.send_result(7, "done")]
+    before = s.bytes_received
+    s.receive_data(b"".join(sent))
+    assert len(events(s)) == 6
+    assert s.bytes_received - before == sum(len(d) for d in sent)
+    assert (c.frames_sent, c.bytes_sent) == (s.frames_received, s.bytes_received)
+
+
 @given(st.lists(st.binary(min_size=1, max_size=3000), max_size=8))
 @settings(max_examples=150)
 def test_before_trust_no_more_than_a_handshake_is_held(chunks: list[bytes]) -> None:

@@ -11,6 +11,7 @@ import anyio
 import pytest
 import sniffio
 from anyio.abc import ByteStream, SocketStream
+from prometheus_client.parser import text_string_to_metric_families
 
 from koala import (
     ConfigError,
@@ -18,6 +19,7 @@ from koala import (
     HostUnavailableError,
     OverloadedError,
     Runtime,
+    _metrics,
     get_rpc_proxy,
 )
 from koala._net import split_hostport
@@ -190,6 +192,38 @@ async def test_many_concurrent_requests_share_one_connection() -> None:
         assert t1.statistics().connects == 1
         assert t1.statistics().connections == 1
         assert t2.statistics().connections == 1
+
+
+async def test_frames_and_bytes_are_counted_both_ways_and_outlive_the_connection() -> None:
+    text = "x" * 1000
+    async with two_nodes() as (rt1, t1, _, t2):
+        await echo(rt1).echo("warm")
+        a0, b0 = t1.statistics(), t2.statistics()
+        for _ in range(50):
+            assert await echo(rt1).echo(text) == text
+        a1, b1 = t1.statistics(), t2.statistics()
+        assert a1.frames_sent - a0.frames_sent >= 50  # the requests (and maybe pings)
+        assert b1.frames_sent - b0.frames_sent >= 50  # the answers
+        assert a1.bytes_sent - a0.bytes_sent > 50 * len(text)
+        assert b1.bytes_sent - b0.bytes_sent > 50 * len(text)
+        # every answer read means every request before it was read by the other side
+        assert b1.frames_received - b0.frames_received >= 50
+        assert a1.bytes_received - a0.bytes_received >= b1.bytes_sent - b0.bytes_sent - 64
+        scraped = {
+            s.name: s.value
+            for f in text_string_to_metric_families(_metrics.exposition()[0].decode())
+            for s in f.samples
+            if s.name.startswith("koala_transport_") and s.name.endswith("_total")
+        }
+        assert scraped["koala_transport_sent_bytes_total"] >= a1.bytes_sent
+        assert scraped["koala_transport_received_bytes_total"] >= a1.bytes_received
+        for ch in list(t1._all):
+            ch.close()
+        await wait_until(lambda: t1.statistics().connections == 0)
+        after = t1.statistics()  # a closed connection's traffic stays counted
+        assert after.frames_sent >= a1.frames_sent
+        assert after.bytes_sent >= a1.bytes_sent
+        assert after.bytes_received >= a1.bytes_received
 
 
 async def test_reentrancy_across_nodes() -> None:

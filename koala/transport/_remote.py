@@ -83,6 +83,11 @@ class TransportStatistics:
     refused_connections: int
     unauthenticated: int = 0
     displaced: int = 0
+    # since the transport started, on connections that completed their handshake
+    frames_sent: int = 0
+    frames_received: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
 
 
 @dataclass(slots=True)
@@ -129,6 +134,8 @@ class Transport:
         self.address = ""  # where this node listens, once listen() ran
         self._channels: dict[str, Channel] = {}  # by peer address
         self._all: set[Channel] = set()
+        # frames sent, received, bytes sent, received by the channels already closed
+        self._closed_io = (0, 0, 0, 0)
         self._attempts: dict[str, _Attempt] = {}
         _metrics.report(self, _transport_metrics)
         self._backoff: dict[str, _Backoff] = {}
@@ -186,6 +193,9 @@ class Transport:
         return [a for a, ch in self._channels.items() if not ch.closed]
 
     def statistics(self) -> TransportStatistics:
+        io = self._closed_io
+        for ch in self._all:
+            io = _add_io(io, ch)
         return TransportStatistics(
             connections=len(self._all),
             pending_calls=sum(ch.pending for ch in self._all),
@@ -195,6 +205,10 @@ class Transport:
             refused_connections=self._refused,
             unauthenticated=len(self._strangers),
             displaced=self._displaced,
+            frames_sent=io[0],
+            frames_received=io[1],
+            bytes_sent=io[2],
+            bytes_received=io[3],
         )
 
     async def go_away(self, reason: str = "the node is draining") -> None:
@@ -387,7 +401,9 @@ class Transport:
         return ch
 
     def _forget(self, ch: Channel) -> None:
-        self._all.discard(ch)
+        if ch in self._all:
+            self._all.remove(ch)
+            self._closed_io = _add_io(self._closed_io, ch)
         for address, known in list(self._channels.items()):
             if known is ch:
                 del self._channels[address]
@@ -570,9 +586,18 @@ def _set_nodelay(stream: ByteStream) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def _add_io(io: tuple[int, int, int, int], ch: Channel) -> tuple[int, int, int, int]:
+    conn = ch.conn
+    return (
+        io[0] + conn.frames_sent,
+        io[1] + conn.frames_received,
+        io[2] + conn.bytes_sent,
+        io[3] + conn.bytes_received,
+    )
+
+
 def _transport_metrics(transport: Transport) -> list[Metric]:
     st = transport.statistics()
-    frames = sum(ch.conn.frames_received for ch in list(transport._all))
     c, g = _metrics.counter, _metrics.gauge
     return [
         g("koala_transport_connections", "Open connections to other hosts", st.connections),
@@ -583,7 +608,18 @@ def _transport_metrics(transport: Transport) -> list[Metric]:
             "Inbound connections in their handshake",
             st.unauthenticated,
         ),
-        g("koala_transport_frames_received", "Frames received on the open connections", frames),
+        c("koala_transport_frames_sent_total", "Frames sent to other hosts", st.frames_sent),
+        c(
+            "koala_transport_frames_received_total",
+            "Frames received from other hosts",
+            st.frames_received,
+        ),
+        c("koala_transport_sent_bytes_total", "Bytes sent to other hosts", st.bytes_sent),
+        c(
+            "koala_transport_received_bytes_total",
+            "Bytes received from other hosts",
+            st.bytes_received,
+        ),
         c("koala_transport_connects_total", "Connections dialled", st.connects),
         c("koala_transport_failed_connects_total", "Dials that failed", st.failed_connects),
         c(

@@ -187,7 +187,12 @@ class Connection:
         self._pos = 0
         # the largest frame accepted now: the handshake's bound until the state is OPEN
         self._limit = min(max_frame_size, MAX_HANDSHAKE_FRAME)
+        # what crossed the connection (the transport's metrics sum them): whole frames
+        # and bytes received; frames and bytes handed out to be sent
         self.frames_received = 0
+        self.bytes_received = 0
+        self.frames_sent = 0
+        self.bytes_sent = 0
         self._eof = False
         self._error: RemoteProtocolError | None = None
         self._closed: ConnectionClosed | None = None
@@ -217,7 +222,7 @@ class Connection:
             PROTOCOL_VERSION, self.cluster_id, self.node_id, self.address, self._nonce
         )
         self.state = State.AWAIT_WELCOME
-        return frame(self._hello, self.max_frame_size)
+        return self._sent(frame(self._hello, self.max_frame_size))
 
     def send(self, event: Event) -> bytes:
         """The frame of ``event``; LocalProtocolError if the state does not allow it."""
@@ -229,7 +234,7 @@ class Connection:
         data = frame(event, self.max_frame_size)
         if type(event) is Close:
             self.state = State.CLOSED
-        return data
+        return self._sent(data)
 
     def send_request(self, request_id: int, timeout: float, call: OutgoingCall) -> bytes:
         """``send(Request(request_id, ..., timeout, ...))`` of the fields of ``call``, for a
@@ -239,7 +244,7 @@ class Connection:
                 f"cannot send Request: the connection is {self.state.value} "
                 f"({_MEANING[self.state]})"
             )
-        return request_frame(request_id, timeout, call, self.max_frame_size)
+        return self._sent(request_frame(request_id, timeout, call, self.max_frame_size))
 
     def send_result(self, request_id: int, result: Any) -> bytes:
         """``send(Response(request_id, result))`` answering a received request."""
@@ -248,14 +253,21 @@ class Connection:
                 f"cannot send Response: the connection is {self.state.value} "
                 f"({_MEANING[self.state]})"
             )
-        return result_frame(request_id, result, self.max_frame_size)
+        return self._sent(result_frame(request_id, result, self.max_frame_size))
 
     def data_to_send(self) -> bytes:
         """Bytes the connection produced by itself (handshake answers); write them first."""
         if not self._out:
             return b""
         data = b"".join(self._out)
+        self.frames_sent += len(self._out)
+        self.bytes_sent += len(data)
         self._out.clear()
+        return data
+
+    def _sent(self, data: bytes) -> bytes:
+        self.frames_sent += 1
+        self.bytes_sent += len(data)
         return data
 
     # ------------------------------------------------------------ receiving
@@ -275,6 +287,7 @@ class Connection:
             return
         if self._error is not None or self._closed is not None:
             return  # nothing more will be read from it
+        self.bytes_received += len(data)
         buf = self._buf
         if self._pos and self._pos * 2 >= len(buf):
             del buf[: self._pos]
