@@ -6,9 +6,9 @@ Runs, per event-loop backend, the in-process workloads (bench.inprocess), the
 cross-process ones (bench.transport), storage (bench.storage), placement on a 3-host
 etcd cluster (bench.cluster), positions given back (bench.positions), placement while a
 loaded host dies (bench.dead_host), the spread after a host joins (bench.rebalance), the
-WebSocket gateway (bench.gateway) and a host with a million actors (bench.scale), each
-suite in its own process so one does not warm or bloat another; then draws
-docs/throughput.png.
+WebSocket gateway (bench.gateway), a host with a million actors (bench.scale) and what
+tracing costs, off and on (bench.tracing), each suite in its own process so one does
+not warm or bloat another; then draws docs/throughput.png.
 """
 
 from __future__ import annotations
@@ -70,6 +70,7 @@ def main() -> None:
             "rebalance",
             "gateway",
             "scale",
+            "tracing",
         ],
     )
     args = parser.parse_args()
@@ -100,6 +101,8 @@ def main() -> None:
             print(passthrough("bench.gateway", loop, args.quick, "--loop"), flush=True)
         if "scale" not in args.skip:
             print(passthrough("bench.scale", loop, args.quick, "--loop"), flush=True)
+        if "tracing" not in args.skip:
+            print(passthrough("bench.tracing", loop, args.quick, "--loop"), flush=True)
     if sweeps:
         proc = _python("bench.chart", *sweeps, "-o", "docs/throughput.png")
         print(proc.stdout.strip() or f"chart not drawn (pip install 'koala[bench]'): {proc.stderr}")
