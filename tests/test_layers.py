@@ -262,3 +262,17 @@ def test_the_benchmarks_import_only_public_names() -> None:
                     )
                     private.add((f"bench.{path.stem}", module))
     assert private == BENCH_PRIVATE, f"private imports in bench/: {sorted(private - BENCH_PRIVATE)}"
+
+
+# A module a newcomer can read at one sitting: about 600 lines at most (issue #16).
+MAX_MODULE_LINES = 620
+
+
+def test_no_module_outgrows_a_sitting() -> None:
+    sizes = {
+        str(path.relative_to(ROOT.parent)): len(path.read_text().splitlines())
+        for path in ROOT.rglob("*.py")
+    }
+    assert sizes, "no module found"
+    too_long = {name: n for name, n in sizes.items() if n > MAX_MODULE_LINES}
+    assert not too_long, f"split these by concern: {too_long}"

@@ -36,8 +36,8 @@ from ..wire import State as State
 from ..wire import Welcome as Welcome
 from ._channel import Channel as Channel
 from ._config import TransportConfig as TransportConfig
+from ._observe import TransportStatistics as TransportStatistics
 from ._remote import Transport as Transport
-from ._remote import TransportStatistics as TransportStatistics
 
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",

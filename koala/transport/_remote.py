@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.abc import ByteStream, SocketAttribute, TaskGroup
 from anyio.streams.tls import TLSStream
-from prometheus_client.core import Metric
 
 from .. import _metrics
 from .._errors import ConfigError, HostUnavailableError
@@ -51,6 +50,7 @@ from ..wire._protocol import Connection, Role
 from ._accept import StrangerStream, accept_forever
 from ._channel import Channel, EventHandler, Handler, NotSent
 from ._config import TransportConfig
+from ._observe import TransportStatistics, add_io, transport_metrics
 from ._pipe import hold_reads
 from ._secure import (
     CLOSED_AFTER_TLS,
@@ -67,27 +67,6 @@ if TYPE_CHECKING:
     from .._interface import MethodSpec
 
 log = logging.getLogger("koala.transport")
-
-
-@dataclass(frozen=True, slots=True)
-class TransportStatistics:
-    """``connections``: open channels; ``unauthenticated``: inbound connections still in
-    their handshake; ``refused_connections``: inbound ones closed before or at their
-    handshake (``displaced`` of them to make room for newer ones)."""
-
-    connections: int
-    pending_calls: int
-    serving: int
-    connects: int
-    failed_connects: int
-    refused_connections: int
-    unauthenticated: int = 0
-    displaced: int = 0
-    # since the transport started, on connections that completed their handshake
-    frames_sent: int = 0
-    frames_received: int = 0
-    bytes_sent: int = 0
-    bytes_received: int = 0
 
 
 @dataclass(slots=True)
@@ -137,7 +116,7 @@ class Transport:
         # frames sent, received, bytes sent, received by the channels already closed
         self._closed_io = (0, 0, 0, 0)
         self._attempts: dict[str, _Attempt] = {}
-        _metrics.report(self, _transport_metrics)
+        _metrics.report(self, transport_metrics)
         self._backoff: dict[str, _Backoff] = {}
         self._tg: TaskGroup | None = None
         self._listeners: list[anyio.abc.Listener[Any]] = []
@@ -195,7 +174,7 @@ class Transport:
     def statistics(self) -> TransportStatistics:
         io = self._closed_io
         for ch in self._all:
-            io = _add_io(io, ch)
+            io = add_io(io, ch)
         return TransportStatistics(
             connections=len(self._all),
             pending_calls=sum(ch.pending for ch in self._all),
@@ -403,7 +382,7 @@ class Transport:
     def _forget(self, ch: Channel) -> None:
         if ch in self._all:
             self._all.remove(ch)
-            self._closed_io = _add_io(self._closed_io, ch)
+            self._closed_io = add_io(self._closed_io, ch)
         for address, known in list(self._channels.items()):
             if known is ch:
                 del self._channels[address]
@@ -584,47 +563,3 @@ def _set_nodelay(stream: ByteStream) -> None:
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def _add_io(io: tuple[int, int, int, int], ch: Channel) -> tuple[int, int, int, int]:
-    conn = ch.conn
-    return (
-        io[0] + conn.frames_sent,
-        io[1] + conn.frames_received,
-        io[2] + conn.bytes_sent,
-        io[3] + conn.bytes_received,
-    )
-
-
-def _transport_metrics(transport: Transport) -> list[Metric]:
-    st = transport.statistics()
-    c, g = _metrics.counter, _metrics.gauge
-    return [
-        g("koala_transport_connections", "Open connections to other hosts", st.connections),
-        g("koala_transport_pending_calls", "Calls out waiting for their answer", st.pending_calls),
-        g("koala_transport_serving", "Requests from other hosts being served", st.serving),
-        g(
-            "koala_transport_unauthenticated",
-            "Inbound connections in their handshake",
-            st.unauthenticated,
-        ),
-        c("koala_transport_frames_sent_total", "Frames sent to other hosts", st.frames_sent),
-        c(
-            "koala_transport_frames_received_total",
-            "Frames received from other hosts",
-            st.frames_received,
-        ),
-        c("koala_transport_sent_bytes_total", "Bytes sent to other hosts", st.bytes_sent),
-        c(
-            "koala_transport_received_bytes_total",
-            "Bytes received from other hosts",
-            st.bytes_received,
-        ),
-        c("koala_transport_connects_total", "Connections dialled", st.connects),
-        c("koala_transport_failed_connects_total", "Dials that failed", st.failed_connects),
-        c(
-            "koala_transport_refused_total",
-            "Inbound connections refused at their handshake",
-            st.refused_connections,
-        ),
-    ]
