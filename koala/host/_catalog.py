@@ -149,19 +149,16 @@ class Catalog:
         to find an activation to deliver to. ShuttingDownError if none may start (the
         host stops, or is fenced), ActorNotFoundError if this host does not serve
         ``impl``."""
-        act = self._table.get((impl.actor_type, key))
+        ident = (impl.actor_type, key)
+        act = self._table.get(ident)
         if act is not None and act.state is not _INVALID:
             return act
-        return self._create(impl, key)
-
-    def _create(self, impl: type[ActorBase], key: Key) -> Activation:
-        if not self.state.creates:
+        if self.state is not _RUNNING and not self.state.creates:
             raise ShuttingDownError("this host is shutting down; retry on another host")
         if not self._serves(impl):
             raise ActorNotFoundError(
                 f"this host does not serve {impl.actor_type} (not in its actors=[...])"
             )
-        ident = (impl.actor_type, key)
         act = self._table[ident] = Activation(self, impl, ident)
         live = self.lifecycle.live
         live[ident[0]] = live.get(ident[0], 0) + 1

@@ -117,7 +117,7 @@ class Runtime:
             self,
             self.config,
             None if self._local_only else self.directory.released,
-            self.serves,
+            self._served_impls.serves,
         )
         # anyio.current_time and current_effective_deadline, minus the backend lookup
         # (the catalog's turns read the same ones: both are set once, at start)
