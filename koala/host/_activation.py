@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,7 @@ from .._messages import (
     new_chain_id,
     rejection,
 )
+from .._metrics import BUCKETS
 from . import _inline
 from ._call import Call, Turn, TurnBody, Work, current_activation, current_chain
 from ._states import Pump, State
@@ -105,13 +107,10 @@ class Activation:
         """The runtime this activation's actor calls others through."""
         return self.catalog.runtime
 
-    @property
-    def idle_timeout(self) -> float:
-        return self.impl.idle_timeout or self.catalog.config.idle_timeout
-
     def expiry(self) -> float:
-        """When, unused, it may be collected."""
-        return max(self.last_used + self.idle_timeout, self.keep_until)
+        """When, unused, it may be collected (its class's idle timeout, else the host's)."""
+        idle = self.impl.idle_timeout or self.catalog.config.idle_timeout
+        return max(self.last_used + idle, self.keep_until)
 
     def is_idle(self) -> bool:
         """Valid, no turn running, nothing queued."""
@@ -385,8 +384,12 @@ class Activation:
         try:
             await instance.on_activate()
         finally:
+            # the series' observe(), written out: every activation runs this
             seconds = time.perf_counter() - start
-            self.catalog.lifecycle.activate_seconds.observe((self.ident[0],), seconds)
+            times = self.catalog.lifecycle.activate_seconds
+            series = times.series.get(self.ident[:1]) or times.of(self.ident[:1])
+            series.counts[bisect_left(BUCKETS, seconds)] += 1
+            series.sum += seconds
 
     def _activated(self) -> bool:
         """on_activate returned: valid from now on. False if it asked to deactivate
