@@ -39,7 +39,7 @@ from koala import HostConfig, Runtime, get_rpc_proxy
 from koala.transport import Transport, TransportConfig
 
 from .inprocess import Echo, IEcho
-from .transport import BenchEcho, IBenchEcho, _Split
+from .transport import BenchEcho, IBenchEcho, _Split, _with_server
 
 LOOPS = ("asyncio", "uvloop", "trio")
 TARGET = 0.02
@@ -74,13 +74,17 @@ async def _local_rate(calls: int, on: bool) -> float:
     async with Runtime(HostConfig(), [Echo]) as rt:
         traced = getattr(rt.invoke, "__func__", None) is not Runtime.invoke
         assert traced is on, "the runtime picks its invoke by whether a tracer is set"
-        proxy = get_rpc_proxy(IEcho, "bench", runtime=rt)
-        for _ in range(1000):
-            await proxy.echo("hello")
-        start = time.perf_counter()
-        for _ in range(calls):
-            await proxy.echo("hello")
-        return calls / (time.perf_counter() - start)
+        return await _rate(get_rpc_proxy(IEcho, "bench", runtime=rt), 1000, calls)
+
+
+async def _rate(proxy: IEcho | IBenchEcho, warm: int, calls: int) -> float:
+    """Sequential calls per second, after ``warm`` calls that are not timed."""
+    for _ in range(warm):
+        await proxy.echo("hello")
+    start = time.perf_counter()
+    for _ in range(calls):
+        await proxy.echo("hello")
+    return calls / (time.perf_counter() - start)
 
 
 # ---------------------------------------------------------------- workload 3
@@ -98,36 +102,17 @@ async def _remote_rate(port: int, calls: int) -> float:
     async with Transport(TransportConfig(node_id="bench-tracing")) as transport:
         rt = Runtime(HostConfig(), [BenchEcho], directory=_Split(set(), address), remote=transport)
         async with rt:
-            proxy = get_rpc_proxy(IBenchEcho, "bench", runtime=rt)
-            for _ in range(300):
-                await proxy.echo("hello")
-            start = time.perf_counter()
-            for _ in range(calls):
-                await proxy.echo("hello")
-            return calls / (time.perf_counter() - start)
+            return await _rate(get_rpc_proxy(IBenchEcho, "bench", runtime=rt), 300, calls)
 
 
 def _remote(loop: str, calls: int, on: bool) -> float:
-    mode = "on" if on else "off"
-    cmd = [sys.executable, "-m", "bench.tracing", "--serve", mode, "--loop", loop]
-    env = {k: v for k, v in os.environ.items() if k != "KOALA_CLUSTER_SECRET"}
-    with subprocess.Popen(
-        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True
-    ) as proc:
-        assert proc.stdout is not None
-        assert proc.stdin is not None
-        try:
-            line = proc.stdout.readline().split()
-            if not line or line[0] != "READY":
-                raise RuntimeError(f"the tracing-{mode} server did not start: {line!r}")
-            rate: float = _run(_remote_rate, loop, int(line[1]), calls)
-            return rate
-        finally:
-            proc.stdin.close()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    rate: float = _with_server(
+        "on" if on else "off",
+        loop,
+        lambda port: _run(_remote_rate, loop, port, calls),
+        module="bench.tracing",
+    )
+    return rate
 
 
 # ---------------------------------------------------------------- the off path's work
@@ -235,12 +220,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer calls: a smoke run")
     parser.add_argument("--loop", choices=LOOPS, action="append")
     parser.add_argument("--serve", choices=("off", "on"), help=argparse.SUPPRESS)
+    parser.add_argument("--backend", choices=LOOPS, help=argparse.SUPPRESS)  # --serve's
     parser.add_argument("--round", choices=("off", "on"), help=argparse.SUPPRESS)
     parser.add_argument("--calls", nargs=2, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     loop = (args.loop or ["asyncio"])[0]
     if args.serve:
-        _run(_serve, loop, args.serve == "on")
+        _run(_serve, args.backend or loop, args.serve == "on")
         return
     if args.round:
         _round(loop, args.round == "on", *args.calls)

@@ -307,8 +307,12 @@ async def _koala_client(port: int, n_seq: int, n_conc: int) -> dict[str, Any]:
     }
 
 
-def _with_server(mode: str, backend: str, client: Callable[[int], Any]) -> Any:
-    cmd = [sys.executable, "-m", "bench.transport", "--serve", mode, "--backend", backend]
+def _with_server(
+    mode: str, backend: str, client: Callable[[int], Any], module: str = "bench.transport"
+) -> Any:
+    """Start ``python -m module --serve mode --backend backend``, wait for its READY
+    line, and return ``client(port)``; the server stops when its stdin closes."""
+    cmd = [sys.executable, "-m", module, "--serve", mode, "--backend", backend]
     env = dict(os.environ)
     env.pop("KOALA_CLUSTER_SECRET", None)
     with subprocess.Popen(
