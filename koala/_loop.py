@@ -294,16 +294,20 @@ def _asyncio_deadline() -> Callable[[], float] | str:
     under nested, shielded and cancelled scopes; or why it cannot be."""
     try:
         deadline = _asyncio_deadline_reader()
-        with anyio.CancelScope(deadline=anyio.current_time() + 1e6) as outer:  # noqa: ASYNC100
-            seen = [(deadline(), outer.deadline)]
-            with anyio.CancelScope(deadline=outer.deadline - 1):  # noqa: ASYNC100
-                seen.append((deadline(), anyio.current_effective_deadline()))
+        # (the caller may be inside scopes of its own, with deadlines of their own:
+        # every answer is compared with anyio's, taken at the same place)
+        effective = anyio.current_effective_deadline
+        seen = [(deadline(), effective())]
+        with anyio.CancelScope(deadline=anyio.current_time() + 1e6):  # noqa: ASYNC100
+            seen.append((deadline(), effective()))
+            with anyio.CancelScope(deadline=anyio.current_time() + 1):  # noqa: ASYNC100
+                seen.append((deadline(), effective()))
                 with anyio.CancelScope(shield=True):  # noqa: ASYNC100
                     seen.append((deadline(), math.inf))
             with anyio.CancelScope() as cancelled:  # noqa: ASYNC100
                 cancelled.cancel()
                 seen.append((deadline(), -math.inf))
-        seen.append((deadline(), anyio.current_effective_deadline()))
+        seen.append((deadline(), effective()))
         if any(got != want for got, want in seen):
             return f"it does not give the current deadline (read, expected: {seen})"
     except (ImportError, AttributeError, TypeError, KeyError) as exc:

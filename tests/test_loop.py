@@ -107,6 +107,19 @@ async def test_the_asyncio_marker_works_through_the_public_current_task(
     assert marker() is outer
 
 
+async def test_the_hooks_are_found_inside_a_callers_deadline(fresh_warnings: None) -> None:
+    """A host starts its runtime inside scopes of its own (a start-up deadline): the
+    probes compare with anyio's answer there, not with a deadline of their own."""
+    if _loop.forced_off():
+        pytest.skip(f"{_loop.ENV_VAR} turned every loop hook off")
+    with anyio.fail_after(5):  # noqa: ASYNC100  (a scope to be inside of, not a timeout)
+        _, deadline = _loop.fast_clock()
+        if _loop.running_backend() != "trio":
+            assert deadline is not anyio.current_effective_deadline
+        assert deadline() == anyio.current_effective_deadline()
+    assert not _loop._warned
+
+
 @pytest.mark.parametrize("public_task", [False, True], ids=["task-table", "current_task"])
 async def test_the_asyncio_deadline_reader_agrees_with_anyio(
     monkeypatch: pytest.MonkeyPatch, public_task: bool
