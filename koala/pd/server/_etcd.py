@@ -505,7 +505,11 @@ class EtcdStore:
     async def compact(self, revision: int) -> None:
         check_revision(revision)
         try:
-            await self._call("/v3/kv/compaction", {"revision": str(revision)})
+            # physical: answer once the compacted entries are gone from the backend (a
+            # defragmentation right after, as a full store's recovery does, frees them;
+            # without it etcd compacts in the background and the defragmentation can
+            # run first and free nothing, and a full store then stays full)
+            await self._call("/v3/kv/compaction", {"revision": str(revision), "physical": True})
         except StoreError as exc:
             if "has been compacted" in str(exc):
                 return  # another PD (or etcd's auto-compaction) got there first
