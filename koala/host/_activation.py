@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from bisect import bisect_left
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -34,7 +33,6 @@ from .._messages import (
     new_chain_id,
     rejection,
 )
-from .._metrics import BUCKETS
 from . import _inline
 from ._call import Call, Turn, TurnBody, Work, current_activation, current_chain
 from ._states import Pump, State
@@ -384,12 +382,8 @@ class Activation:
         try:
             await instance.on_activate()
         finally:
-            # the series' observe(), written out: every activation runs this
             seconds = time.perf_counter() - start
-            times = self.catalog.lifecycle.activate_seconds
-            series = times.series.get(self.ident[:1]) or times.of(self.ident[:1])
-            series.counts[bisect_left(BUCKETS, seconds)] += 1
-            series.sum += seconds
+            self.catalog.lifecycle.activate_seconds.observe((self.ident[0],), seconds)
 
     def _activated(self) -> bool:
         """on_activate returned: valid from now on. False if it asked to deactivate
